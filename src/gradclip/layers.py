@@ -1,0 +1,213 @@
+"""What a *layer* is: grouping a model's parameters the way DL4J groups them.
+
+By default every module that directly owns parameters is one layer, named by
+its qualified module name (``""`` for the root); its *param types* are those
+direct parameters, named as PyTorch names them (``weight``, ``bias``,
+``weight_hh_l0``, ...). A parameter shared by several modules (tied
+embeddings) belongs to the first module that owns it, in ``named_modules()``
+order, and is normalized once.
+
+Users can pass their own grouping instead: a mapping of layer name to
+parameters, or a list of parameter lists.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import torch
+from torch import nn
+
+__all__ = ["Layer", "Target", "build_layers", "match_overrides", "unwrap_module"]
+
+Target: TypeAlias = (
+    nn.Module
+    | torch.Tensor
+    | Mapping[str, Any]
+    | Iterable[torch.Tensor]
+    | Iterable[Iterable[torch.Tensor]]
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One layer: a name and its named parameters."""
+
+    name: str
+    param_names: tuple[str, ...]
+    params: tuple[torch.Tensor, ...]
+
+    def qualified(self, index: int) -> str:
+        """``"layer.param"`` (or just ``"param"`` for the root layer)."""
+        return f"{self.name}.{self.param_names[index]}" if self.name else self.param_names[index]
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The user's own model inside DDP, DataParallel or ``torch.compile`` wrappers.
+
+    Layer names and override keys are then the same before and after wrapping.
+    """
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return module
+
+
+def _layers_of_module(module: nn.Module) -> list[Layer]:
+    seen: set[int] = set()
+    layers: list[Layer] = []
+    for module_name, submodule in unwrap_module(module).named_modules():
+        names: list[str] = []
+        params: list[torch.Tensor] = []
+        for param_name, param in submodule.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(param_name)
+            params.append(param)
+        if params:
+            layers.append(Layer(module_name, tuple(names), tuple(params)))
+    return layers
+
+
+def _named_tensors(value: Any, where: str) -> tuple[list[str], list[torch.Tensor]]:
+    """Parameters of one user-given layer: a module, a tensor, a name->tensor mapping or a list."""
+    if isinstance(value, nn.Module):
+        named = list(value.named_parameters())
+        return [n for n, _ in named], [p for _, p in named]
+    if isinstance(value, torch.Tensor):
+        return ["0"], [value]
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        for name, tensor in items:
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{where}[{name!r}] must be a tensor, got {type(tensor).__name__}")
+        return [str(n) for n, _ in items], [t for _, t in items]
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        tensors = list(value)
+        for i, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"{where}[{i}] must be a tensor (a parameter), got {type(tensor).__name__}"
+                )
+        return [str(i) for i in range(len(tensors))], tensors
+    raise TypeError(
+        f"{where} must be a module, a tensor, a mapping of names to tensors or a list of "
+        f"tensors; got {type(value).__name__}"
+    )
+
+
+def _dedup(layers: list[Layer]) -> list[Layer]:
+    seen: set[int] = set()
+    result: list[Layer] = []
+    for layer in layers:
+        keep = [(n, p) for n, p in zip(layer.param_names, layer.params) if id(p) not in seen]
+        seen.update(id(p) for _, p in keep)
+        if keep:
+            result.append(Layer(layer.name, tuple(n for n, _ in keep), tuple(p for _, p in keep)))
+    return result
+
+
+def build_layers(target: Target) -> list[Layer]:
+    """Group ``target``'s parameters into layers.
+
+    Args:
+        target: one of
+
+            * an ``nn.Module``: one layer per module that directly owns parameters;
+            * a mapping ``{layer_name: params}`` where ``params`` is a module, a
+              tensor, a mapping ``{param_name: tensor}`` or a list of tensors;
+            * a list of parameter lists: layer ``i`` is named ``"i"``;
+            * a single tensor or a flat iterable of tensors (``model.parameters()``):
+              one layer named ``""`` holding them all, as ``clip_grad_norm_`` does.
+
+    Returns:
+        The layers in order, each parameter in exactly one layer.
+
+    Raises:
+        TypeError: ``target`` is none of the above.
+    """
+    if isinstance(target, nn.Module):
+        return _layers_of_module(target)
+    if isinstance(target, torch.Tensor):
+        return [Layer("", ("0",), (target,))]
+    if isinstance(target, Mapping):
+        layers = []
+        for name, value in target.items():
+            if not isinstance(name, str):
+                raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
+            names, tensors = _named_tensors(value, f"target[{name!r}]")
+            layers.append(Layer(name, tuple(names), tuple(tensors)))
+        return _dedup(layers)
+    if isinstance(target, Iterable) and not isinstance(target, str | bytes):
+        items = list(target)
+        if all(isinstance(item, torch.Tensor) for item in items):
+            return _dedup([Layer("", tuple(str(i) for i in range(len(items))), tuple(items))])
+        layers = []
+        for i, item in enumerate(items):
+            if isinstance(item, torch.Tensor):
+                raise TypeError(
+                    "target mixes tensors and lists of tensors; pass either a flat list of "
+                    "parameters (one layer) or a list of parameter lists (one layer each)"
+                )
+            names, tensors = _named_tensors(item, f"target[{i}]")
+            layers.append(Layer(str(i), tuple(names), tuple(tensors)))
+        return _dedup(layers)
+    raise TypeError(
+        "target must be an nn.Module, a tensor, a mapping of layer names to parameters, or a "
+        f"list of parameter lists; got {type(target).__name__}"
+    )
+
+
+def _specificity(key: str, layer_name: str) -> int:
+    """How closely an override key names a layer: 3 exact, 2 ancestor module, 1 glob, 0 no match."""
+    if key == layer_name:
+        return 3
+    if key == "" or layer_name.startswith(key + "."):
+        return 2
+    if any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(layer_name, key):
+        return 1
+    return 0
+
+
+def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Assign each layer the override that names it most specifically.
+
+    A key matches a layer if it is the layer's name (most specific), the name of
+    a module containing it (``"encoder"`` covers ``"encoder.0"``; a longer prefix
+    is more specific), or a glob pattern (``"blocks.*.attn"``). Among equally
+    specific keys the later one wins.
+
+    Returns:
+        ``{layer_name: key}``: the winning key of each layer some key matched.
+
+    Raises:
+        KeyError: a key matches no layer; the message lists the layer names.
+    """
+    best: dict[str, tuple[int, int, int, str]] = {}
+    for order, key in enumerate(overrides):
+        if not isinstance(key, str):
+            raise TypeError(f"override keys must be layer names or patterns, got {key!r}")
+        matched = False
+        for name in layer_names:
+            rank = _specificity(key, name)
+            if rank == 0:
+                continue
+            matched = True
+            score = (rank, len(key), order, key)
+            if name not in best or score[:3] > best[name][:3]:
+                best[name] = score
+        if not matched:
+            shown = ", ".join(repr(n) for n in layer_names[:50])
+            more = f" and {len(layer_names) - 50} more" if len(layer_names) > 50 else ""
+            raise KeyError(
+                f"override key {key!r} matches no layer. Keys are module names (or glob patterns "
+                f"such as 'blocks.*.attn'); the layers are: {shown}{more}"
+            )
+    return {name: score[3] for name, score in best.items()}

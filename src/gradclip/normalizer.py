@@ -1,0 +1,283 @@
+"""DL4J-style configuration: a default mode for the network, overridable per layer.
+
+``GradientNormalizer`` is the object users configure once; ``normalize_`` is
+the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradclip.engine import Engine
+from gradclip.layers import Layer, Target, build_layers, match_overrides
+from gradclip.modes import GradientNormalization, resolve_strategy
+from gradclip.report import NormReport
+from gradclip.strategy import Strategy
+
+__all__ = ["GradientNormalizer", "normalize_"]
+
+Mode = GradientNormalization | str | Strategy | None
+
+# Bumped whenever any module registers a parameter or a submodule, so that a
+# normalizer notices `model.head = nn.Linear(...)` without walking the model on
+# every step.
+_structure_version = 0
+_hooks_installed = False
+
+
+def _bump(*_: Any) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+def _watch_module_structure() -> None:
+    global _hooks_installed
+    if not _hooks_installed:
+        nn.modules.module.register_module_parameter_registration_hook(_bump)
+        nn.modules.module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+def _resolve_override(value: Any, default_threshold: float, key: str) -> Strategy:
+    """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError(
+                f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
+            )
+        return resolve_strategy(value[0], value[1])
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"mode", "threshold"}
+        if unknown or "mode" not in value:
+            raise ValueError(
+                f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
+                f"got {sorted(value)}"
+            )
+        return resolve_strategy(value["mode"], value.get("threshold", default_threshold))
+    return resolve_strategy(value, default_threshold)
+
+
+class GradientNormalizer:
+    """Per-layer gradient normalization, configured once, applied every step.
+
+    Every layer (by default, every module that directly owns parameters) is
+    normalized with ``mode`` and ``threshold`` unless ``overrides`` names it,
+    as DL4J's ``.gradientNormalization(...)`` on the network builder and on a
+    layer builder do. See :mod:`gradclip.modes` for the formulas.
+
+    Args:
+        model: an ``nn.Module`` or a custom grouping (see
+            :func:`gradclip.layers.build_layers`).
+        mode: the default: a :class:`GradientNormalization`, a DL4J name such as
+            ``"ClipL2PerLayer"``, ``None``, or a :class:`~gradclip.Strategy`.
+        threshold: the default threshold, a finite number > 0 (DL4J's default 1.0).
+        overrides: ``{key: mode}``, ``{key: (mode, threshold)}`` or
+            ``{key: {"mode": ..., "threshold": ...}}``. A key is a layer name, the
+            name of a module containing layers, or a glob pattern; the most
+            specific key wins. A mode given without a threshold takes the default
+            threshold, as in DL4J.
+        measure_all: also measure norms of layers whose mode does not need them
+            (``None``, element-wise clipping), at the cost of one read of those
+            gradients.
+
+    Example:
+        >>> normalizer = gradclip.GradientNormalizer(
+        ...     model, mode="ClipL2PerLayer", threshold=1.0,
+        ...     overrides={"rnn": ("ClipElementWiseAbsoluteValue", 0.5), "head": "None"})
+        >>> handle = normalizer.attach(optimizer)   # before every optimizer.step()
+        >>> print(normalizer)                       # the layer table
+
+    Raises:
+        ValueError / TypeError: an invalid mode or threshold.
+        KeyError: an override key that matches no layer.
+    """
+
+    def __init__(
+        self,
+        model: Target,
+        mode: Mode,
+        threshold: float = 1.0,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        measure_all: bool = False,
+    ) -> None:
+        self.default = resolve_strategy(mode, threshold)
+        self.threshold = (
+            float(threshold) if not isinstance(mode, Strategy) else self.default.threshold
+        )
+        self.overrides = dict(overrides or {})
+        self.measure_all = measure_all
+        self._model = model if isinstance(model, nn.Module) else None
+        self._target = model
+        if self._model is not None:
+            _watch_module_structure()
+        self._version = _structure_version
+        self._engine = self._build()
+        self.last_report: NormReport | None = None
+
+    def _build(self) -> Engine:
+        layers = build_layers(self._target)
+        names = [layer.name for layer in layers]
+        resolved = {
+            key: _resolve_override(value, self.threshold, key)
+            for key, value in self.overrides.items()
+        }
+        chosen = match_overrides(names, self.overrides)
+        strategies = [resolved[chosen[n]] if n in chosen else self.default for n in names]
+        return Engine(layers, strategies, measure_all=self.measure_all)
+
+    def _refresh_if_changed(self) -> None:
+        if self._model is not None and self._version != _structure_version:
+            layers = build_layers(self._model)
+            old = self._engine.layers
+            same = len(layers) == len(old) and all(
+                a.name == b.name
+                and a.param_names == b.param_names
+                and all(p is q for p, q in zip(a.params, b.params))
+                for a, b in zip(layers, old)
+            )
+            if not same:
+                self._engine = self._build()
+            self._version = _structure_version
+
+    # -- applying ---------------------------------------------------------------
+    def apply(self) -> NormReport:
+        """Normalize the model's current gradients in place.
+
+        Call between ``loss.backward()`` and ``optimizer.step()`` (or use
+        :meth:`attach`). With AMP, unscale first (``scaler.unscale_(optimizer)``).
+
+        Returns:
+            The :class:`~gradclip.NormReport` of norms measured before
+            normalization; no value is read from the device.
+
+        Raises:
+            TypeError: a sparse or complex gradient (nothing is modified).
+            RuntimeError: a layer's gradients on different devices (nothing is modified).
+        """
+        self._refresh_if_changed()
+        report = self._engine.step()
+        self.last_report = report
+        return report
+
+    __call__ = apply
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Apply this normalizer before every ``optimizer.step()``.
+
+        Uses ``Optimizer.register_step_pre_hook``; with ``torch.amp.GradScaler``,
+        ``scaler.step(optimizer)`` unscales before it calls ``step``, so the
+        normalizer sees unscaled gradients, and a step the scaler skips (inf or
+        NaN gradients) does not run the normalizer at all. The latest report is
+        kept in :attr:`last_report`.
+
+        Returns:
+            A handle; ``handle.remove()`` detaches the normalizer.
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), got "
+                f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
+                "before the update"
+            )
+
+        def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            self.apply()
+
+        return optimizer.register_step_pre_hook(hook)
+
+    # -- inspection ---------------------------------------------------------------
+    @property
+    def layers(self) -> list[Layer]:
+        """The layers, in model order."""
+        self._refresh_if_changed()
+        return list(self._engine.layers)
+
+    @property
+    def strategies(self) -> dict[str, Strategy]:
+        """``{layer name: strategy}`` after applying the overrides."""
+        self._refresh_if_changed()
+        return {layer.name: s for layer, s in zip(self._engine.layers, self._engine.strategies)}
+
+    def describe(self) -> str:
+        """A table of the layers: name, parameters (with shapes), mode and its settings."""
+        self._refresh_if_changed()
+        rows = [("layer", "parameters", "mode")]
+        for layer, strategy in zip(self._engine.layers, self._engine.strategies):
+            params = ", ".join(
+                f"{name} {tuple(p.shape)}" for name, p in zip(layer.param_names, layer.params)
+            )
+            rows.append((layer.name or "(root)", params, strategy.describe()))
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientNormalizer(layers={len(self._engine.layers)}, default={self.default!r}, "
+            f"overrides={len(self.overrides)})"
+        )
+
+
+# normalize_ keeps a few normalizers per module so that calling it every step
+# reuses the cached layout instead of walking the model again.
+_CACHE_PER_MODULE = 8
+_cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Any, GradientNormalizer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def normalize_(target: Target, mode: Mode, threshold: float = 1.0) -> NormReport:
+    """Normalize the gradients of ``target`` in place with one DL4J mode (or strategy).
+
+    The one-call form of :class:`GradientNormalizer`, in the style of
+    ``torch.nn.utils.clip_grad_norm_``: call it between ``loss.backward()`` and
+    ``optimizer.step()``. For a module, the layout is cached across calls.
+
+    Args:
+        target: an ``nn.Module`` (one layer per module owning parameters), a
+            mapping ``{layer_name: params}``, a list of parameter lists, or a flat
+            iterable of parameters (one layer).
+        mode: a :class:`GradientNormalization`, a DL4J name such as
+            ``"ClipL2PerLayer"``, ``None``, or a :class:`~gradclip.Strategy`.
+        threshold: a finite number > 0; ignored by the renormalize modes.
+
+    Returns:
+        The :class:`~gradclip.NormReport` of norms measured before normalization.
+
+    Example:
+        >>> loss.backward()
+        >>> report = gradclip.normalize_(model, "ClipL2PerLayer", threshold=1.0)
+        >>> optimizer.step()
+
+    References:
+        Deeplearning4j, ``GradientNormalization``; Pascanu et al., ICML 2013.
+    """
+    strategy = resolve_strategy(mode, threshold)
+    if not isinstance(target, nn.Module):
+        return GradientNormalizer(target, strategy).apply()
+    key: Any = strategy if strategy.batchable else id(strategy)
+    per_module = _cache.setdefault(target, OrderedDict())
+    normalizer = per_module.get(key)
+    if normalizer is None:
+        normalizer = GradientNormalizer(target, strategy)
+        per_module[key] = normalizer
+        if len(per_module) > _CACHE_PER_MODULE:
+            per_module.popitem(last=False)
+    else:
+        per_module.move_to_end(key)
+    return normalizer.apply()

@@ -1,0 +1,195 @@
+"""What a normalization step measured: norms before normalization, per layer and per tensor.
+
+Everything stays on the gradients' device as tensors; nothing is read to the
+host until you ask (``to_dict()``, ``print(report)``, ``changed_layers()``),
+and then everything is read with one transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from gradclip.engine import Plan
+
+__all__ = ["NormReport"]
+
+
+class NormReport:
+    """Norms measured by one step, before normalization.
+
+    Attributes:
+        layer_names: layers that had gradients this step, in model order.
+        param_names: qualified names (``"layer.param"``) of the tensors, in the
+            engine's order (grouped by device and dtype).
+        tensor_norms: ``(T,)`` L2 norm of each gradient (NaN where not measured:
+            ``None`` layers and element-wise clipping, unless ``measure_all``).
+        layer_norm_vector: ``(L,)`` L2 norm of each of the model's layers
+            (indexed like the normalizer's layers; NaN where not measured).
+        changed_vector: ``(L,)`` bool, whether normalization changed the layer.
+
+    Example:
+        >>> report = gradclip.normalize_(model, "ClipL2PerLayer", threshold=1.0)
+        >>> report.layer_norms["fc"]          # a 0-d tensor on the device
+        >>> report.to_dict()["changed"]      # one device-to-host read
+        >>> print(report)                    # a table
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        tensor_norms: torch.Tensor,
+        layer_norms: torch.Tensor,
+        changed: torch.Tensor,
+        stats: Sequence[tuple[list[str], dict[str, torch.Tensor]]] = (),
+    ) -> None:
+        self._plan = plan
+        self.tensor_norms = tensor_norms.to(plan.report_dtype)
+        self.layer_norm_vector = layer_norms.to(plan.report_dtype)
+        self.changed_vector = changed
+        self.stats = list(stats)
+        self.param_names = list(plan.names)
+        self.layer_names = [n for n, has in zip(plan.layer_names, plan.layer_has_grad) if has]
+
+    @classmethod
+    def empty(cls, plan: Plan) -> NormReport:
+        """The report of a step in which no parameter had a gradient."""
+        dtype = plan.report_dtype
+        return cls(
+            plan,
+            torch.zeros(0, dtype=dtype, device=plan.device),
+            torch.full((plan.num_layers,), math.nan, dtype=dtype, device=plan.device),
+            torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device),
+        )
+
+    # -- device-side views (no sync) -------------------------------------------
+    @property
+    def layer_norms(self) -> dict[str, torch.Tensor]:
+        """``{layer: 0-d norm tensor}`` for the layers that had gradients."""
+        plan = self._plan
+        return {
+            name: self.layer_norm_vector[i]
+            for i, (name, has) in enumerate(zip(plan.layer_names, plan.layer_has_grad))
+            if has
+        }
+
+    @property
+    def param_norms(self) -> dict[str, torch.Tensor]:
+        """``{"layer.param": 0-d norm tensor}`` for every gradient of the step."""
+        return dict(zip(self.param_names, self.tensor_norms.unbind(0)))
+
+    @property
+    def changed(self) -> dict[str, torch.Tensor]:
+        """``{layer: 0-d bool tensor}``: whether normalization changed the layer's gradients."""
+        plan = self._plan
+        return {
+            name: self.changed_vector[i]
+            for i, (name, has) in enumerate(zip(plan.layer_names, plan.layer_has_grad))
+            if has
+        }
+
+    def total_norm(self) -> torch.Tensor:
+        """0-d L2 norm of all measured gradients together (NaN-free only if all were measured)."""
+        plan = self._plan
+        measured = (
+            self.tensor_norms
+            if plan.all_measured
+            else self.tensor_norms.index_select(0, plan.measured_positions_t)
+        )
+        total: torch.Tensor = torch.linalg.vector_norm(measured.to(plan.acc_dtype))
+        return total.to(self.tensor_norms.dtype)
+
+    # -- host side (one transfer) ------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as Python values, read from the device with one transfer.
+
+        Returns:
+            ``{"layer_norms": {layer: float | None}, "param_norms": {name: float | None},
+            "changed": {layer: bool | None}, "stats": {name: float | list[float]}}``
+            where ``None`` marks a norm that was not measured, or a change the
+            strategy cannot tell without an extra pass (element-wise clipping).
+        """
+        plan = self._plan
+        pieces = [
+            self.tensor_norms.double(),
+            self.layer_norm_vector.double(),
+            self.changed_vector.double(),
+        ]
+        stat_items: list[tuple[str, torch.Tensor]] = []
+        for _, stats in self.stats:
+            for key, value in stats.items():
+                stat_items.append((key, value))
+                pieces.append(value.detach().double().reshape(-1).to(self.tensor_norms.device))
+        values = torch.cat(pieces).tolist() if pieces else []
+        t, n_layers = len(self.param_names), plan.num_layers
+        tensor_values = values[:t]
+        layer_values = values[t : t + n_layers]
+        changed_values = values[t + n_layers : t + 2 * n_layers]
+        offset = t + 2 * n_layers
+        stats_out: dict[str, float | list[float]] = {}
+        for key, value in stat_items:
+            n = value.numel()
+            chunk = values[offset : offset + n]
+            offset += n
+            stats_out[key] = chunk[0] if value.dim() == 0 else chunk
+
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        layer_norms: dict[str, float | None] = {}
+        changed: dict[str, bool | None] = {}
+        for i, name in enumerate(plan.layer_names):
+            if plan.layer_has_grad[i]:
+                layer_norms[name] = clean(layer_values[i]) if plan.layer_measured[i] else None
+                changed[name] = bool(changed_values[i]) if plan.layer_changes_known[i] else None
+        param_norms = {name: clean(v) for name, v in zip(self.param_names, tensor_values)}
+        return {
+            "layer_norms": layer_norms,
+            "param_norms": param_norms,
+            "changed": changed,
+            "stats": stats_out,
+        }
+
+    def changed_layers(self) -> list[str]:
+        """Names of the layers whose gradients were changed (reads the device once)."""
+        return [name for name, c in self.to_dict()["changed"].items() if c]
+
+    def table(self) -> str:
+        """A readable table: one row per layer, its norm and whether it was changed."""
+        data = self.to_dict()
+        plan = self._plan
+        by_layer: dict[str, list[tuple[str, float | None]]] = {}
+        for p, (name, value) in enumerate(data["param_norms"].items()):
+            layer = plan.layer_names[plan.tensor_layer_ids[p]]
+            by_layer.setdefault(layer, []).append(
+                (name[len(layer) + 1 :] if layer else name, value)
+            )
+
+        def fmt(x: float | None) -> str:
+            return "-" if x is None else f"{x:.4g}"
+
+        rows = [("layer", "norm", "changed", "param norms")]
+        for layer, norm in data["layer_norms"].items():
+            params = ", ".join(f"{p}={fmt(v)}" for p, v in by_layer.get(layer, []))
+            flag = data["changed"][layer]
+            shown = "?" if flag is None else ("yes" if flag else "no")
+            rows.append((layer or "(root)", fmt(norm), shown, params))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [
+            f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip()
+            for r in rows
+        ]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        for key, value in data["stats"].items():
+            lines.append(f"{key}: {value}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"NormReport(layers={len(self.layer_names)}, tensors={len(self.param_names)})"
