@@ -1,0 +1,8 @@
+"""``python -m gradclip``: see :mod:`gradclip.cli`."""
+
+import sys
+
+from gradclip.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
