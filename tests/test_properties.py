@@ -1,0 +1,157 @@
+"""Every DL4J mode against the independent float64 reference, over random layouts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import MODES, layer_norm, reference_layer
+
+import gradclip
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Relative tolerance of one rounding of the result in each dtype, with room for
+# the different summation order of the norms.
+RTOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> list[list[torch.Tensor]]:
+    """A random model: 1-4 layers of 1-3 gradient tensors of random shape and scale."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    dtype = draw(st.sampled_from(DTYPES))
+    layers = []
+    for _ in range(draw(st.integers(1, 4))):
+        tensors = []
+        for _ in range(draw(st.integers(1, 3))):
+            shape = draw(shapes)
+            scale = 10 ** draw(st.floats(-3, 3))
+            if dtype == torch.float16:
+                scale = min(scale, 100.0)
+            kind = draw(st.sampled_from(["normal", "zeros", "constant"]))
+            if kind == "zeros":
+                x = torch.zeros(shape)
+            elif kind == "constant":
+                x = torch.full(shape, scale)
+            else:
+                x = torch.randn(shape, generator=gen) * scale
+            tensors.append(x.to(dtype))
+        layers.append(tensors)
+    return layers
+
+
+def params_for(layers: list[list[torch.Tensor]]) -> list[list[torch.nn.Parameter]]:
+    result = []
+    for tensors in layers:
+        params = []
+        for g in tensors:
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g.clone()
+            params.append(p)
+        result.append(params)
+    return result
+
+
+def near_boundary(norm: float, threshold: float, rtol: float) -> bool:
+    return abs(norm - threshold) <= 4 * rtol * threshold
+
+
+def pick_threshold(layers: list[list[torch.Tensor]], log_t: float, relative: bool) -> float:
+    """Either an absolute threshold, or one near a layer's norm, where decisions are close."""
+    if not relative:
+        return 10**log_t
+    base = layer_norm(layers[0]) or 1.0
+    return base * 10 ** (log_t / 30)
+
+
+@given(
+    layers=layouts(), mode=st.sampled_from(MODES), log_t=st.floats(-3, 3), relative=st.booleans()
+)
+def test_matches_float64_reference(
+    layers: list[list[torch.Tensor]], mode: str, log_t: float, relative: bool
+) -> None:
+    threshold = pick_threshold(layers, log_t, relative)
+    dtype = layers[0][0].dtype
+    rtol = RTOL[dtype]
+    params = params_for(layers)
+    report = gradclip.normalize_(params, mode, threshold)
+
+    for i, (tensors, layer_params) in enumerate(zip(layers, params)):
+        norm = layer_norm(tensors)
+        per_tensor = [layer_norm([t]) for t in tensors]
+        if mode == "ClipL2PerLayer" and near_boundary(norm, threshold, rtol):
+            continue  # whether rounding puts the norm over t is a coin toss
+        if mode == "ClipL2PerParamType" and any(
+            near_boundary(n, threshold, rtol) for n in per_tensor
+        ):
+            continue
+        expected = reference_layer(tensors, mode, threshold)
+        for g, p, e, n in zip(tensors, layer_params, expected, per_tensor):
+            assert p.grad.dtype == dtype
+            assert not torch.isnan(p.grad).any(), "a finite gradient must never become NaN"
+            unchanged = (
+                mode == "None"
+                or (mode == "ClipL2PerLayer" and norm <= threshold)
+                or (mode == "ClipL2PerParamType" and n <= threshold)
+            )
+            if unchanged:
+                assert torch.equal(p.grad, g), "a tensor DL4J leaves alone must be bit-identical"
+            else:
+                torch.testing.assert_close(
+                    p.grad.double(), e, rtol=rtol, atol=rtol * 1e-3 * threshold
+                )
+        if mode not in ("None", "ClipElementWiseAbsoluteValue"):
+            reported = report.to_dict()["layer_norms"][str(i)]
+            assert math.isclose(reported, norm, rel_tol=1e-5, abs_tol=1e-30)
+
+
+CLIPS = ["ClipL2PerLayer", "ClipL2PerParamType", "ClipElementWiseAbsoluteValue"]
+
+
+@given(
+    layers=layouts(), mode=st.sampled_from(CLIPS), log_t=st.floats(-2, 2), relative=st.booleans()
+)
+def test_clipping_twice_equals_clipping_once(
+    layers: list[list[torch.Tensor]], mode: str, log_t: float, relative: bool
+) -> None:
+    threshold = pick_threshold(layers, log_t, relative)
+    rtol = RTOL[layers[0][0].dtype]
+    params = params_for(layers)
+    gradclip.normalize_(params, mode, threshold)
+    once = [p.grad.clone() for ps in params for p in ps]
+    gradclip.normalize_(params, mode, threshold)
+    for a, b in zip(once, (p.grad for ps in params for p in ps)):
+        torch.testing.assert_close(b, a, rtol=4 * rtol, atol=0.0)
+
+
+@given(layers=layouts(), log_t=st.floats(-2, 2), relative=st.booleans())
+def test_clip_never_increases_a_norm_beyond_threshold(
+    layers: list[list[torch.Tensor]], log_t: float, relative: bool
+) -> None:
+    threshold = pick_threshold(layers, log_t, relative)
+    rtol = RTOL[layers[0][0].dtype]
+    params = params_for(layers)
+    gradclip.normalize_(params, "ClipL2PerLayer", threshold)
+    for layer_params in params:
+        assert layer_norm([p.grad for p in layer_params]) <= threshold * (1 + 8 * rtol)
+
+
+def test_clip_decision_is_strictly_greater_at_the_boundary() -> None:
+    for dtype in (torch.float32, torch.float64):
+        g = torch.tensor([3.0, 4.0], dtype=dtype)  # norm exactly 5
+        for threshold, clipped in ((5.0, False), (4.999, True), (5.001, False), (4.5, True)):
+            for mode in ("ClipL2PerLayer", "ClipL2PerParamType"):
+                p = torch.nn.Parameter(torch.zeros_like(g))
+                p.grad = g.clone()
+                report = gradclip.normalize_([p], mode, threshold)
+                if clipped:
+                    assert not torch.equal(p.grad, g)
+                    assert math.isclose(float(p.grad.double().norm()), threshold, rel_tol=1e-6)
+                else:
+                    assert torch.equal(p.grad, g)
+                assert report.to_dict()["changed"][""] is clipped
