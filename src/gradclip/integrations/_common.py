@@ -1,0 +1,94 @@
+"""What the callbacks share: apply now, or at the optimizer's step when a GradScaler may skip it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from gradclip.normalizer import GradientNormalizer
+from gradclip.report import NormReport
+
+__all__ = ["StepApplier", "inner_optimizer", "norms_for_logging", "scaler_is_active"]
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper, or ``None``.
+
+    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer``
+    both keep the wrapped optimizer in ``.optimizer``.
+    """
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return None
+        seen += 1
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def scaler_is_active(scaler: Any) -> bool:
+    """Whether ``scaler`` is an enabled ``torch.amp.GradScaler`` (which may skip a step)."""
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return bool(callable(is_enabled) and is_enabled())
+
+
+class StepApplier:
+    """Runs a normalizer for one optimizer step, at the right moment.
+
+    Without a gradient scaler, the callback's hook already sits between the
+    unscaled gradients and ``optimizer.step()``, so the normalizer runs at once
+    and costs no host-device synchronization.
+
+    With an enabled ``GradScaler`` the scaler decides, inside
+    ``scaler.step(optimizer)``, whether the step happens at all (it skips steps
+    with inf/NaN gradients, after reading a flag from the device). The
+    normalizer is then registered as a one-shot step pre-hook on the wrapped
+    optimizer: ``scaler.step`` unscales (if nobody did) and calls
+    ``optimizer.step()`` only for a finite step, so a skipped step never runs
+    the normalizer and leaves the state of adaptive strategies untouched.
+    """
+
+    def __init__(self, normalizer: GradientNormalizer) -> None:
+        self.normalizer = normalizer
+        self.pending: NormReport | None = None
+        self._handle: RemovableHandle | None = None
+
+    def _run(self) -> None:
+        self.pending = self.normalizer.apply()
+
+    def step(self, optimizer: Any, scaler: Any) -> None:
+        """Normalize now, or at ``optimizer``'s next step when ``scaler`` is active."""
+        self.cancel()
+        inner = inner_optimizer(optimizer)
+        if inner is None or not scaler_is_active(scaler):
+            self._run()
+            return
+
+        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            self.cancel()
+            self._run()
+
+        self._handle = inner.register_step_pre_hook(hook)
+
+    def cancel(self) -> None:
+        """Drop a one-shot hook that a skipped step left behind."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def take_report(self) -> NormReport | None:
+        """The report of the last step that ran, once (``None`` if none ran since)."""
+        report, self.pending = self.pending, None
+        return report
+
+
+def norms_for_logging(report: NormReport, prefix: str) -> dict[str, float]:
+    """``{prefix + layer: norm}`` for the measured layers, read with one transfer."""
+    data = report.to_dict()
+    out: dict[str, float] = {}
+    for name, value in data["layer_norms"].items():
+        if value is not None:
+            out[f"{prefix}{name or 'root'}"] = value
+    return out
