@@ -11,6 +11,10 @@ Example:
     >>> optimizer.step()
 """
 
+from gradclip.adaptive import AutoClip, StatefulStrategy, ZClip
+from gradclip.agc import AdaptiveGradClip
+from gradclip.compose import STRATEGY_FACTORIES, Chain, chain, strategy_from_name
+from gradclip.global_norm import ClipGlobalNorm
 from gradclip.layers import Layer, build_layers
 from gradclip.modes import (
     ClipElementWiseAbsoluteValue,
@@ -28,7 +32,12 @@ from gradclip.strategy import GroupView, Strategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "STRATEGY_FACTORIES",
+    "AdaptiveGradClip",
+    "AutoClip",
+    "Chain",
     "ClipElementWiseAbsoluteValue",
+    "ClipGlobalNorm",
     "ClipL2PerLayer",
     "ClipL2PerParamType",
     "GradientNormalization",
@@ -39,7 +48,11 @@ __all__ = [
     "NormReport",
     "RenormalizeL2PerLayer",
     "RenormalizeL2PerParamType",
+    "StatefulStrategy",
     "Strategy",
+    "ZClip",
     "build_layers",
+    "chain",
     "normalize_",
+    "strategy_from_name",
 ]

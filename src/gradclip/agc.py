@@ -1,0 +1,221 @@
+"""Adaptive gradient clipping (AGC), unit-wise, as in NFNets.
+
+For every *unit* — an output row of a weight (dim 0 of Linear ``[out, in]`` and
+ConvNd ``[out, in, *k]`` weights, i.e. the norm over all dims but dim 0), or the
+whole tensor for 0-/1-D parameters such as biases and gains —
+
+    ``max = max(‖W_unit‖, eps) · clipping``
+    ``G_unit ← G_unit``                               if ``‖G_unit‖ < max``
+    ``G_unit ← G_unit · max / max(‖G_unit‖, 1e-6)``   otherwise
+
+A unit under the bound is multiplied by exactly ``1.0`` (bit-for-bit unchanged).
+
+References:
+    Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
+    Recognition Without Normalization", ICML 2021 (NFNets), section 4.1.
+    Reference implementations: deepmind-research ``nfnets/agc_optax.py``,
+    ``optax.adaptive_grad_clip``, ``timm.utils.agc.adaptive_clip_grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradclip.global_norm import device_dtype_runs
+from gradclip.kernels import large_tensor_elements
+from gradclip.strategy import GroupView, Strategy
+from gradclip.validation import check_threshold
+
+__all__ = ["AdaptiveGradClip"]
+
+# The floor of a gradient unit's norm in the division, as in the reference
+# implementations (optax: 1e-6; timm: clamp(min=1e-6)).
+_GRAD_NORM_FLOOR = 1e-6
+# Small tensors of a run are concatenated (in chunks of at most this many times
+# the large-tensor size) so that their unit norms cost a constant number of
+# launches; the chunk cap bounds the extra memory.
+_CHUNK_FACTOR = 16
+
+
+def _units(t: torch.Tensor) -> int:
+    return int(t.shape[0]) if t.dim() >= 2 else 1
+
+
+def _unit_size(t: torch.Tensor) -> int:
+    return t.numel() // max(_units(t), 1)
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _coef_shape(t: torch.Tensor) -> tuple[int, ...]:
+    if t.dim() == 0:
+        return ()
+    return (_units(t),) + (1,) * (t.dim() - 1)
+
+
+@dataclass(eq=False)
+class _RunLayout:
+    """How one (device, dtype) run of a group's tensors is split into units."""
+
+    start: int
+    chunks: list[tuple[list[int], torch.Tensor]]  # (local tensor indices, unit lengths)
+    large: list[int]  # local indices of tensors reduced on their own
+    order: list[int]  # local tensor indices in unit order (chunks, then large)
+    coefficients: torch.Tensor  # (U,) float32 buffer on the run's device
+    views: list[torch.Tensor]  # per tensor of `order`, a view of `coefficients`
+    unit_layer: torch.Tensor  # (U,) group-local layer index of each unit, on view.device
+
+
+def _layout(view: GroupView) -> list[_RunLayout]:
+    cache = view.state.get("_agc_layout")
+    if cache is not None and cache[0] is view.param_names:
+        layouts: list[_RunLayout] = cache[1]
+        return layouts
+    layouts = []
+    for start, stop in device_dtype_runs(view):
+        grads = view.grads[start:stop]
+        device = grads[0].device
+        limit = large_tensor_elements(device)
+        chunks: list[tuple[list[int], torch.Tensor]] = []
+        large: list[int] = []
+        current: list[int] = []
+        size = 0
+        for i, g in enumerate(grads):
+            if g.numel() >= limit:
+                large.append(i)
+                continue
+            if current and size + g.numel() > _CHUNK_FACTOR * limit:
+                chunks.append((current, torch.empty(0)))
+                current, size = [], 0
+            current.append(i)
+            size += g.numel()
+        if current:
+            chunks.append((current, torch.empty(0)))
+        chunks = [
+            (
+                idx,
+                torch.tensor(
+                    [_unit_size(grads[i]) for i in idx for _ in range(_units(grads[i]))],
+                    dtype=torch.long,
+                    device=device,
+                ),
+            )
+            for idx, _ in chunks
+        ]
+        order = [i for idx, _ in chunks for i in idx] + large
+        counts = [_units(grads[i]) for i in order]
+        coefficients = torch.ones(sum(counts), dtype=_accumulation(grads[0].dtype), device=device)
+        views = []
+        offset = 0
+        for i, n in zip(order, counts):
+            views.append(coefficients[offset : offset + n].view(_coef_shape(grads[i])))
+            offset += n
+        # Built on the device from the group's index vector: no host read.
+        positions = torch.tensor([start + i for i in order], dtype=torch.long, device=view.device)
+        unit_layer = view.tensor_layer.index_select(0, positions).repeat_interleave(
+            torch.tensor(counts, dtype=torch.long, device=view.device),
+            output_size=sum(counts),
+        )
+        layouts.append(_RunLayout(start, chunks, large, order, coefficients, views, unit_layer))
+    view.state["_agc_layout"] = (view.param_names, layouts)
+    return layouts
+
+
+def _unit_norms(tensors: list[torch.Tensor], layout: _RunLayout) -> torch.Tensor:
+    """``(U,)`` L2 norm of every unit of ``tensors`` (a run), in unit order.
+
+    Accumulated in ``layout.coefficients.dtype`` (float32, or float64 for float64).
+    """
+    acc = layout.coefficients.dtype
+    parts = []
+    for idx, lengths in layout.chunks:
+        # `cat` makes a private copy, so squaring it in place is safe; half
+        # precision is widened before squaring so that it cannot overflow.
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).to(acc)
+        parts.append(torch.segment_reduce(flat.square_(), "sum", lengths=lengths).sqrt_())
+    for i in layout.large:
+        t = tensors[i].detach()
+        parts.append(torch.linalg.vector_norm(t.reshape(_units(t), -1), dim=1, dtype=acc))
+    if not parts:
+        return torch.zeros(0, dtype=acc, device=layout.coefficients.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class AdaptiveGradClip(Strategy):
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021, NFNets).
+
+    .. math::
+
+        m_u = \\max(‖W_u‖_2, \\epsilon)\\cdot\\lambda, \\qquad
+        G_u \\leftarrow \\begin{cases} G_u & ‖G_u‖_2 < m_u \\\\
+        G_u \\cdot m_u / \\max(‖G_u‖_2, 10^{-6}) & \\text{otherwise} \\end{cases}
+
+    where a unit ``u`` is an output row (dim 0) of a weight of 2 or more
+    dimensions and the whole tensor for 0-/1-D parameters. Norms are formed in
+    float32 (float64 for float64 gradients); the gradients keep their dtype.
+    Small tensors are reduced together with a constant number of launches per
+    (device, dtype); tensors too large for that to pay (see
+    :func:`gradclip.kernels.large_tensor_elements`) are reduced one by one.
+    No value is read to the host.
+
+    The paper clips every layer but the final linear classifier: leave it
+    unclipped with an override.
+
+    Args:
+        clipping: ``λ``, the largest allowed ratio of gradient to weight norm
+            per unit. Default 0.01 (the paper's value for large batches; it
+            advises larger values for small batches).
+        eps: ``ε``, the floor of a weight unit's norm, so that zero-initialized
+            weights can still move. Default 1e-3.
+
+    Example:
+        >>> normalizer = gradclip.GradientNormalizer(
+        ...     model, gradclip.AdaptiveGradClip(clipping=0.01),
+        ...     overrides={"head": None})            # the classifier stays unclipped
+        >>> normalizer.attach(optimizer)
+
+    References:
+        Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
+        Recognition Without Normalization", ICML 2021.
+    """
+
+    name = "AdaptiveGradClip"
+    measures_norms = False
+    scales = False
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
+        self.clipping = check_threshold(clipping, what="clipping")
+        self.eps = check_threshold(eps, what="eps")
+        self.threshold = self.clipping
+
+    def config(self) -> Mapping[str, Any]:
+        return {"clipping": self.clipping, "eps": self.eps}
+
+    def transform_(self, view: GroupView) -> None:
+        changed = torch.zeros(len(view.layer_names), dtype=torch.int32, device=view.device)
+        for layout in _layout(view):
+            stop = layout.start + len(layout.order)
+            grads = view.grads[layout.start : stop]
+            params = view.params[layout.start : stop]
+            grad_norms = _unit_norms(grads, layout)
+            weight_norms = _unit_norms(params, layout)
+            bound = weight_norms.clamp_(min=self.eps).mul_(self.clipping)
+            coef = torch.where(
+                grad_norms < bound,
+                torch.ones_like(bound),
+                bound / grad_norms.clamp(min=_GRAD_NORM_FLOOR),
+            )
+            layout.coefficients.copy_(coef)
+            torch._foreach_mul_([grads[i] for i in layout.order], layout.views)
+            changed.index_add_(0, layout.unit_layer, (coef != 1).to(torch.int32).to(view.device))
+        view.state["_changed"] = changed > 0
+
+    def layer_changed(self, view: GroupView) -> torch.Tensor | None:
+        flags = view.state.pop("_changed", None)
+        return flags if isinstance(flags, torch.Tensor) else None
