@@ -9,13 +9,22 @@ explained in :func:`clamp_abs_`.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import TypeVar
 
 import torch
 
 K = TypeVar("K", bound=Hashable)
 
-__all__ = ["clamp_abs_", "foreach_l2_norms", "group_indices", "large_tensor_elements"]
+__all__ = [
+    "ClampPlan",
+    "clamp_abs_",
+    "foreach_l2_norms",
+    "group_indices",
+    "large_tensor_elements",
+    "plan_clamp",
+]
 
 # A tensor this large is clamped on its own with one `clamp_` (one pass over its
 # memory) rather than with the two `_foreach_clamp_{min,max}_` launches (two
@@ -51,7 +60,34 @@ def foreach_l2_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.T
     return torch.stack(norms).to(dtype)
 
 
-def clamp_abs_(tensors: list[torch.Tensor], thresholds: Sequence[float]) -> None:
+@dataclass(frozen=True)
+class ClampPlan:
+    """How :func:`clamp_abs_` splits a list of tensors; depends only on the layout.
+
+    Attributes:
+        groups: for each (device, dtype, threshold): the threshold, the positions
+            of its small tensors (clamped with two ``_foreach`` launches) and of its
+            large ones (clamped one by one with a single pass each).
+    """
+
+    groups: tuple[tuple[float, tuple[int, ...], tuple[int, ...]], ...]
+
+
+def plan_clamp(tensors: Sequence[torch.Tensor], thresholds: Sequence[float]) -> ClampPlan:
+    """Split ``tensors`` for :func:`clamp_abs_` (call once per layout, not per step)."""
+    keys = [(t.device, t.dtype, float(thr)) for t, thr in zip(tensors, thresholds, strict=True)]
+    groups = []
+    for (device, _, thr), positions in group_indices(keys).items():
+        limit = large_tensor_elements(device)
+        small = tuple(i for i in positions if tensors[i].numel() < limit)
+        large = tuple(i for i in positions if tensors[i].numel() >= limit)
+        groups.append((thr, small, large))
+    return ClampPlan(tuple(groups))
+
+
+def clamp_abs_(
+    tensors: list[torch.Tensor], thresholds: Sequence[float], plan: ClampPlan | None = None
+) -> None:
     """Clamp every element of ``tensors[i]`` to ``[-thresholds[i], thresholds[i]]`` in place.
 
     Tensors are grouped by (device, dtype, threshold). In each group, the small
@@ -63,17 +99,20 @@ def clamp_abs_(tensors: list[torch.Tensor], thresholds: Sequence[float]) -> None
     Args:
         tensors: gradients to clamp, in place.
         thresholds: one positive float per tensor.
+        plan: the result of :func:`plan_clamp` for this layout, to skip the
+            grouping work on every step.
     """
-    keys = [(t.device, t.dtype, float(thr)) for t, thr in zip(tensors, thresholds, strict=True)]
-    for (device, _, thr), positions in group_indices(keys).items():
-        limit = large_tensor_elements(device)
-        small: list[torch.Tensor] = []
-        for i in positions:
-            tensor = tensors[i]
-            if tensor.numel() >= limit:
-                tensor.clamp_(-thr, thr)
-            else:
-                small.append(tensor)
-        if small:
-            torch._foreach_clamp_min_(small, -thr)
-            torch._foreach_clamp_max_(small, thr)
+    if plan is None:
+        plan = plan_clamp(tensors, thresholds)
+    for thr, small, large in plan.groups:
+        for i in large:
+            tensors[i].clamp_(-thr, thr)
+        if len(small) == len(tensors):
+            selected = tensors
+        elif len(small) == 1:
+            selected = [tensors[small[0]]]
+        else:
+            selected = list(itemgetter(*small)(tensors)) if small else []
+        if selected:
+            torch._foreach_clamp_min_(selected, -thr)
+            torch._foreach_clamp_max_(selected, thr)

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gradclip.kernels import clamp_abs_, plan_clamp
 from gradclip.strategy import GroupView, Strategy
 from gradclip.validation import check_threshold
 
@@ -233,9 +234,10 @@ class ClipElementWiseAbsoluteValue(_DL4JStrategy):
     reports_changes = False
 
     def transform_(self, view: GroupView) -> None:
-        from gradclip.kernels import clamp_abs_
-
-        clamp_abs_(view.grads, view.host_thresholds)
+        plan = view.cache.get("clamp")
+        if plan is None:
+            plan = view.cache["clamp"] = plan_clamp(view.grads, view.host_thresholds)
+        clamp_abs_(view.grads, view.host_thresholds, plan)
 
 
 _MODE_CLASSES: dict[GradientNormalization, type[_DL4JStrategy]] = {

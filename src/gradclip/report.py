@@ -23,9 +23,6 @@ class NormReport:
     """Norms measured by one step, before normalization.
 
     Attributes:
-        layer_names: layers that had gradients this step, in model order.
-        param_names: qualified names (``"layer.param"``) of the tensors, in the
-            engine's order (grouped by device and dtype).
         tensor_norms: ``(T,)`` L2 norm of each gradient (NaN where not measured:
             ``None`` layers and element-wise clipping, unless ``measure_all``).
         layer_norm_vector: ``(L,)`` L2 norm of each of the model's layers
@@ -52,8 +49,17 @@ class NormReport:
         self.layer_norm_vector = layer_norms.to(plan.report_dtype)
         self.changed_vector = changed
         self.stats = list(stats)
-        self.param_names = list(plan.names)
-        self.layer_names = [n for n, has in zip(plan.layer_names, plan.layer_has_grad) if has]
+
+    @property
+    def param_names(self) -> list[str]:
+        """Qualified names (``"layer.param"``) of the step's gradients, in the engine's order."""
+        return self._plan.names
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Layers that had gradients this step, in model order."""
+        plan = self._plan
+        return [n for n, has in zip(plan.layer_names, plan.layer_has_grad) if has]
 
     @classmethod
     def empty(cls, plan: Plan) -> NormReport:

@@ -53,6 +53,10 @@ class GroupView:
         state: the strategy's persistent state for this group (see
             :meth:`Strategy.init_state`); mutate it in place on the device.
         stats: extra measurements a strategy wants in the report (name -> tensor).
+        cache: scratch space that lives as long as the engine's plan (it is
+            emptied whenever the layout of the gradients changes): a place for
+            index lists and other per-layout work a strategy should not redo
+            every step.
     """
 
     layer_names: list[str]
@@ -68,6 +72,7 @@ class GroupView:
     dtype: torch.dtype
     state: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
     def tensor_thresholds(self) -> torch.Tensor:
