@@ -1,0 +1,488 @@
+"""Sharded training: FSDP2 (DTensor), HSDP and DDP on 2 gloo processes on the CPU.
+
+Every case runs in one launch of two processes (starting them costs seconds,
+the cases milliseconds). Each rank runs every case, records a result per case,
+and the tests below read those results: a failing case is reported under its
+own name, with the rank's message.
+
+The single-process reference is computed inside each worker on an unsharded
+copy of the same model with the same inputs, so both ranks compare against
+exactly what ``gradclip`` gives without sharding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradclip
+from gradclip import GradientNormalization
+from gradclip.bench_distributed import CollectiveCounter
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+WORLD = 2
+RTOL = 1e-5
+ATOL = 1e-7
+MODES = [m.value for m in GradientNormalization]
+TIMEOUT_S = 120
+
+
+# -- in the worker processes ----------------------------------------------------------------------
+def _mlp(seed: int, widths: tuple[int, ...] = (6, 5, 3, 1)) -> nn.Sequential:
+    # (5, 6), (3, 5) and (1, 3) weights: uneven shards on 2 ranks, and rank 1
+    # holds an empty shard of the whole last layer.
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        mods += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
+    return nn.Sequential(*mods[:-1])
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(7, 4)  # 7 rows: 4 and 3 per rank
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(idx))))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t  # type: ignore[no-any-return]
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert actual.keys() == expected.keys(), (what, sorted(actual), sorted(expected))
+    for name in expected:
+        torch.testing.assert_close(
+            actual[name],
+            expected[name],
+            rtol=RTOL,
+            atol=ATOL,
+            msg=lambda m, n=name: f"{what} {n}: {m}",
+        )
+
+
+def _backward(model: nn.Module, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+
+
+def _thresholds(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per mode, a threshold that clips some gradients and leaves others.
+
+    L2 modes: the geometric mean of the smallest and largest layer (or tensor)
+    norm; value clipping: the median magnitude. Both branches are then tested.
+    """
+    probe = copy.deepcopy(model)
+    _backward(probe, x)
+    layers = [m for m in probe.modules() if isinstance(m, nn.Linear)]
+    layer_norms = [
+        float(torch.cat([p.grad.flatten() for p in m.parameters()]).norm()) for m in layers
+    ]
+    tensor_norms = [float(p.grad.norm()) for p in probe.parameters()]
+    values = torch.cat([p.grad.abs().flatten() for p in probe.parameters()])
+    t = {mode: 1.0 for mode in MODES}
+    t["ClipL2PerLayer"] = (min(layer_norms) * max(layer_norms)) ** 0.5
+    t["ClipL2PerParamType"] = (min(tensor_norms) * max(tensor_norms)) ** 0.5
+    t["ClipElementWiseAbsoluteValue"] = float(values.median())
+    return t
+
+
+def _apply_counted(normalizer: gradclip.GradientNormalizer) -> tuple[gradclip.NormReport, int]:
+    counter = CollectiveCounter()
+    with counter:
+        report = normalizer.apply()
+    return report, len(counter.ops)
+
+
+def _layer_norms(report: gradclip.NormReport) -> dict[str, float]:
+    return {k: float(v) for k, v in report.layer_norms.items()}
+
+
+def _case_fsdp_modes(rank: int, out: dict[str, Any]) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    reference = _mlp(0)
+    sharded = copy.deepcopy(reference)
+    names_before = [n for n, _ in sharded.named_modules()]
+    for module in sharded:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(sharded)
+    local_rows = [p.to_local().shape[0] for p in sharded.parameters()]
+    assert 0 in local_rows if rank == 1 else 0 not in local_rows, local_rows
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)) * 3
+    thresholds = _thresholds(reference, x)
+    for mode in MODES:
+        name = f"fsdp2:{mode}"
+        try:
+            t = thresholds[mode]
+            _backward(reference, x)
+            before = _grads(reference)
+            expected_report = gradclip.GradientNormalizer(reference, mode, t).apply()
+            expected = _grads(reference)
+            if mode.startswith("ClipL2"):  # the case exercises both branches
+                same = [torch.equal(before[k], expected[k]) for k in before]
+                assert any(same) and not all(same), (mode, same)
+            normalizer = gradclip.GradientNormalizer(sharded, mode, t)
+            assert [n for n, _ in sharded.named_modules()] == names_before
+            assert [layer.name for layer in normalizer.layers] == ["0", "2", "4"]
+            collectives = []
+            for _ in range(2):  # the second step reuses the cached plan
+                _backward(sharded, x)
+                report, n = _apply_counted(normalizer)
+                collectives.append(n)
+                _close(_grads(sharded), expected, name)
+            needs_norms = mode not in ("None", "ClipElementWiseAbsoluteValue")
+            assert collectives == [1 if needs_norms else 0] * 2, collectives
+            if needs_norms:
+                got, want = _layer_norms(report), _layer_norms(expected_report)
+                for layer in want:
+                    assert abs(got[layer] - want[layer]) <= RTOL * want[layer], (layer, got, want)
+            changed = {k: bool(v) for k, v in report.changed.items()}
+            want_changed = {k: bool(v) for k, v in expected_report.changed.items()}
+            assert changed == want_changed, (changed, want_changed)
+            out[name] = {"ok": True, "collectives": collectives[0]}
+        except Exception:
+            out[name] = {"ok": False, "msg": traceback.format_exc()}
+
+
+def _case_fsdp_overrides(rank: int, out: dict[str, Any]) -> None:
+    """A DL4J-style mixed configuration, the same keys before and after ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+
+    reference = _mlp(0)
+    sharded = copy.deepcopy(reference)
+    fully_shard(sharded)  # root only: one FSDP group for everything
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2)) * 3
+    thresholds = _thresholds(reference, x)
+    l2 = thresholds["ClipL2PerLayer"]
+    overrides = {
+        "0": ("ClipL2PerParamType", thresholds["ClipL2PerParamType"]),
+        "2": ("ClipElementWiseAbsoluteValue", thresholds["ClipElementWiseAbsoluteValue"]),
+        "4": "RenormalizeL2PerLayer",
+    }
+    _backward(reference, x)
+    gradclip.GradientNormalizer(reference, "ClipL2PerLayer", l2, overrides).apply()
+    expected = _grads(reference)
+    _backward(sharded, x)
+    normalizer = gradclip.GradientNormalizer(sharded, "ClipL2PerLayer", l2, overrides)
+    plain = gradclip.GradientNormalizer(_mlp(0), "ClipL2PerLayer", l2, overrides)
+    assert normalizer.describe() == plain.describe()
+    _, n = _apply_counted(normalizer)
+    _close(_grads(sharded), expected, "overrides")
+    assert n == 1, n
+    out["fsdp2:overrides"] = {"ok": True, "collectives": n}
+
+
+def _case_many_layers(rank: int, out: dict[str, Any]) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    reference = _mlp(4, (8,) * 25 + (1,))
+    sharded = copy.deepcopy(reference)
+    for module in sharded:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(sharded)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    for mode in ("ClipL2PerLayer", "RenormalizeL2PerParamType"):
+        _backward(reference, x)
+        gradclip.GradientNormalizer(reference, mode, 0.05).apply()
+        _backward(sharded, x)
+        _, n = _apply_counted(gradclip.GradientNormalizer(sharded, mode, 0.05))
+        _close(_grads(sharded), _grads(reference), f"many layers {mode}")
+        assert n == 1, n
+    out["fsdp2:25-layers"] = {"ok": True, "collectives": n}
+
+
+def _case_tied(rank: int, out: dict[str, Any]) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    reference = _Tied()
+    sharded = copy.deepcopy(reference)
+    fully_shard(sharded)
+    assert sharded.head.weight is sharded.emb.weight
+    idx = torch.tensor([[0, 3, 6, 2], [1, 1, 5, 4]])
+    for mode in ("ClipL2PerLayer", "RenormalizeL2PerParamType", "ClipL2PerParamType"):
+        _backward(reference, idx)
+        gradclip.GradientNormalizer(reference, mode, 0.1).apply()
+        _backward(sharded, idx)
+        normalizer = gradclip.GradientNormalizer(sharded, mode, 0.1)
+        assert [layer.name for layer in normalizer.layers] == ["emb", "mid"]
+        _, n = _apply_counted(normalizer)
+        _close(_grads(sharded), _grads(reference), f"tied {mode}")
+        assert n == 1, n
+    out["fsdp2:tied"] = {"ok": True, "collectives": n}
+
+
+def _case_hsdp(rank: int, out: dict[str, Any]) -> None:
+    """HSDP: (Replicate, Shard(0)) gradients; the replicas must not be counted twice."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    reference = _mlp(5)
+    sharded = copy.deepcopy(reference)
+    fully_shard(sharded, mesh=mesh)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(5)) * 3
+    _backward(sharded, x)
+    placements = {tuple(p.grad.placements) for p in sharded.parameters()}
+    assert all(pl[0] == Replicate() for pl in placements), placements
+    for mode in ("ClipL2PerLayer", "RenormalizeL2PerLayer", "ClipL2PerParamType"):
+        _backward(reference, x)
+        expected_report = gradclip.GradientNormalizer(reference, mode, 0.5).apply()
+        _backward(sharded, x)
+        report, n = _apply_counted(gradclip.GradientNormalizer(sharded, mode, 0.5))
+        _close(_grads(sharded), _grads(reference), f"hsdp {mode}")
+        got, want = _layer_norms(report), _layer_norms(expected_report)
+        assert all(abs(got[k] - want[k]) <= RTOL * want[k] for k in want), (got, want)
+        assert n == 1, n
+    out["hsdp:replicate-counted-once"] = {"ok": True, "collectives": n}
+
+
+def _case_mixed_placements(rank: int, out: dict[str, Any]) -> None:
+    """Hand-made DTensors: Shard(0), Shard(1), Replicate and a plain tensor in one layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"a": (5, 3), "b": (3, 5), "c": (4,), "d": (2, 2)}
+    placements = {"a": Shard(0), "b": Shard(1), "c": Replicate(), "d": None}
+    full_grads = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    for mode in ("ClipL2PerLayer", "RenormalizeL2PerLayer", "RenormalizeL2PerParamType"):
+        plain = {k: nn.Parameter(torch.zeros(s)) for k, s in shapes.items()}
+        for k, p in plain.items():
+            p.grad = full_grads[k].clone()
+        gradclip.GradientNormalizer(
+            {"one": [plain["a"], plain["b"]], "two": [plain["c"], plain["d"]]}, mode, 0.5
+        ).apply()
+        dist_params: dict[str, torch.Tensor] = {}
+        for k, s in shapes.items():
+            pl = placements[k]
+            if pl is None:
+                dist_params[k] = nn.Parameter(torch.zeros(s))
+                dist_params[k].grad = full_grads[k].clone()
+            else:
+                dist_params[k] = nn.Parameter(distribute_tensor(torch.zeros(s), mesh, [pl]))
+                dist_params[k].grad = distribute_tensor(full_grads[k].clone(), mesh, [pl])
+        grouping = {
+            "one": [dist_params["a"], dist_params["b"]],
+            "two": [dist_params["c"], dist_params["d"]],
+        }
+        _, n = _apply_counted(gradclip.GradientNormalizer(grouping, mode, 0.5))
+        got = {k: _full(p.grad) for k, p in dist_params.items()}
+        _close(got, {k: p.grad for k, p in plain.items()}, f"mixed {mode}")
+        assert n == 1, n
+    out["dtensor:mixed-placements"] = {"ok": True, "collectives": n}
+
+
+def _case_partial_refused(rank: int, out: dict[str, Any]) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    ok = nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]))
+    ok.grad = distribute_tensor(torch.full((4, 2), 3.0), mesh, [Shard(0)])
+    bad = nn.Parameter(distribute_tensor(torch.zeros(3), mesh, [Shard(0)]))
+    bad.grad = DTensor.from_local(torch.full((3,), 5.0), mesh, [Partial()])
+    before = [ok.grad.to_local().clone(), bad.grad.to_local().clone()]
+    try:
+        gradclip.normalize_([[ok], [bad]], "ClipL2PerLayer", 0.1)
+    except ValueError as err:
+        assert "Partial" in str(err) and "'1.0'" in str(err), str(err)
+    else:
+        raise AssertionError("a Partial gradient was normalized")
+    assert torch.equal(ok.grad.to_local(), before[0]) and torch.equal(
+        bad.grad.to_local(), before[1]
+    )
+    out["dtensor:partial-refused-untouched"] = {"ok": True}
+
+
+def _case_ddp(rank: int, out: dict[str, Any]) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    reference = _mlp(7)
+    ddp = DistributedDataParallel(copy.deepcopy(reference))
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(4, 6, generator=gen) * 3 for _ in range(WORLD)]
+    for mode in MODES:
+        t = 0.02 if mode == "ClipElementWiseAbsoluteValue" else 0.5
+        reference.zero_grad(set_to_none=True)
+        # DDP averages the ranks' gradients: the mean of the per-rank losses.
+        (sum(reference(x).square().sum() for x in xs) / WORLD).backward()
+        gradclip.GradientNormalizer(reference, mode, t).apply()
+        _backward(ddp, xs[rank])
+        normalizer = gradclip.GradientNormalizer(ddp, mode, t)
+        assert [layer.name for layer in normalizer.layers] == ["0", "2", "4"]
+        _, n = _apply_counted(normalizer)
+        assert n == 0, n  # DDP gradients are plain tensors, already averaged
+        got = _grads(ddp.module)
+        _close(got, _grads(reference), f"ddp {mode}")
+        flat = torch.cat([g.flatten() for g in got.values()])
+        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree"
+    out["ddp:all-modes-identical-on-ranks"] = {"ok": True, "collectives": n}
+
+
+def _case_counter_can_count(rank: int, out: dict[str, Any]) -> None:
+    """The counter sees torch's own collectives (else the counts above would prove nothing)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp(8)
+    fully_shard(model)
+    _backward(model, torch.randn(2, 6))
+    counter = CollectiveCounter()
+    with counter:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        dist.all_reduce(torch.ones(1))
+    assert len(counter.ops) >= 2, counter.ops
+    out["counter-sees-collectives"] = {"ok": True, "collectives": len(counter.ops)}
+
+
+def _case_global_norm(rank: int, out: dict[str, Any]) -> None:
+    """A global-norm strategy reads the reduced per-tensor norms: correct under sharding too."""
+    try:
+        from gradclip.global_norm import ClipGlobalNorm  # type: ignore[import-not-found]
+    except ImportError:
+        out["fsdp2:ClipGlobalNorm"] = {"ok": True, "skipped": "gradclip.global_norm not present"}
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    reference = _mlp(9)
+    sharded = copy.deepcopy(reference)
+    fully_shard(sharded)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(9)) * 3
+    _backward(reference, x)
+    gradclip.GradientNormalizer(reference, ClipGlobalNorm(0.5)).apply()
+    _backward(sharded, x)
+    _, n = _apply_counted(gradclip.GradientNormalizer(sharded, ClipGlobalNorm(0.5)))
+    _close(_grads(sharded), _grads(reference), "ClipGlobalNorm")
+    assert n == 1, n
+    out["fsdp2:ClipGlobalNorm"] = {"ok": True, "collectives": n}
+
+
+CASES: list[Callable[[int, dict[str, Any]], None]] = [
+    _case_fsdp_modes,
+    _case_fsdp_overrides,
+    _case_many_layers,
+    _case_tied,
+    _case_hsdp,
+    _case_mixed_placements,
+    _case_partial_refused,
+    _case_ddp,
+    _case_global_norm,
+    _case_counter_can_count,
+]
+CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
+    "fsdp2:overrides",
+    "fsdp2:25-layers",
+    "fsdp2:tied",
+    "hsdp:replicate-counted-once",
+    "dtensor:mixed-placements",
+    "dtensor:partial-refused-untouched",
+    "ddp:all-modes-identical-on-ranks",
+    "fsdp2:ClipGlobalNorm",
+    "counter-sees-collectives",
+]
+
+
+def _worker(rank: int, world: int, init_method: str, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    out: dict[str, Any] = {}
+    try:
+        for case in CASES:
+            try:
+                case(rank, out)
+            except Exception:
+                out.setdefault(case.__name__, {"ok": False, "msg": traceback.format_exc()})
+                # a case that failed half-way may leave the ranks out of step
+                dist.barrier()
+    finally:
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
+
+
+# -- in pytest ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    outdir = tmp_path_factory.mktemp("distributed")
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    context = mp.start_processes(
+        _worker,
+        args=(WORLD, f"tcp://127.0.0.1:{_free_port()}", str(outdir)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} worker processes did not finish in {TIMEOUT_S} s")
+    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_every_case_ran(results: list[dict[str, Any]]) -> None:
+    for rank, out in enumerate(results):
+        crashed = {k: v["msg"] for k, v in out.items() if k not in CASE_NAMES}
+        assert not crashed, f"rank {rank}: " + "\n".join(f"{k}:\n{m}" for k, m in crashed.items())
+        assert sorted(out) == sorted(CASE_NAMES), (rank, sorted(out))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_case(results: list[dict[str, Any]], case: str) -> None:
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        if "skipped" in result:
+            pytest.skip(result["skipped"])
+        if "collectives" in result and case != "counter-sees-collectives":
+            assert result["collectives"] <= 1
