@@ -1,0 +1,392 @@
+"""``python -m gradclip bench``: gradclip against torch's own functions, in the same run.
+
+Each scenario builds gradients of a fixed shape, then times every method on
+them, interleaving the methods repetition by repetition so that a slow moment
+of the machine hurts all of them alike, and reports medians. Ratios are to the
+scenario's reference, measured in the same run:
+
+* ``gpt2`` — per-layer L2 clipping of GPT-2-small shaped gradients (12 blocks,
+  768 wide, a 50257x768 embedding) against the *bandwidth floor*: one
+  ``torch._foreach_norm`` plus one ``torch._foreach_mul_`` over all gradients,
+  the least work any norm clipping can do.
+* ``linear1000`` — 1000 x ``nn.Linear(64, 64)``: per-layer clipping against
+  ``torch.nn.utils.clip_grad_norm_(foreach=True)`` (global) and against a loop
+  of ``clip_grad_norm_`` over the modules (the per-layer equivalent in torch).
+* ``value_large`` / ``value_small`` — ``ClipElementWiseAbsoluteValue`` against
+  ``torch.nn.utils.clip_grad_value_(foreach=True)`` on 24 x ``nn.Linear(2048,
+  2048)`` and on 1000 x ``nn.Linear(64, 64)``.
+* ``strategies`` — each strategy beyond DL4J against ``clip_grad_norm_`` on the
+  same gradients.
+
+Extra memory is measured as the peak of bytes allocated during one call
+(CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import gradclip
+
+__all__ = ["Row", "add_arguments", "run", "run_benchmarks"]
+
+Method = Callable[[], object]
+
+
+@dataclass
+class Row:
+    """One timed method of one scenario."""
+
+    scenario: str
+    method: str
+    median_ms: float
+    ratio: float | None  # to the scenario's reference method
+    reference: str
+    target: float | None  # the ratio the project promises, if any
+    extra_bytes: int | None = None
+
+    @property
+    def meets_target(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio <= self.target
+
+
+# -- gradients of fixed shapes --------------------------------------------------------
+
+
+def _with_grads(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 3.0
+    return model
+
+
+def _linear_stack(count: int, width: int, device: torch.device) -> nn.Module:
+    with torch.device("meta"):
+        shapes = nn.Sequential(*[nn.Linear(width, width) for _ in range(count)])
+    model = shapes.to_empty(device=device)
+    return _with_grads(model)
+
+
+class _GPT2Shapes(nn.Module):
+    """Parameters with the shapes (and module names) of GPT-2 small; no forward."""
+
+    def __init__(self, blocks: int = 12, width: int = 768, vocab: int = 50257) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(1024, width)
+        self.h = nn.ModuleList()
+        for _ in range(blocks):
+            block = nn.Module()
+            block.ln_1 = nn.LayerNorm(width)
+            block.c_attn = nn.Linear(width, 3 * width)
+            block.attn_proj = nn.Linear(width, width)
+            block.ln_2 = nn.LayerNorm(width)
+            block.c_fc = nn.Linear(width, 4 * width)
+            block.mlp_proj = nn.Linear(4 * width, width)
+            self.h.append(block)
+        self.ln_f = nn.LayerNorm(width)
+
+
+def _gpt2(device: torch.device, blocks: int) -> nn.Module:
+    with torch.device("meta"):
+        shapes = _GPT2Shapes(blocks=blocks)
+    return _with_grads(shapes.to_empty(device=device))
+
+
+# -- timing -----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(methods: Mapping[str, Method], device: torch.device, reps: int) -> dict[str, float]:
+    """Median milliseconds of each method, interleaved repetition by repetition."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for method in methods.values():  # warm-up: plans, caches, allocator
+        method()
+        method()
+    _sync(device)
+    for _ in range(reps):
+        for name, method in methods.items():
+            start = time.perf_counter()
+            method()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_extra_bytes(method: Method, device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``method`` beyond what was live before."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        method()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        method()
+    live = peak = 0
+    events = sorted(
+        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+    )
+    for event in events:
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return int(peak)
+
+
+# -- scenarios --------------------------------------------------------------------------
+
+
+def _floor(grads: list[torch.Tensor], device: torch.device) -> Method:
+    one = torch.ones((), device=device)
+
+    def floor() -> None:
+        torch._foreach_norm(grads)
+        torch._foreach_mul_(grads, one)
+
+    return floor
+
+
+def _params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())
+
+
+def _scenario(
+    name: str,
+    methods: Mapping[str, Method],
+    reference: str,
+    targets: dict[str, float],
+    device: torch.device,
+    reps: int,
+    measure_memory: set[str],
+) -> list[Row]:
+    medians = _time(methods, device, reps)
+    rows = []
+    for method, ms in medians.items():
+        extra = peak_extra_bytes(methods[method], device) if method in measure_memory else None
+        ratio = None if method == reference else ms / medians[reference]
+        rows.append(Row(name, method, ms, ratio, reference, targets.get(method), extra))
+    return rows
+
+
+def _gpt2_rows(device: torch.device, reps: int, blocks: int) -> list[Row]:
+    model = _gpt2(device, blocks)
+    params = _params(model)
+    grads = [p.grad for p in params if p.grad is not None]
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
+    methods = {
+        "floor: _foreach_norm + _foreach_mul_": _floor(grads, device),
+        "gradclip ClipL2PerLayer": normalizer.apply,
+        "torch clip_grad_norm_ (global)": lambda: nn.utils.clip_grad_norm_(
+            params, 1.0, foreach=True
+        ),
+    }
+    return _scenario(
+        "gpt2",
+        methods,
+        "floor: _foreach_norm + _foreach_mul_",
+        {"gradclip ClipL2PerLayer": 1.10},
+        device,
+        reps,
+        {"gradclip ClipL2PerLayer"},
+    )
+
+
+def _linear1000_rows(device: torch.device, reps: int) -> list[Row]:
+    model = _linear_stack(1000, 64, device)
+    params = _params(model)
+    modules = list(model.children())
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
+
+    def per_module_loop() -> None:
+        for module in modules:
+            nn.utils.clip_grad_norm_(module.parameters(), 1.0, foreach=True)
+
+    methods = {
+        "torch clip_grad_norm_ (global)": lambda: nn.utils.clip_grad_norm_(
+            params, 1.0, foreach=True
+        ),
+        "gradclip ClipL2PerLayer": normalizer.apply,
+        "gradclip normalize_ ClipL2PerLayer": lambda: gradclip.normalize_(
+            model, "ClipL2PerLayer", 1.0
+        ),
+        "torch clip_grad_norm_ per module (loop)": per_module_loop,
+    }
+    return _scenario(
+        "linear1000",
+        methods,
+        "torch clip_grad_norm_ (global)",
+        {"gradclip ClipL2PerLayer": 0.8},
+        device,
+        reps,
+        {"gradclip ClipL2PerLayer"},
+    )
+
+
+def _value_rows(
+    name: str, model: nn.Module, target: float, device: torch.device, reps: int
+) -> list[Row]:
+    params = _params(model)
+    normalizer = gradclip.GradientNormalizer(model, "ClipElementWiseAbsoluteValue", 1.0)
+    methods = {
+        "torch clip_grad_value_": lambda: nn.utils.clip_grad_value_(params, 1.0, foreach=True),
+        "gradclip ClipElementWiseAbsoluteValue": normalizer.apply,
+    }
+    return _scenario(
+        name,
+        methods,
+        "torch clip_grad_value_",
+        {"gradclip ClipElementWiseAbsoluteValue": target},
+        device,
+        reps,
+        {"gradclip ClipElementWiseAbsoluteValue"},
+    )
+
+
+def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
+    factories = getattr(gradclip, "STRATEGY_FACTORIES", {})
+    model = _linear_stack(24, 1024, device)
+    params = _params(model)
+    methods: dict[str, Method] = {
+        "torch clip_grad_norm_ (global)": lambda: nn.utils.clip_grad_norm_(
+            params, 1.0, foreach=True
+        ),
+        "gradclip ClipL2PerLayer": gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply,
+    }
+    for factory in factories.values():
+        strategy = factory()
+        methods[f"gradclip {strategy.describe()}"] = gradclip.GradientNormalizer(
+            model, strategy
+        ).apply
+    return _scenario(
+        "strategies",
+        methods,
+        "torch clip_grad_norm_ (global)",
+        {},
+        device,
+        reps,
+        set(),
+    )
+
+
+SCENARIOS = ("gpt2", "linear1000", "value_large", "value_small", "strategies")
+
+
+def run_benchmarks(
+    scenarios: tuple[str, ...] = SCENARIOS,
+    *,
+    device: torch.device | None = None,
+    reps: int = 20,
+    gpt2_blocks: int = 12,
+) -> Iterator[Row]:
+    """Yield the rows of the chosen scenarios (see the module docstring)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for scenario in scenarios:
+        if scenario == "gpt2":
+            yield from _gpt2_rows(device, reps, gpt2_blocks)
+        elif scenario == "linear1000":
+            yield from _linear1000_rows(device, reps * 5)
+        elif scenario == "value_large":
+            yield from _value_rows(
+                "value_large", _linear_stack(24, 2048, device), 0.55, device, reps
+            )
+        elif scenario == "value_small":
+            yield from _value_rows(
+                "value_small", _linear_stack(1000, 64, device), 1.0, device, reps * 5
+            )
+        elif scenario == "strategies":
+            yield from _strategy_rows(device, reps)
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
+
+
+def format_table(rows: list[Row]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| scenario | method | median ms | ratio | vs | target | peak extra bytes |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
+    for row in rows:
+        ratio = "1 (ref)" if row.ratio is None else f"{row.ratio:.2f}x"
+        target = (
+            ""
+            if row.target is None
+            else f"<= {row.target:.2f}x " + ("ok" if row.meets_target else "MISSED")
+        )
+        extra = "" if row.extra_bytes is None else f"{row.extra_bytes:,}"
+        vs = "" if row.ratio is None else row.reference
+        lines.append(
+            f"| {row.scenario} | {row.method} | {row.median_ms:.3f} | {ratio} | {vs} | {target} "
+            f"| {extra} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m gradclip bench``."""
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable); default: all",
+    )
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few repetitions and 2 GPT-2 blocks instead of 12: checks the bench runs, "
+        "its figures are not the ones to quote",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="also time apply() on 2 gloo ranks against clip_grad_norm_ (FSDP2 shards)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the table; returns 0."""
+    device = torch.device(args.device) if args.device else None
+    reps = 3 if args.quick else args.reps
+    scenarios = tuple(args.scenario) if args.scenario else SCENARIOS
+    threads = torch.get_num_threads()
+    print(f"gradclip {gradclip.__version__}, torch {torch.__version__}, {threads} threads")
+    rows = []
+    for row in run_benchmarks(
+        scenarios, device=device, reps=reps, gpt2_blocks=2 if args.quick else 12
+    ):
+        rows.append(row)
+        print(f"  {row.scenario:<12} {row.method:<45} {row.median_ms:9.3f} ms", flush=True)
+    print()
+    print(format_table(rows))
+    if args.distributed:
+        from gradclip.bench_distributed import run_distributed_bench
+
+        print()
+        print("distributed: FSDP2 on 2 gloo CPU ranks, 32 x Linear(256, 256), medians of rank 0")
+        dist_rows = run_distributed_bench(repeats=5 if args.quick else 30)
+        print("| method | median ms | collectives per call | ratio vs clip_grad_norm_ |")
+        print("|---|---:|---:|---:|")
+        for r in dist_rows:
+            print(
+                f"| {r['method']} | {r['median_ms']:.3f} | {r['collectives']} "
+                f"| {r['ratio_vs_clip_grad_norm_']:.2f}x |"
+            )
+    return 0
