@@ -37,7 +37,9 @@ class Recording(Strategy):
     def config(self) -> dict[str, Any]:
         return {}
 
-    def init_state(self, num_layers: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    def init_state(
+        self, num_layers: int, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
         return {
             "calls": torch.zeros((), dtype=torch.int64, device=device),
             "max_norm": torch.zeros(num_layers, dtype=dtype, device=device),

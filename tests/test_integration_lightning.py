@@ -1,4 +1,4 @@
-"""The Lightning callback: normalizes unscaled gradients right before the step, logs per-layer norms."""
+"""The Lightning callback: normalizes unscaled gradients right before the step, logs norms."""
 
 from __future__ import annotations
 
@@ -78,7 +78,9 @@ def _precision(precision: str) -> dict[str, object]:
     return {"precision": precision}
 
 
-def _fit(precision: str, module: Tiny, steps: int = 4, extra: tuple[object, ...] = (), **kw: object):
+def _fit(
+    precision: str, module: Tiny, steps: int = 4, extra: tuple[object, ...] = (), **kw: object
+):
     snapshot = SnapshotGrads()
     callback = GradientNormalizationCallback(MODE, threshold=THRESHOLD, **kw)  # type: ignore[arg-type]
     trainer = pl.Trainer(
@@ -134,13 +136,15 @@ def test_gradients_at_step_equal_normalize(precision: str) -> None:
 def test_logs_per_layer_norms() -> None:
     torch.manual_seed(0)
     module = Tiny()
-    trainer, snapshot, callback = _fit("32-true", module, steps=2)
+    trainer, snapshot, _callback = _fit("32-true", module, steps=2)
     metrics = trainer.callback_metrics
     assert {"grad_norm/body.0", "grad_norm/body.2", "grad_norm/head"} <= set(metrics)
     # The logged value is the last step's norm measured before normalization.
     last = snapshot.before[-1]
     names = [n for n, _ in module.named_parameters()]
-    head_sq = sum(float(g.double().pow(2).sum()) for n, g in zip(names, last) if n.startswith("head"))
+    head_sq = sum(
+        float(g.double().pow(2).sum()) for n, g in zip(names, last) if n.startswith("head")
+    )
     assert float(metrics["grad_norm/head"]) == pytest.approx(head_sq**0.5, rel=1e-5)
 
 

@@ -90,7 +90,7 @@ def _train(tmp_path, steps: int = 3, max_grad_norm: float = 0.0, **kw: object): 
 
 
 def test_gradients_at_step_equal_normalize(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    trainer, model, optimizer, snapshot, callback = _train(tmp_path)
+    _trainer, model, optimizer, snapshot, callback = _train(tmp_path)
     assert len(optimizer.seen) == 3 and len(snapshot.before) == 3
     clipped_any = False
     for before, at_step in zip(snapshot.before, optimizer.seen):
@@ -109,7 +109,7 @@ def test_gradients_at_step_equal_normalize(tmp_path) -> None:  # type: ignore[no
 
 
 def test_norms_in_log_history(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    trainer, model, _, snapshot, callback = _train(tmp_path, steps=2)
+    trainer, model, _, snapshot, _callback = _train(tmp_path, steps=2)
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(train_logs) == 2
     for entry, before in zip(train_logs, snapshot.before):
@@ -128,7 +128,7 @@ def test_warns_when_trainer_clips_too(tmp_path) -> None:  # type: ignore[no-unty
 
 
 def test_bf16_autocast(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    trainer, model, optimizer, snapshot, _ = _train(tmp_path, steps=2, bf16=True)
+    _trainer, model, optimizer, snapshot, _ = _train(tmp_path, steps=2, bf16=True)
     assert len(optimizer.seen) == 2
     for before, at_step in zip(snapshot.before, optimizer.seen):
         twin = copy.deepcopy(model)

@@ -16,6 +16,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "demo": ("gradclip.demo", "train a tanh RNN on the adding problem three ways"),
     "bench": ("gradclip.bench", "time gradclip against torch's own clip functions"),
+    "check": ("gradclip.check", "print the layer table a configuration file applies to a model"),
 }
 
 

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from gradclip.engine import Engine
 from gradclip.layers import Layer, Target, build_layers, match_overrides
 from gradclip.modes import GradientNormalization, resolve_strategy
+from gradclip.nonfinite import SkipHandle, check_nonfinite
 from gradclip.report import NormReport
 from gradclip.strategy import Strategy
 
@@ -86,6 +87,10 @@ class GradientNormalizer:
         measure_all: also measure norms of layers whose mode does not need them
             (``None``, element-wise clipping), at the cost of one read of those
             gradients.
+        nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
+            what a step does with layers whose norm is inf or NaN; see
+            :mod:`gradclip.nonfinite` for the cost of each (``"error"`` and
+            ``"skip"`` read one bool per layer to the host every step).
 
     Example:
         >>> normalizer = gradclip.GradientNormalizer(
@@ -107,7 +112,9 @@ class GradientNormalizer:
         overrides: Mapping[str, Any] | None = None,
         *,
         measure_all: bool = False,
+        nonfinite: str = "propagate",
     ) -> None:
+        self.nonfinite = check_nonfinite(nonfinite)
         self.default = resolve_strategy(mode, threshold)
         self.threshold = (
             float(threshold) if not isinstance(mode, Strategy) else self.default.threshold
@@ -131,7 +138,7 @@ class GradientNormalizer:
         }
         chosen = match_overrides(names, self.overrides)
         strategies = [resolved[chosen[n]] if n in chosen else self.default for n in names]
-        return Engine(layers, strategies, measure_all=self.measure_all)
+        return Engine(layers, strategies, measure_all=self.measure_all, nonfinite=self.nonfinite)
 
     def _refresh_if_changed(self) -> None:
         if self._model is not None and self._version != _structure_version:
@@ -146,6 +153,13 @@ class GradientNormalizer:
             if not same:
                 self._engine = self._build()
             self._version = _structure_version
+
+    @classmethod
+    def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
+        """From a dict or a JSON/YAML/TOML file: :func:`gradclip.config.normalizer_from_config`."""
+        from gradclip.config import normalizer_from_config
+
+        return normalizer_from_config(model, config)
 
     # -- applying ---------------------------------------------------------------
     def apply(self) -> NormReport:
@@ -190,11 +204,48 @@ class GradientNormalizer:
                 f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
                 "before the update"
             )
+        if self.nonfinite == "skip":
+            # wraps optimizer.step: a step with a non-finite layer is not taken
+            return SkipHandle(optimizer, lambda: not self.apply_skipping())
 
         def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
             self.apply()
 
         return optimizer.register_step_pre_hook(hook)
+
+    def apply_skipping(self) -> bool:
+        """:meth:`apply`, then whether the step must be skipped (``nonfinite="skip"``).
+
+        True when a layer's norm was not finite; the gradients and the rules'
+        state were then left untouched and the non-finite layers are in
+        ``last_report.nonfinite_layers()``.
+        """
+        self.apply()
+        return bool(self._engine.last_nonfinite)
+
+    # -- resume ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The adaptive rules' state (CPU tensors and ints) and what identifies the model.
+
+        Save it with the model and optimizer; :meth:`load_state_dict` on a fresh
+        normalizer of the same model and configuration continues bit for bit.
+        """
+        from gradclip.resume import normalizer_state_dict
+
+        self._refresh_if_changed()
+        return normalizer_state_dict(self._engine)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; it takes effect at the next step.
+
+        Raises:
+            ValueError: the state dict was saved for a different model (layers,
+                parameter names or shapes) or different rules; nothing is changed.
+        """
+        from gradclip.resume import load_normalizer_state
+
+        self._refresh_if_changed()
+        load_normalizer_state(self._engine, state_dict)
 
     # -- inspection ---------------------------------------------------------------
     @property
@@ -241,7 +292,9 @@ _cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Any, GradientNormalizer
 )
 
 
-def normalize_(target: Target, mode: Mode, threshold: float = 1.0) -> NormReport:
+def normalize_(
+    target: Target, mode: Mode, threshold: float = 1.0, *, nonfinite: str = "propagate"
+) -> NormReport:
     """Normalize the gradients of ``target`` in place with one DL4J mode (or strategy).
 
     The one-call form of :class:`GradientNormalizer`, in the style of
@@ -255,6 +308,9 @@ def normalize_(target: Target, mode: Mode, threshold: float = 1.0) -> NormReport
         mode: a :class:`GradientNormalization`, a DL4J name such as
             ``"ClipL2PerLayer"``, ``None``, or a :class:`~gradclip.Strategy`.
         threshold: a finite number > 0; ignored by the renormalize modes.
+        nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, see
+            :mod:`gradclip.nonfinite` (``"skip"`` needs an optimizer: use
+            ``GradientNormalizer(..., nonfinite="skip").attach(optimizer)``).
 
     Returns:
         The :class:`~gradclip.NormReport` of norms measured before normalization.
@@ -267,14 +323,19 @@ def normalize_(target: Target, mode: Mode, threshold: float = 1.0) -> NormReport
     References:
         Deeplearning4j, ``GradientNormalization``; Pascanu et al., ICML 2013.
     """
+    if check_nonfinite(nonfinite) == "skip":
+        raise ValueError(
+            "nonfinite='skip' skips an optimizer step, so it needs an optimizer: use "
+            "GradientNormalizer(model, mode, nonfinite='skip').attach(optimizer)"
+        )
     strategy = resolve_strategy(mode, threshold)
     if not isinstance(target, nn.Module):
-        return GradientNormalizer(target, strategy).apply()
-    key: Any = strategy if strategy.batchable else id(strategy)
+        return GradientNormalizer(target, strategy, nonfinite=nonfinite).apply()
+    key: Any = (strategy if strategy.batchable else id(strategy), nonfinite)
     per_module = _cache.setdefault(target, OrderedDict())
     normalizer = per_module.get(key)
     if normalizer is None:
-        normalizer = GradientNormalizer(target, strategy)
+        normalizer = GradientNormalizer(target, strategy, nonfinite=nonfinite)
         per_module[key] = normalizer
         if len(per_module) > _CACHE_PER_MODULE:
             per_module.popitem(last=False)

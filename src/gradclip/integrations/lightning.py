@@ -37,8 +37,8 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - the standalone package
     try:
-        from pytorch_lightning import LightningModule, Trainer  # type: ignore[no-redef]
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning import LightningModule, Trainer  # type: ignore[assignment]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]
     except ImportError as error:
         raise ImportError(
             "gradclip.integrations.lightning needs Lightning: pip install 'gradclip[lightning]'"
