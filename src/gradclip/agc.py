@@ -73,9 +73,9 @@ class _RunLayout:
 
 
 def _layout(view: GroupView) -> list[_RunLayout]:
-    cache = view.state.get("_agc_layout")
-    if cache is not None and cache[0] is view.param_names:
-        layouts: list[_RunLayout] = cache[1]
+    cached = view.cache.get("agc_layout")
+    if cached is not None:
+        layouts: list[_RunLayout] = cached
         return layouts
     layouts = []
     for start, stop in device_dtype_runs(view):
@@ -123,7 +123,7 @@ def _layout(view: GroupView) -> list[_RunLayout]:
             output_size=sum(counts),
         )
         layouts.append(_RunLayout(start, chunks, large, order, coefficients, views, unit_layer))
-    view.state["_agc_layout"] = (view.param_names, layouts)
+    view.cache["agc_layout"] = layouts
     return layouts
 
 
@@ -214,8 +214,8 @@ class AdaptiveGradClip(Strategy):
             layout.coefficients.copy_(coef)
             torch._foreach_mul_([grads[i] for i in layout.order], layout.views)
             changed.index_add_(0, layout.unit_layer, (coef != 1).to(torch.int32).to(view.device))
-        view.state["_changed"] = changed > 0
+        view.cache["changed"] = changed > 0
 
     def layer_changed(self, view: GroupView) -> torch.Tensor | None:
-        flags = view.state.pop("_changed", None)
+        flags = view.cache.pop("changed", None)
         return flags if isinstance(flags, torch.Tensor) else None

@@ -99,27 +99,25 @@ class Chain(StatefulStrategy):
 
     # -- applying -------------------------------------------------------------------
     def _buffers(self, view: GroupView) -> list[_Buffer]:
-        cache = view.state.get("_buffers")
-        if cache is not None and cache[0] is view.param_names:
-            buffers: list[_Buffer] = cache[1]
+        cached = view.cache.get("buffers")
+        if cached is not None:
+            buffers: list[_Buffer] = cached
             return buffers
         buffers = []
         for start, stop in device_dtype_runs(view):
             buf = torch.ones(stop - start, dtype=view.dtype, device=view.grads[start].device)
             buffers.append((start, stop, buf, buf.unbind(0)))
-        view.state["_buffers"] = (view.param_names, buffers)
+        view.cache["buffers"] = buffers
         return buffers
 
     def _thresholds(self, view: GroupView, k: int) -> tuple[torch.Tensor, list[float]]:
-        key = f"_thresholds{k}"
-        cache = view.state.get(key)
-        if cache is not None and cache[0] is view.param_names:
-            return cache[1], cache[2]  # type: ignore[no-any-return]
-        t = float(self.strategies[k].threshold)
-        layer = torch.full((len(view.layer_names),), t, dtype=view.dtype, device=view.device)
-        host = [t] * len(view.grads)
-        view.state[key] = (view.param_names, layer, host)
-        return layer, host
+        key = f"thresholds{k}"
+        cached = view.cache.get(key)
+        if cached is None:
+            t = float(self.strategies[k].threshold)
+            layer = torch.full((len(view.layer_names),), t, dtype=view.dtype, device=view.device)
+            cached = view.cache[key] = (layer, [t] * len(view.grads))
+        return cached  # type: ignore[no-any-return]
 
     def transform_(self, view: GroupView) -> None:
         state = self.ready(view)
@@ -148,6 +146,7 @@ class Chain(StatefulStrategy):
                 device=view.device,
                 dtype=view.dtype,
                 state=child_state,
+                cache=view.cache.setdefault(f"child{k}", {}),
             )
             if strategy.scales:
                 coef = strategy.scale(sub)
@@ -164,10 +163,10 @@ class Chain(StatefulStrategy):
                     changed |= flags_or_none
             for key, value in sub.stats.items():
                 view.stats[key if key not in view.stats else f"{k}.{key}"] = value
-        view.state["_changed"] = changed
+        view.cache["changed"] = changed
 
     def layer_changed(self, view: GroupView) -> torch.Tensor | None:
-        flags = view.state.pop("_changed", None)
+        flags = view.cache.pop("changed", None)
         return flags if isinstance(flags, torch.Tensor) and self.reports_changes else None
 
 

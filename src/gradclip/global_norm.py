@@ -36,12 +36,12 @@ def device_dtype_runs(view: GroupView) -> list[tuple[int, int]]:
     """``[(start, stop), ...]``: maximal runs of ``view.grads`` sharing (device, dtype).
 
     The engine orders a step's tensors by device and dtype, so the runs are few.
-    They depend on the layout only, so they are cached in ``view.state`` for as
-    long as the engine's plan (whose ``param_names`` list identifies it) lives.
+    They depend on the layout only, so they are kept in ``view.cache`` (which
+    lives as long as the engine's plan).
     """
-    cache = view.state.get("_runs")
-    if cache is not None and cache[0] is view.param_names:
-        runs: list[tuple[int, int]] = cache[1]
+    cached = view.cache.get("runs")
+    if cached is not None:
+        runs: list[tuple[int, int]] = cached
         return runs
     runs = []
     start = 0
@@ -53,7 +53,7 @@ def device_dtype_runs(view: GroupView) -> list[tuple[int, int]]:
             stop += 1
         runs.append((start, stop))
         start = stop
-    view.state["_runs"] = (view.param_names, runs)
+    view.cache["runs"] = runs
     return runs
 
 
