@@ -28,6 +28,7 @@ import torch
 
 from gradclip.kernels import foreach_l2_norms
 from gradclip.layers import Layer
+from gradclip.nonfinite import check_nonfinite, raise_nonfinite, read_nonfinite, zero_nonfinite_
 from gradclip.report import NormReport
 from gradclip.strategy import GroupView, Strategy
 from gradclip.validation import check_gradient
@@ -254,16 +255,27 @@ class Engine:
         measure_all: also measure the norms of layers whose strategy needs none
             (``None`` and element-wise clipping), for telemetry; costs one read of
             their gradients.
+        nonfinite: what to do with layers whose norm is inf or NaN, see
+            :func:`gradclip.nonfinite.check_nonfinite`; any policy but
+            ``"propagate"`` measures every layer (as ``measure_all``).
     """
 
     def __init__(
-        self, layers: Sequence[Layer], strategies: Sequence[Strategy], *, measure_all: bool = False
+        self,
+        layers: Sequence[Layer],
+        strategies: Sequence[Strategy],
+        *,
+        measure_all: bool = False,
+        nonfinite: str = "propagate",
     ) -> None:
         if len(layers) != len(strategies):
             raise ValueError("one strategy per layer is required")
         self.layers = list(layers)
         self.strategies = list(strategies)
-        self.measure_all = measure_all
+        self.nonfinite = check_nonfinite(nonfinite)
+        self.measure_all = measure_all or self.nonfinite != "propagate"
+        # set by the "error" and "skip" policies: the non-finite layers of the last step
+        self.last_nonfinite: list[str] = []
         self.params = [p for layer in self.layers for p in layer.params]
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
@@ -310,6 +322,17 @@ class Engine:
         if not grads:
             return NormReport.empty(plan)
         tensor_norms, layer_norms = self.measure(plan, grads)
+        reported = (tensor_norms, layer_norms)
+        dropped: torch.Tensor | None = None
+        if self.nonfinite in ("error", "skip"):
+            self.last_nonfinite = read_nonfinite(plan, layer_norms)  # the one host read
+            if self.last_nonfinite and self.nonfinite == "error":
+                raise_nonfinite(self.last_nonfinite)
+            if self.last_nonfinite:  # "skip": leave every gradient and state as it is
+                unchanged = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
+                return NormReport(plan, tensor_norms, layer_norms, unchanged, [])
+        elif self.nonfinite == "zero":
+            tensor_norms, layer_norms, dropped = zero_nonfinite_(plan, grads, *reported)
         coefficients: torch.Tensor | None = None
         changed = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
@@ -336,7 +359,9 @@ class Engine:
                 stats.append((group.layer_names, dict(view.stats)))
         if coefficients is not None:
             multiply_(plan, grads, coefficients)
-        return NormReport(plan, tensor_norms, layer_norms, changed, stats)
+        if dropped is not None:
+            changed |= dropped
+        return NormReport(plan, *reported, changed, stats)
 
     @staticmethod
     def measure(plan: Plan, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

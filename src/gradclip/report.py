@@ -164,6 +164,20 @@ class NormReport:
         """Names of the layers whose gradients were changed (reads the device once)."""
         return [name for name, c in self.to_dict()["changed"].items() if c]
 
+    def nonfinite_layers(self) -> list[str]:
+        """Names of the measured layers whose norm was inf or NaN (reads the device once).
+
+        With ``nonfinite="zero"``, ``"error"`` or ``"skip"`` every layer is
+        measured; with ``"propagate"`` only the layers whose rule reads norms.
+        """
+        plan = self._plan
+        values = self.layer_norm_vector.tolist()
+        return [
+            name
+            for name, value, measured in zip(plan.layer_names, values, plan.layer_measured)
+            if measured and not math.isfinite(value)
+        ]
+
     def table(self) -> str:
         """A readable table: one row per layer, its norm and whether it was changed."""
         data = self.to_dict()
