@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradclip.distributed import Sharding, sharding_of
 from gradclip.kernels import foreach_l2_norms
 from gradclip.layers import Layer
 from gradclip.nonfinite import check_nonfinite, raise_nonfinite, read_nonfinite, zero_nonfinite_
@@ -98,6 +99,7 @@ class Plan:
         params: Sequence[torch.Tensor],
         measure_all: bool,
         states: dict[object, dict[str, object]],
+        grads: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         flat_layer: list[int] = []
         names: list[str] = []
@@ -158,6 +160,15 @@ class Plan:
         self.buckets = self._make_buckets(order, signature, categories)
         self.params = [params[i] for i in order]
         self.groups = self._make_groups(strategies, states)
+        # DTensor gradients (FSDP2): local pieces, norms reduced once per step.
+        self.sharding: Sharding | None = None
+        if grads is not None:
+            self.sharding = sharding_of(
+                self.names,
+                [grads[i] for i in order],
+                self.device,
+                self.acc_dtype,
+            )
 
     def _make_buckets(
         self, order: list[int], signature: _Signature, categories: list[int]
@@ -300,7 +311,9 @@ class Engine:
                     check_gradient(name, g)
         return grads, signature
 
-    def plan(self, signature: _Signature) -> Plan:
+    def plan(
+        self, signature: _Signature, grads: Sequence[torch.Tensor | None] | None = None
+    ) -> Plan:
         """The cached plan for this signature, rebuilt if the gradients' layout changed."""
         if self._plan is None or signature != self._signature:
             self._plan = Plan(
@@ -310,6 +323,7 @@ class Engine:
                 params=self.params,
                 measure_all=self.measure_all,
                 states=self.states,
+                grads=grads,
             )
             self._signature = signature
         return self._plan
@@ -317,8 +331,10 @@ class Engine:
     def step(self) -> NormReport:
         """Normalize the current gradients in place and report what was measured."""
         grads_by_param, signature = self.gather()
-        plan = self.plan(signature)
+        plan = self.plan(signature, grads_by_param)
         grads: list[torch.Tensor] = [grads_by_param[i] for i in plan.order]  # type: ignore[misc]
+        if plan.sharding is not None:
+            grads = plan.sharding.local(grads)
         if not grads:
             return NormReport.empty(plan)
         tensor_norms, layer_norms = self.measure(plan, grads)
@@ -382,6 +398,8 @@ class Engine:
                     )
                 )
         tensor_norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if plan.sharding is not None and plan.any_measured:
+            tensor_norms = plan.sharding.reduce_norms(tensor_norms)  # the step's one collective
         if not plan.any_measured:
             layer_norms = torch.full(
                 (plan.num_layers,), float("nan"), dtype=acc, device=plan.device
@@ -420,7 +438,7 @@ def _view(
         layer_names=group.layer_names,
         param_names=group.param_names,
         grads=group_grads,
-        params=group.params,
+        params=group.params if plan.sharding is None else plan.sharding.local(group.params),
         tensor_layer=group.tensor_layer,
         layer_thresholds=group.layer_thresholds,
         host_thresholds=group.host_thresholds,
