@@ -303,3 +303,14 @@ def test_compiled_and_ddp_style_wrappers_keep_names() -> None:
     model = mlp(2)
     wrapped = nn.DataParallel(model)
     assert [layer.name for layer in gradclip.build_layers(wrapped)] == ["0", "1"]
+
+
+def test_no_gradient_at_all_gives_an_empty_report() -> None:
+    model = mlp(2)
+    report = gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply()
+    assert report.layer_names == []
+    assert report.to_dict()["layer_norms"] == {}
+    model[1].weight.grad = torch.ones(8, 8)
+    report = gradclip.normalize_(model, "ClipL2PerLayer", 1.0)
+    assert report.layer_names == ["1"]
+    assert float(model[1].weight.grad.norm()) == pytest.approx(1.0)

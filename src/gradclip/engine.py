@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
 
 import torch
 
@@ -66,6 +68,7 @@ class _Group:
     layer_names: list[str]
     param_names: list[str]
     params: list[torch.Tensor]
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -121,6 +124,8 @@ class Plan:
 
         order = sorted((i for i, sig in enumerate(signature) if sig is not None), key=sort_key)
         self.order = order  # flat parameter index of each of the step's tensors
+        self._identity_order = order == list(range(len(signature)))
+        self._pick = itemgetter(*order) if len(order) > 1 else None
         self.names = [names[i] for i in order]
         self.num_tensors = len(order)
         self.num_layers = len(layers)
@@ -169,6 +174,14 @@ class Plan:
                 self.device,
                 self.acc_dtype,
             )
+
+    def select(self, grads_by_param: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The step's gradients in the plan's order (``grads_by_param`` indexed like the params)."""
+        if self._identity_order:
+            return grads_by_param  # type: ignore[return-value]
+        if self._pick is None:  # zero or one gradient
+            return [grads_by_param[i] for i in self.order]  # type: ignore[misc]
+        return list(self._pick(grads_by_param))
 
     def _make_buckets(
         self, order: list[int], signature: _Signature, categories: list[int]
@@ -332,7 +345,7 @@ class Engine:
         """Normalize the current gradients in place and report what was measured."""
         grads_by_param, signature = self.gather()
         plan = self.plan(signature, grads_by_param)
-        grads: list[torch.Tensor] = [grads_by_param[i] for i in plan.order]  # type: ignore[misc]
+        grads = plan.select(grads_by_param)
         if plan.sharding is not None:
             grads = plan.sharding.local(grads)
         if not grads:
@@ -447,6 +460,7 @@ def _view(
         device=plan.device,
         dtype=plan.acc_dtype,
         state=group.state,
+        cache=group.cache,
     )
 
 
