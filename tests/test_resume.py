@@ -1,0 +1,196 @@
+"""Exact resume: save the normalizer's state, load it in a fresh process, continue bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradclip
+
+# Runs training steps [start, stop) and records the normalized gradients of each step.
+# Executed in fresh interpreters (python -c) and, for the uninterrupted run, in this one.
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch import nn
+    import gradclip
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        normalizer = gradclip.GradientNormalizer(
+            model,
+            gradclip.ZClip(warmup_steps=3, scope="layer"),
+            overrides={
+                "0": gradclip.chain(gradclip.AdaptiveGradClip(0.05), gradclip.AutoClip(20.0)),
+                "4": gradclip.AutoClip(30.0, history_size=4),
+            },
+        )
+        return model, optimizer, normalizer
+
+    def run(start, stop, load=None, save=None):
+        model, optimizer, normalizer = build()
+        if load is not None:
+            saved = torch.load(load)  # weights_only=True: plain containers and tensors
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            normalizer.load_state_dict(saved["normalizer"])
+        grads = []
+        for step in range(start, stop):
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(16, 4, generator=gen)
+            y = torch.randn(16, 2, generator=gen)
+            spike = 40.0 if step % 5 == 4 else 1.0
+            optimizer.zero_grad()
+            (spike * (model(x) - y).pow(2).mean()).backward()
+            normalizer.apply()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+        if save is not None:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "normalizer": normalizer.state_dict(),
+                },
+                save,
+            )
+        return grads
+
+    if __name__ == "__main__":
+        start, stop, load, save, out = sys.argv[1:6]
+        grads = run(int(start), int(stop), load or None, save or None)
+        torch.save(grads, out)
+    """
+)
+
+
+def _in_fresh_process(tmp: Path, *args: object) -> None:
+    subprocess.run(
+        [sys.executable, "-c", WORKER, *map(str, args)], check=True, cwd=tmp, timeout=300
+    )
+
+
+@pytest.mark.parametrize("split", [2, 9])  # during the warm-up, and after it
+def test_resume_in_fresh_process_is_bit_identical(tmp_path: Path, split: int) -> None:
+    total = 16
+    namespace: dict[str, object] = {"__name__": "worker"}
+    exec(WORKER, namespace)
+    uninterrupted = namespace["run"](0, total)  # type: ignore[operator]
+
+    checkpoint, first, second = tmp_path / "ckpt.pt", tmp_path / "a.pt", tmp_path / "b.pt"
+    _in_fresh_process(tmp_path, 0, split, "", checkpoint, first)
+    _in_fresh_process(tmp_path, split, total, checkpoint, "", second)
+    resumed = torch.load(first) + torch.load(second)
+
+    assert len(resumed) == len(uninterrupted) == total
+    for step, (a, b) in enumerate(zip(resumed, uninterrupted)):
+        for ga, gb in zip(a, b):
+            assert torch.equal(ga, gb), f"step {step} differs"
+    # and the rules did act: some step was clipped
+    raw_namespace: dict[str, object] = {"__name__": "worker"}
+    exec(WORKER.replace("normalizer.apply()", "pass"), raw_namespace)
+    raw = raw_namespace["run"](0, 3)  # type: ignore[operator]
+    assert not all(torch.equal(x, y) for x, y in zip(raw[2], uninterrupted[2]))
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+
+
+def _step(model: nn.Module, normalizer: gradclip.GradientNormalizer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * (1 + seed)
+    normalizer.apply()
+
+
+def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -> None:
+    model = _model()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.AutoClip(scope="layer"))
+    for seed in range(3):
+        _step(model, normalizer, seed)
+    torch.save(normalizer.state_dict(), tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert loaded["layers"] == ["0", "1"]
+    (group,) = loaded["groups"]
+    assert group["state"]["scalars"]["step"] == 3
+    assert group["state"]["tensors"]["history"].shape == (2, 3)
+
+
+def test_state_dict_for_another_model_is_rejected() -> None:
+    model = _model()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip())
+    _step(model, normalizer, 0)
+    state = normalizer.state_dict()
+    wider = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"different model.*parameter 0 is '0.weight\(4, 3\)'"):
+        gradclip.GradientNormalizer(wider, gradclip.ZClip()).load_state_dict(state)
+    deeper = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="different model"):
+        gradclip.GradientNormalizer(deeper, gradclip.ZClip()).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"not a gradclip\.GradientNormalizer state dict"):
+        normalizer.load_state_dict({"layers": []})
+
+
+def test_state_dict_for_another_strategy_is_rejected() -> None:
+    model = _model()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip(alpha=0.9))
+    _step(model, normalizer, 0)
+    state = normalizer.state_dict()
+    other = gradclip.GradientNormalizer(_model(), gradclip.ZClip(alpha=0.8))
+    with pytest.raises(ValueError, match=r'rule 0 is "ZClip\(alpha=0.8'):
+        other.load_state_dict(state)
+    autoclip = gradclip.AutoClip()
+    with pytest.raises(ValueError, match="cannot be loaded into AutoClip"):
+        autoclip.load_state_dict(state["groups"][0]["state"])
+
+
+def test_strategy_level_state_dict_with_normalize_() -> None:
+    model_a, model_b = _model(), _model()
+    clip_a = gradclip.ZClip(warmup_steps=2)
+    gen = torch.Generator().manual_seed(1)
+    sequence = [
+        [torch.randn(p.shape, generator=gen) * (1 + 5 * (i == 4)) for p in model_a.parameters()]
+        for i in range(6)
+    ]
+
+    def step(model: nn.Module, clip: gradclip.Strategy, i: int) -> list[torch.Tensor]:
+        for p, g in zip(model.parameters(), sequence[i]):
+            p.grad = g.clone()
+        gradclip.normalize_(model, clip)
+        return [p.grad.clone() for p in model.parameters()]
+
+    for i in range(3):
+        step(model_a, clip_a, i)
+    saved = clip_a.state_dict()
+    clip_b = gradclip.ZClip(warmup_steps=2)
+    clip_b.load_state_dict(saved)
+    for i in range(3, 6):
+        assert all(
+            torch.equal(x, y) for x, y in zip(step(model_a, clip_a, i), step(model_b, clip_b, i))
+        )
+    with pytest.raises(RuntimeError, match="no state yet"):
+        gradclip.AutoClip().state_dict()
+
+
+def test_load_into_a_running_normalizer_rewinds_it() -> None:
+    model = _model()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.AutoClip(history_size=3))
+    _step(model, normalizer, 0)
+    state = normalizer.state_dict()
+    _step(model, normalizer, 1)
+    after_one = [p.grad.clone() for p in model.parameters()]
+    normalizer.load_state_dict(state)
+    _step(model, normalizer, 1)
+    assert all(torch.equal(a, p.grad) for a, p in zip(after_one, model.parameters()))
