@@ -314,3 +314,31 @@ def test_no_gradient_at_all_gives_an_empty_report() -> None:
     report = gradclip.normalize_(model, "ClipL2PerLayer", 1.0)
     assert report.layer_names == ["1"]
     assert float(model[1].weight.grad.norm()) == pytest.approx(1.0)
+
+
+def test_attach_refuses_gradients_still_scaled_for_a_fused_optimizer() -> None:
+    model = mlp(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    gradclip.GradientNormalizer(model, "ClipL2PerLayer").attach(optimizer)
+    grads = fill_grads(model)
+    optimizer.grad_scale = torch.tensor(1024.0)  # what GradScaler sets for fused optimizers
+    with pytest.raises(RuntimeError, match="unscale_"):
+        optimizer.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    del optimizer.grad_scale
+    optimizer.step()
+
+
+def test_parameters_swapped_behind_the_hooks_are_found() -> None:
+    model = mlp(2)
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
+    for name in ("weight", "bias"):  # as fully_shard does: straight into _parameters
+        old = model[0]._parameters[name]
+        model[0]._parameters[name] = nn.Parameter(old.detach().clone())
+    for p in model[0].parameters():
+        p.grad = torch.full_like(p, 10.0)
+    report = normalizer.apply()
+    assert report.layer_names == ["0"]
+    assert float(
+        torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm()
+    ) == pytest.approx(1.0)

@@ -140,8 +140,15 @@ class GradientNormalizer:
         strategies = [resolved[chosen[n]] if n in chosen else self.default for n in names]
         return Engine(layers, strategies, measure_all=self.measure_all, nonfinite=self.nonfinite)
 
-    def _refresh_if_changed(self) -> None:
-        if self._model is not None and self._version != _structure_version:
+    def _refresh_if_changed(self, force: bool = False) -> bool:
+        """Rebuild the layers if the model's structure changed; returns whether it did.
+
+        Registration hooks catch ``model.head = nn.Linear(...)``; code that swaps
+        parameters behind them (FSDP2's ``fully_shard`` writes ``_parameters``
+        directly) is caught by ``force``, which walks the model.
+        """
+        rebuilt = False
+        if self._model is not None and (force or self._version != _structure_version):
             layers = build_layers(self._model)
             old = self._engine.layers
             same = len(layers) == len(old) and all(
@@ -152,7 +159,9 @@ class GradientNormalizer:
             )
             if not same:
                 self._engine = self._build()
+                rebuilt = True
             self._version = _structure_version
+        return rebuilt
 
     @classmethod
     def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
@@ -178,6 +187,10 @@ class GradientNormalizer:
         """
         self._refresh_if_changed()
         report = self._engine.step()
+        # No gradient at all on a module's parameters: perhaps they were swapped
+        # behind our back (e.g. by fully_shard after this normalizer was built).
+        if report.tensor_norms.numel() == 0 and self._refresh_if_changed(force=True):
+            report = self._engine.step()
         self.last_report = report
         return report
 
@@ -208,7 +221,15 @@ class GradientNormalizer:
             # wraps optimizer.step: a step with a non-finite layer is not taken
             return SkipHandle(optimizer, lambda: not self.apply_skipping())
 
-        def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        def hook(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            if getattr(opt, "grad_scale", None) is not None:
+                # A fused optimizer stepped by GradScaler without unscale_: the
+                # gradients are still scaled, and normalizing them would be wrong.
+                raise RuntimeError(
+                    "the optimizer's gradients are still scaled by GradScaler (fused "
+                    "optimizer): call scaler.unscale_(optimizer) before scaler.step(optimizer) "
+                    "so that gradclip normalizes the true gradients"
+                )
             self.apply()
 
         return optimizer.register_step_pre_hook(hook)
