@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import types
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +128,9 @@ class SkipHandle(RemovableHandle):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, apply: Callable[[], bool]) -> None:
-        super().__init__({})
+        """Wrap ``optimizer.step``; ``apply()`` normalizes and says whether to step."""
+        self._hooks: OrderedDict[int, object] = OrderedDict()  # RemovableHandle needs one
+        super().__init__(self._hooks)
         self.active = True
         self.skipped_steps = 0
         self._optimizer = weakref.ref(optimizer)
