@@ -140,12 +140,11 @@ def peak_extra_bytes(method: Method, device: torch.device) -> int:
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
         method()
+    # Each op's own allocations (and frees) in time order; "self" so that an op's
+    # children are not counted twice.
     live = peak = 0
-    events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
-    )
-    for event in events:
-        live += event.cpu_memory_usage
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return int(peak)
 
