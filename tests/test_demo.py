@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HostReadCounter, OpCounter
 
 import gradclip
 from gradclip import demo
@@ -126,6 +127,25 @@ def test_norms_are_recorded_only_when_asked() -> None:
     rnn, head = g.layer_norms["rnn"][0], g.layer_norms["head"][0]
     assert rnn is not None and head is not None
     assert math.hypot(rnn, head) == pytest.approx(g.grad_norms[0], rel=1e-5)
+
+
+def test_training_reads_the_device_once_per_log_interval_not_per_step() -> None:
+    def reads(steps: int) -> tuple[dict[str, int], int]:
+        with HostReadCounter() as host, OpCounter() as ops:
+            demo.run_demo(steps, quick=True, log_every=25)
+        return dict(host.calls), ops.syncs
+
+    host_100, syncs_100 = reads(100)
+    host_200, syncs_200 = reads(200)
+    extra = {
+        k: host_200.get(k, 0) - host_100.get(k, 0)
+        for k in set(host_100) | set(host_200)
+        if host_200.get(k, 0) != host_100.get(k, 0)
+    }
+    # 100 more steps in each of the two clipped runs (the first run stops once it
+    # diverges): one tolist() per 25 steps, nothing per step.
+    assert extra == {"tolist": 2 * 100 // 25}
+    assert syncs_200 == syncs_100
 
 
 # -- strategies ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ steps) while the clipped runs learn.
 
 Example:
     >>> from gradclip.demo import run_demo
-    >>> results = run_demo(steps=300, quick=True, progress=False)
+    >>> results = run_demo(quick=True)              # what --quick runs, ~3 s
     >>> print(results.table())
     >>> results["none"].diverged_step, results["gradclip"].learned
 
@@ -128,7 +128,7 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A configuration for CI: a few seconds, same story (diverges / learns)."""
         values: dict[str, Any] = {
-            "steps": 1200,
+            "steps": 1500,
             "seq_len": 10,
             "hidden": 32,
             "batch": 32,
@@ -394,14 +394,15 @@ def _train(
     model = copy.deepcopy(initial)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     # The gradient norms are measured before clipping in every run. gradclip's run
-    # reads them from its own report; the two others use a normalizer in mode None,
-    # which only measures.
-    meter = GradientNormalizer(model, None, measure_all=True)
+    # reads them from its own report (measure_all: even for rules that need no norms);
+    # the two others use a normalizer in mode None, which only measures.
     normalizer: GradientNormalizer | None = None
     if key == "gradclip":
         assert strategy is not None
         normalizer = GradientNormalizer(model, strategy, measure_all=True)
         normalizer.attach(optimizer)
+    else:
+        meter = GradientNormalizer(model, None, measure_all=True)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses = torch.full((cfg.steps,), math.nan)
     norms = torch.full((cfg.steps,), math.nan)
@@ -503,7 +504,7 @@ def run_demo(
     """Train the adding-problem RNN three ways and return what happened.
 
     Args:
-        steps: SGD steps per run (default: 5000, or 1200 with ``quick``).
+        steps: SGD steps per run (default: 5000, or 1500 with ``quick``).
         seed: seeds the initial weights, the batches and the held-out set.
         quick: the small CI configuration (:meth:`DemoConfig.quick`).
         lr: SGD learning rate (default 0.1).
@@ -642,7 +643,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m gradclip demo``."""
     defaults = DemoConfig()
     parser.add_argument(
-        "--steps", type=int, default=None, help=f"SGD steps per run (default {defaults.steps})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"SGD steps per run (default {defaults.steps}, "
+        f"{DemoConfig.quick().steps} with --quick)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
