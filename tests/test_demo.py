@@ -103,10 +103,11 @@ def test_table_shows_every_run_and_the_baseline(quick: demo.DemoResults) -> None
     assert "baseline" in table
 
 
-def test_run_demo_is_deterministic_and_leaves_the_global_rng_alone() -> None:
-    state = torch.random.get_rng_state()
+def test_run_demo_is_deterministic_and_leaves_global_torch_state_alone() -> None:
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     a = demo.run_demo(40, seed=5, quick=True)
     assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
     b = demo.run_demo(40, seed=5, quick=True)
     c = demo.run_demo(40, seed=6, quick=True)
     for ra, rb in zip(a.runs, b.runs):
