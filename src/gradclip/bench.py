@@ -64,9 +64,11 @@ class Row:
 
 def _with_grads(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 3.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)  # weights matter to AGC
+            p.requires_grad_(True)
+            p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 3.0
     return model
 
 
