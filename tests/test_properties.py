@@ -157,3 +157,77 @@ def test_clip_decision_is_strictly_greater_at_the_boundary() -> None:
                 else:
                     assert torch.equal(p.grad, g)
                 assert report.to_dict()["changed"][""] is clipped
+
+
+LAYER_KINDS = ("linear", "conv", "layernorm", "rnn", "gru", "bias_free")
+
+
+@st.composite
+def modules(draw: st.DrawFn) -> tuple[torch.nn.Module, list[tuple[str, list[str]]]]:
+    """A random nn.Sequential of common layers, with random gradients and some frozen params.
+
+    Returns the module and, per expected layer, its name and its gradient-carrying params.
+    """
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    layers: list[torch.nn.Module] = []
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(LAYER_KINDS))
+        a, b = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        if kind == "linear":
+            layers.append(torch.nn.Linear(a, b))
+        elif kind == "conv":
+            layers.append(torch.nn.Conv1d(a, b, kernel_size=draw(st.integers(1, 3))))
+        elif kind == "layernorm":
+            layers.append(torch.nn.LayerNorm(a))
+        elif kind == "rnn":
+            layers.append(torch.nn.RNN(a, b))
+        elif kind == "gru":
+            layers.append(torch.nn.GRU(a, b))
+        else:
+            layers.append(torch.nn.Linear(a, b, bias=False))
+    model = torch.nn.Sequential(*layers)
+    expected = []
+    for name, module in model.named_children():
+        names = []
+        for pname, p in module.named_parameters():
+            frozen = draw(st.integers(0, 9)) == 0
+            if frozen:
+                p.requires_grad_(False)
+            p.grad = torch.randn(p.shape, generator=gen) * 10 ** draw(st.floats(-2, 2))
+            if not frozen:
+                names.append(pname)
+        if names:
+            expected.append((name, names))
+    return model, expected
+
+
+@given(built=modules(), mode=st.sampled_from(MODES), log_t=st.floats(-2, 2), relative=st.booleans())
+def test_random_modules_match_the_reference_layer_by_layer(
+    built: tuple[torch.nn.Module, list[tuple[str, list[str]]]],
+    mode: str,
+    log_t: float,
+    relative: bool,
+) -> None:
+    model, expected = built
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    first = [before[f"{expected[0][0]}.{p}"] for p in expected[0][1]] if expected else []
+    threshold = pick_threshold([first], log_t, relative) if first else 10**log_t
+    report = gradclip.normalize_(model, mode, threshold)
+    assert report.layer_names == [name for name, _ in expected]
+    for name, param_names in expected:
+        grads = [before[f"{name}.{p}"] for p in param_names]
+        norm = layer_norm(grads)
+        if mode == "ClipL2PerLayer" and near_boundary(norm, threshold, 1e-6):
+            continue
+        if mode == "ClipL2PerParamType" and any(
+            near_boundary(layer_norm([g]), threshold, 1e-6) for g in grads
+        ):
+            continue
+        expected_grads = reference_layer(grads, mode, threshold)
+        module = dict(model.named_children())[name]
+        for p_name, e in zip(param_names, expected_grads):
+            got = dict(module.named_parameters())[p_name].grad
+            torch.testing.assert_close(got.double(), e, rtol=2e-6, atol=1e-30)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.grad, before[n]), "frozen parameters are skipped"
