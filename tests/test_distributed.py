@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import sys
@@ -270,34 +271,49 @@ def _case_hsdp(rank: int, out: dict[str, Any]) -> None:
 
 
 def _case_mixed_placements(rank: int, out: dict[str, Any]) -> None:
-    """Hand-made DTensors: Shard(0), Shard(1), Replicate and a plain tensor in one layer."""
+    """Hand-made DTensors: Shard(0), Shard(1), Replicate and a plain tensor in one layer.
+
+    Also AGC (rows of the Shard(1) weight and the sharded 1-D tensor are split
+    units, reduced; the rest is local) and the global p-norm for p = 3 and inf.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     gen = torch.Generator().manual_seed(6)
-    shapes = {"a": (5, 3), "b": (3, 5), "c": (4,), "d": (2, 2)}
-    placements = {"a": Shard(0), "b": Shard(1), "c": Replicate(), "d": None}
+    shapes = {"a": (5, 3), "b": (3, 5), "c": (4,), "d": (2, 2), "e": (5,)}
+    placements = {"a": Shard(0), "b": Shard(1), "c": Replicate(), "d": None, "e": Shard(0)}
     full_grads = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    for mode in ("ClipL2PerLayer", "RenormalizeL2PerLayer", "RenormalizeL2PerParamType"):
-        plain = {k: nn.Parameter(torch.zeros(s)) for k, s in shapes.items()}
+    full_params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    modes: list[str | gradclip.Strategy] = [
+        "ClipL2PerLayer",
+        "RenormalizeL2PerLayer",
+        "RenormalizeL2PerParamType",
+        gradclip.AdaptiveGradClip(0.7),
+        gradclip.ClipGlobalNorm(0.5, 3.0),
+        gradclip.ClipGlobalNorm(0.5, math.inf),
+    ]
+    for mode in modes:
+        plain = {k: nn.Parameter(v.clone()) for k, v in full_params.items()}
         for k, p in plain.items():
             p.grad = full_grads[k].clone()
         gradclip.GradientNormalizer(
-            {"one": [plain["a"], plain["b"]], "two": [plain["c"], plain["d"]]}, mode, 0.5
+            {"one": [plain["a"], plain["b"]], "two": [plain["c"], plain["d"], plain["e"]]},
+            mode,
+            0.5,
         ).apply()
         dist_params: dict[str, torch.Tensor] = {}
-        for k, s in shapes.items():
+        for k in shapes:
             pl = placements[k]
             if pl is None:
-                dist_params[k] = nn.Parameter(torch.zeros(s))
+                dist_params[k] = nn.Parameter(full_params[k].clone())
                 dist_params[k].grad = full_grads[k].clone()
             else:
-                dist_params[k] = nn.Parameter(distribute_tensor(torch.zeros(s), mesh, [pl]))
+                dist_params[k] = nn.Parameter(distribute_tensor(full_params[k], mesh, [pl]))
                 dist_params[k].grad = distribute_tensor(full_grads[k].clone(), mesh, [pl])
         grouping = {
             "one": [dist_params["a"], dist_params["b"]],
-            "two": [dist_params["c"], dist_params["d"]],
+            "two": [dist_params["c"], dist_params["d"], dist_params["e"]],
         }
         _, n = _apply_counted(gradclip.GradientNormalizer(grouping, mode, 0.5))
         got = {k: _full(p.grad) for k, p in dist_params.items()}
@@ -326,6 +342,23 @@ def _case_partial_refused(rank: int, out: dict[str, Any]) -> None:
         bad.grad.to_local(), before[1]
     )
     out["dtensor:partial-refused-untouched"] = {"ok": True}
+
+    # AGC on a weight whose rows are split across ranks and differ between them
+    # (FSDP's Shard(0) with tensor parallelism's Shard(1)): refused, untouched.
+    mesh2 = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
+    w = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh2, [Shard(0), Shard(1)]))
+    w.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh2, [Shard(0), Shard(1)])
+    bias = nn.Parameter(distribute_tensor(torch.ones(4), mesh2, [Shard(0), Shard(0)]))
+    bias.grad = distribute_tensor(torch.full((4,), 2.0), mesh2, [Shard(0), Shard(0)])
+    try:
+        gradclip.normalize_([[bias], [w]], gradclip.AdaptiveGradClip(0.01))
+    except NotImplementedError as err:
+        assert "'1.0'" in str(err) and "(0, 1)" in str(err), str(err)
+    else:
+        raise AssertionError("AGC ran on rows split across ranks")
+    assert torch.equal(w.grad.to_local(), torch.full_like(w.grad.to_local(), 2.0))
+    assert torch.equal(bias.grad.to_local(), torch.full_like(bias.grad.to_local(), 2.0))
+    out["dtensor:agc-split-rows-refused-untouched"] = {"ok": True}
 
 
 def _case_ddp(rank: int, out: dict[str, Any]) -> None:
@@ -435,26 +468,161 @@ def _case_counter_can_count(rank: int, out: dict[str, Any]) -> None:
     out["counter-sees-collectives"] = {"ok": True, "collectives": len(counter.ops)}
 
 
-def _case_global_norm(rank: int, out: dict[str, Any]) -> None:
-    """A global-norm strategy reads the reduced per-tensor norms: correct under sharding too."""
-    try:
-        from gradclip.global_norm import ClipGlobalNorm  # type: ignore[import-not-found]
-    except ImportError:
-        out["fsdp2:ClipGlobalNorm"] = {"ok": True, "skipped": "gradclip.global_norm not present"}
-        return
+def _global_p_norm(model: nn.Module, p: float) -> float:
+    norms = [torch.linalg.vector_norm(q.grad, p) for q in model.parameters()]
+    return float(torch.linalg.vector_norm(torch.stack(norms), p))
+
+
+def _case_global_norm_p(rank: int, out: dict[str, Any]) -> None:
+    """ClipGlobalNorm with p != 2: Σ|g|^p (or max|g|) per tensor rides in the one collective.
+
+    FSDP2 with uneven and empty shards (a per-rank norm would give each rank its
+    own coefficient) and HSDP (a sum without the 1/replicas weight would count
+    each replica twice); two steps, both clipping.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    reference = _mlp(9)
-    sharded = copy.deepcopy(reference)
-    fully_shard(sharded)
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(9)) * 3
-    _backward(reference, x)
-    gradclip.GradientNormalizer(reference, ClipGlobalNorm(0.5)).apply()
-    _backward(sharded, x)
-    _, n = _apply_counted(gradclip.GradientNormalizer(sharded, ClipGlobalNorm(0.5)))
-    _close(_grads(sharded), _grads(reference), "ClipGlobalNorm")
-    assert n == 1, n
-    out["fsdp2:ClipGlobalNorm"] = {"ok": True, "collectives": n}
+    hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    for p in (1.0, 3.0, math.inf):
+        for layout in ("fsdp2", "hsdp"):
+            name = f"{layout}:ClipGlobalNorm-p{p:g}"
+            try:
+                reference = _mlp(10)
+                sharded = copy.deepcopy(reference)
+                if layout == "fsdp2":
+                    for module in sharded:
+                        if isinstance(module, nn.Linear):
+                            fully_shard(module)
+                    fully_shard(sharded)
+                else:
+                    fully_shard(sharded, mesh=hsdp)
+                gen = torch.Generator().manual_seed(10)
+                xs = [torch.randn(4, 6, generator=gen) * (1 + 2 * step) for step in range(2)]
+                _backward(reference, xs[0])
+                max_norm = 0.5 * _global_p_norm(reference, p)
+                ref_norm = gradclip.GradientNormalizer(
+                    reference, gradclip.ClipGlobalNorm(max_norm, p)
+                )
+                sharded_norm = gradclip.GradientNormalizer(
+                    sharded, gradclip.ClipGlobalNorm(max_norm, p)
+                )
+                counts = []
+                for x in xs:
+                    _backward(reference, x)
+                    assert _global_p_norm(reference, p) > max_norm  # the clip applies
+                    want = ref_norm.apply().to_dict()["stats"]["global_norm"]
+                    _backward(sharded, x)
+                    report, n = _apply_counted(sharded_norm)
+                    counts.append(n)
+                    _close(_grads(sharded), _grads(reference), name)
+                    got = report.to_dict()["stats"]["global_norm"]
+                    assert abs(got - want) <= RTOL * want, (got, want)
+                assert counts == [1, 1], counts
+                out[name] = {"ok": True, "collectives": counts[0]}
+            except Exception:
+                out[name] = {"ok": False, "msg": traceback.format_exc()}
+
+
+def _normed_mlp(seed: int) -> nn.Sequential:
+    # 1-D parameters sharded unevenly: LayerNorm(5) (3 + 2), biases of 5 and 3,
+    # and the (1,) bias of the last layer, empty on rank 1 and zero (so AGC's
+    # bound is eps·λ, which a wrong sum over ranks cannot cancel out).
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)
+    )
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.1, 0.1)
+        model[5].bias.zero_()
+    return model
+
+
+def _case_agc_whole_tensor_units(rank: int, out: dict[str, Any]) -> None:
+    """AGC on biases and LayerNorm parameters: their unit is the whole, sharded tensor.
+
+    FSDP2 (uneven and empty shards) and HSDP; four steps; the reference clips
+    some 1-D units and leaves others, so a per-rank norm could not pass.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    for layout in ("fsdp2", "hsdp"):
+        name = f"{layout}:AdaptiveGradClip-biases-layernorm"
+        try:
+            reference = _normed_mlp(11)
+            sharded = copy.deepcopy(reference)
+            if layout == "fsdp2":
+                for module in sharded:
+                    if isinstance(module, nn.Linear | nn.LayerNorm):
+                        fully_shard(module)
+                fully_shard(sharded)
+            else:
+                fully_shard(sharded, mesh=hsdp)
+            ref_norm = gradclip.GradientNormalizer(reference, gradclip.AdaptiveGradClip(0.05))
+            sharded_norm = gradclip.GradientNormalizer(sharded, gradclip.AdaptiveGradClip(0.05))
+            gen = torch.Generator().manual_seed(11)
+            counts, clipped_1d, kept_1d = [], 0, 0
+            for step in range(4):
+                x = torch.randn(4, 6, generator=gen) * (0.2 + step)
+                _backward(reference, x)
+                before = _grads(reference)
+                ref_norm.apply()
+                after = _grads(reference)
+                for k in before:
+                    if before[k].dim() == 1:
+                        same = torch.equal(before[k], after[k])
+                        kept_1d += same
+                        clipped_1d += not same
+                _backward(sharded, x)
+                _, n = _apply_counted(sharded_norm)
+                counts.append(n)
+                _close(_grads(sharded), after, f"{name} step {step}")
+            assert clipped_1d and kept_1d, (clipped_1d, kept_1d)
+            assert counts == [1] * 4, counts
+            out[name] = {"ok": True, "collectives": counts[0]}
+        except Exception:
+            out[name] = {"ok": False, "msg": traceback.format_exc()}
+
+
+def _case_cross_rank_nonfinite_zero(rank: int, out: dict[str, Any]) -> None:
+    """nonfinite="zero": a NaN on rank 0 only; the quantities reduced before the zeroing
+    must not leak it (AGC, ClipGlobalNorm p=3 and p=inf)."""
+    from torch.distributed.fsdp import fully_shard
+
+    strategies: dict[str, Callable[[], gradclip.Strategy]] = {
+        "AdaptiveGradClip": lambda: gradclip.AdaptiveGradClip(0.05),
+        "ClipGlobalNorm-p3": lambda: gradclip.ClipGlobalNorm(0.1, 3.0),
+        "ClipGlobalNorm-pinf": lambda: gradclip.ClipGlobalNorm(0.01, math.inf),
+    }
+    for key, make in strategies.items():
+        name = f"fsdp2:nonfinite-zero:{key}"
+        try:
+            reference = _normed_mlp(12)
+            sharded = copy.deepcopy(reference)
+            for module in sharded:
+                if isinstance(module, nn.Linear | nn.LayerNorm):
+                    fully_shard(module)
+            fully_shard(sharded)
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(12))
+            _backward(reference, x)
+            reference[1].weight.grad[0] = math.nan  # rank 0 holds rows 0-2 of the (5,) gain
+            gradclip.GradientNormalizer(reference, make(), nonfinite="zero").apply()
+            _backward(sharded, x)
+            if rank == 0:
+                sharded[1].weight.grad.to_local()[0] = math.nan
+            normalizer = gradclip.GradientNormalizer(sharded, make(), nonfinite="zero")
+            report, n = _apply_counted(normalizer)
+            assert report.nonfinite_layers() == ["1"], report.nonfinite_layers()
+            expected = _grads(reference)
+            assert torch.equal(expected["1.weight"], torch.zeros(5))
+            _close(_grads(sharded), expected, name)
+            assert n == 1, n
+            out[name] = {"ok": True, "collectives": n}
+        except Exception:
+            out[name] = {"ok": False, "msg": traceback.format_exc()}
 
 
 CASES: list[Callable[[int, dict[str, Any]], None]] = [
@@ -467,6 +635,9 @@ CASES: list[Callable[[int, dict[str, Any]], None]] = [
     _case_partial_refused,
     _case_ddp,
     _case_strategies,
+    _case_global_norm_p,
+    _case_agc_whole_tensor_units,
+    _case_cross_rank_nonfinite_zero,
     _case_counter_can_count,
 ]
 CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
@@ -476,11 +647,18 @@ CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
     "hsdp:replicate-counted-once",
     "dtensor:mixed-placements",
     "dtensor:partial-refused-untouched",
+    "dtensor:agc-split-rows-refused-untouched",
     "ddp:all-modes-identical-on-ranks",
     "fsdp2:ClipGlobalNorm",
     "fsdp2:AutoClip",
     "fsdp2:ZClip",
     "fsdp2:AdaptiveGradClip-2d-weights",
+    *[f"{m}:ClipGlobalNorm-p{p}" for p in ("1", "3", "inf") for m in ("fsdp2", "hsdp")],
+    "fsdp2:AdaptiveGradClip-biases-layernorm",
+    "hsdp:AdaptiveGradClip-biases-layernorm",
+    "fsdp2:nonfinite-zero:AdaptiveGradClip",
+    "fsdp2:nonfinite-zero:ClipGlobalNorm-p3",
+    "fsdp2:nonfinite-zero:ClipGlobalNorm-pinf",
     "counter-sees-collectives",
 ]
 

@@ -10,6 +10,13 @@ whole tensor for 0-/1-D parameters such as biases and gains —
 
 A unit under the bound is multiplied by exactly ``1.0`` (bit-for-bit unchanged).
 
+On sharded gradients (FSDP2 ``DTensor`` s) a unit that one rank holds whole (a
+row of a ``Shard(0)`` weight, any ``Replicate`` piece) is clipped locally; a
+unit split across ranks (a sharded bias or gain, whose unit is the whole
+tensor; a row of a weight sharded on another dim) has its squared gradient and
+weight norms summed over ranks in the step's single collective, two floats
+per such unit.
+
 References:
     Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
     Recognition Without Normalization", ICML 2021 (NFNets), section 4.1.
@@ -25,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gradclip.distributed import CrossRank
 from gradclip.global_norm import device_dtype_runs
 from gradclip.kernels import large_tensor_elements
 from gradclip.strategy import GroupView, Strategy
@@ -127,6 +135,73 @@ def _layout(view: GroupView) -> list[_RunLayout]:
     return layouts
 
 
+@dataclass(eq=False)
+class _SplitUnits:
+    """The units of one run split across ranks, whose norms need a reduction."""
+
+    units: torch.Tensor  # (N,) indices into the run's unit vector, on the run's device
+    weights: torch.Tensor  # (N,) 1 / replicas of each, on view.device in view.dtype
+
+
+def _split_units(view: GroupView) -> list[_SplitUnits | None]:
+    """Per run of :func:`_layout`, its split units (``None`` if it has none); cached."""
+    cached = view.cache.get("agc_split")
+    if cached is not None:
+        split: list[_SplitUnits | None] = cached
+        return split
+    assert view.shards is not None
+    shards = view.shards
+    split = []
+    for layout in _layout(view):
+        units: list[int] = []
+        owners: list[int] = []
+        offset = 0
+        for i in layout.order:
+            position = layout.start + i
+            t = view.grads[position]
+            dims = shards.split_dims[position]
+            n = _units(t)
+            if t.dim() >= 2 and 0 in dims and len(dims) > 1:
+                raise NotImplementedError(
+                    f"AdaptiveGradClip: the gradient of {view.param_names[position]!r} is sharded "
+                    f"on dims {dims} (e.g. FSDP and tensor parallelism together): its rows are "
+                    "split across ranks and not the same rows on every rank, which gradclip "
+                    "cannot reduce in one collective. Override this layer with another rule."
+                )
+            if (t.dim() < 2 and dims) or any(d >= 1 for d in dims):
+                units += range(offset, offset + n)
+                owners += [position] * n
+            offset += n
+        if not units:
+            split.append(None)
+            continue
+        device = layout.coefficients.device
+        owners_t = torch.tensor(owners, dtype=torch.long, device=shards.weights.device)
+        split.append(
+            _SplitUnits(
+                torch.tensor(units, dtype=torch.long, device=device),
+                shards.weights.index_select(0, owners_t).to(view.device, view.dtype),
+            )
+        )
+    view.cache["agc_split"] = split
+    return split
+
+
+def _unit_tensor(view: GroupView, layout: _RunLayout) -> torch.Tensor:
+    """``(U,)`` group-local tensor index of each unit of a run, on view.device; cached."""
+    key = f"agc_unit_tensor{layout.start}"
+    cached = view.cache.get(key)
+    if cached is None:
+        owners = [
+            layout.start + i
+            for i in layout.order
+            for _ in range(_units(view.grads[layout.start + i]))
+        ]
+        cached = view.cache[key] = torch.tensor(owners, dtype=torch.long, device=view.device)
+    assert isinstance(cached, torch.Tensor)
+    return cached
+
+
 def _unit_norms(tensors: list[torch.Tensor], layout: _RunLayout) -> torch.Tensor:
     """``(U,)`` L2 norm of every unit of ``tensors`` (a run), in unit order.
 
@@ -197,14 +272,51 @@ class AdaptiveGradClip(Strategy):
     def config(self) -> Mapping[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps}
 
+    def cross_rank(self, view: GroupView) -> CrossRank | None:
+        split = _split_units(view)
+        if all(s is None for s in split):
+            return None  # every unit whole on this rank (rows of Shard(0) weights)
+        local: list[tuple[torch.Tensor, torch.Tensor]] = []
+        grad_parts: list[torch.Tensor] = []
+        weight_parts: list[torch.Tensor] = []
+        for layout, units in zip(_layout(view), split):
+            stop = layout.start + len(layout.order)
+            grad_norms = _unit_norms(view.grads[layout.start : stop], layout)
+            weight_norms = _unit_norms(view.params[layout.start : stop], layout)
+            local.append((grad_norms, weight_norms))
+            if units is not None:
+                for norms, parts in ((grad_norms, grad_parts), (weight_norms, weight_parts)):
+                    part = norms.index_select(0, units.units).to(view.device, view.dtype)
+                    parts.append(part.square_().mul_(units.weights))
+        view.cache["agc_local"] = local  # this step's local norms, for transform_
+        return CrossRank(sums=torch.cat(grad_parts + weight_parts))
+
     def transform_(self, view: GroupView) -> None:
         changed = torch.zeros(len(view.layer_names), dtype=torch.int32, device=view.device)
-        for layout in _layout(view):
+        local = view.cache.pop("agc_local", None)
+        reduced = view.reduced.sums if view.reduced is not None else None
+        split = _split_units(view) if reduced is not None else None
+        half = 0 if reduced is None else reduced.numel() // 2
+        offset = 0
+        for k, layout in enumerate(_layout(view)):
             stop = layout.start + len(layout.order)
             grads = view.grads[layout.start : stop]
             params = view.params[layout.start : stop]
-            grad_norms = _unit_norms(grads, layout)
-            weight_norms = _unit_norms(params, layout)
+            if local is not None:
+                grad_norms, weight_norms = local[k]
+            else:
+                grad_norms = _unit_norms(grads, layout)
+                weight_norms = _unit_norms(params, layout)
+            units = split[k] if split is not None else None
+            if reduced is not None and units is not None:
+                n = units.units.numel()
+                g2, w2 = reduced[offset : offset + n], reduced[half + offset : half + offset + n]
+                offset += n
+                grad_norms = grad_norms.index_copy(0, units.units, g2.sqrt().to(grad_norms))
+                weight_norms = weight_norms.index_copy(0, units.units, w2.sqrt().to(weight_norms))
+            if view.zeroed is not None:  # local norms and `reduced` predate the zeroing
+                mask = view.zeroed.index_select(0, _unit_tensor(view, layout))
+                grad_norms = grad_norms.masked_fill(mask.to(grad_norms.device), 0.0)
             bound = weight_norms.clamp_(min=self.eps).mul_(self.clipping)
             coef = torch.where(
                 grad_norms < bound,

@@ -19,9 +19,19 @@ pieces only:
    rank computes the same coefficients from the same reduced vector and scales
    its own piece.
 
+A strategy that needs more than the L2 norms (a global p-norm with ``p != 2``,
+AGC's whole-tensor units of sharded biases) declares per-rank partial
+quantities with :meth:`~gradclip.Strategy.cross_rank` (:class:`CrossRank`: sums
+and maxima); they travel in the **same** collective, appended to the norms'
+vector. A maximum rides on the sum with an exact trick: each rank writes its
+values into its own slot of a ``(world, M)`` block of zeros, the sum over ranks
+leaves every rank's values intact (``x + 0 = x`` exactly, inf and NaN
+included), and the maximum over the slots is taken locally.
+
 The bytes sent per step are one float per gradient tensor, whatever the model's
-size. Element-wise clipping and ``None`` measure nothing, so a step with only
-those modes sends nothing. Under DDP gradients are plain tensors, already
+size, plus the few quantities strategies declare (:class:`CrossRank`).
+Element-wise clipping and ``None`` measure nothing, so a step with only those
+modes sends nothing. Under DDP gradients are plain tensors, already
 averaged (identical on every rank): the engine needs no communication at all and
 never calls into this module's collective.
 
@@ -55,7 +65,15 @@ import torch
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["Sharding", "is_dtensor", "local_tensor", "local_tensors", "sharding_of"]
+__all__ = [
+    "CrossRank",
+    "GroupShards",
+    "Sharding",
+    "is_dtensor",
+    "local_tensor",
+    "local_tensors",
+    "sharding_of",
+]
 
 # Where DTensor lives (public since torch 2.5, private before). If neither module
 # was imported, no DTensor can exist, so the check costs no import.
@@ -103,11 +121,53 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @dataclass(eq=False)
+class CrossRank:
+    """Per-rank partial quantities a strategy needs reduced over the ranks.
+
+    Returned by :meth:`gradclip.Strategy.cross_rank` with this rank's values and
+    handed back, reduced, in :attr:`gradclip.GroupView.reduced`. Both vectors ride
+    in the step's one collective.
+
+    Attributes:
+        sums: ``(S,)`` summed over ranks. A piece held by several ranks (a
+            ``Replicate`` placement) is summed once per holder: weight it by
+            :attr:`GroupShards.weights` first.
+        maxima: ``(M,)`` maximum over ranks (no weighting needed). Costs
+            ``world_size`` floats per entry on the wire (see the module docstring).
+
+    Example:
+        >>> local = torch.stack(torch._foreach_norm(view.grads, 3.0))
+        >>> CrossRank(sums=local.pow(3) * view.shards.weights)   # Σ_ranks of |g|³
+    """
+
+    sums: torch.Tensor | None = None
+    maxima: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class GroupShards:
+    """How one strategy group's gradients are sharded (:attr:`gradclip.GroupView.shards`).
+
+    Attributes:
+        weights: ``(T,)`` ``1 / replicas`` of each tensor's local piece, on the
+            view's device in its dtype: the weight of that piece in a sum over ranks.
+        split_dims: per tensor, the dims of the full tensor that are split across
+            ranks (``Shard(d)`` placements); ``()`` when this rank holds it whole.
+            A quantity over a split dim (e.g. a norm over all of a bias) needs a
+            reduction; one over the other dims (a row of a ``Shard(0)`` weight) does not.
+    """
+
+    weights: torch.Tensor
+    split_dims: list[tuple[int, ...]]
+
+
+@dataclass(eq=False)
 class Sharding:
     """How the local norms of one plan's tensors become global norms.
 
-    Built once per plan by :func:`sharding_of`; the engine calls :meth:`local`
-    on the gradients and :meth:`reduce_norms` on the measured norms every step.
+    Built once per plan by :func:`sharding_of`; every step the engine calls
+    :meth:`local` on the gradients and :meth:`reduce` (or :meth:`reduce_norms`,
+    when no strategy declared :class:`CrossRank` quantities) on the measured norms.
 
     Attributes:
         group: the process group of the reduction (``None``: the default group).
@@ -115,12 +175,28 @@ class Sharding:
         weights: ``(T,)`` ``1 / replicas`` of each tensor, on the plan's device in
             its accumulation dtype; ``None`` when every piece is held by one rank.
         num_sharded: how many of the tensors are ``DTensor`` s.
+        split_dims: per tensor, the dims split across ranks (see :class:`GroupShards`).
+        rank: this rank's index in ``group``.
+        device: where the norms live (the plan's device).
+        dtype: their accumulation dtype.
     """
 
     group: ProcessGroup | None
     group_size: int
     weights: torch.Tensor | None
     num_sharded: int
+    split_dims: list[tuple[int, ...]]
+    rank: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def group_shards(self, positions: Sequence[int], positions_t: torch.Tensor) -> GroupShards:
+        """The :class:`GroupShards` of the tensors at ``positions`` (once per plan)."""
+        if self.weights is None:
+            weights = torch.ones(len(positions), dtype=self.dtype, device=self.device)
+        else:
+            weights = self.weights.index_select(0, positions_t)
+        return GroupShards(weights, [self.split_dims[p] for p in positions])
 
     def local(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The rank-local pieces of ``tensors`` (plain tensors pass through)."""
@@ -147,6 +223,68 @@ class Sharding:
             squares.mul_(self.weights)
         dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=self.group)
         return squares.sqrt_()
+
+    def reduce(
+        self, norms: torch.Tensor | None, extras: Sequence[CrossRank]
+    ) -> tuple[torch.Tensor | None, list[CrossRank]]:
+        """Global norms and strategies' quantities, with one ``all_reduce`` for all of them.
+
+        The vector sent is ``[w·n² (T) | every extra's sums | (world, M) maxima
+        slots]`` in the accumulation dtype (float64 on CPU and CUDA). This rank
+        fills only its own row of the slots, so after the sum each row holds one
+        rank's maxima exactly and their maximum is taken locally. Without maxima
+        the vector is ``T + S`` floats; each maximum adds ``world_size`` floats.
+
+        Args:
+            norms: ``(T,)`` local L2 norms, or ``None`` when the step measures none.
+            extras: the strategies' local :class:`CrossRank` s.
+
+        Returns:
+            The global norms (``None`` if ``norms`` was) and, for each extra, a
+            :class:`CrossRank` of its reduced values, on the plan's device.
+        """
+        if not extras:
+            return (None if norms is None else self.reduce_norms(norms)), []
+        import torch.distributed as dist
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor:
+            if t is None:
+                return torch.zeros(0, dtype=self.dtype, device=self.device)
+            return t.reshape(-1).to(self.device, self.dtype)
+
+        parts: list[torch.Tensor] = []
+        if norms is not None:
+            squares = norms.square()
+            if self.weights is not None:
+                squares.mul_(self.weights)
+            parts.append(squares)
+        sums = [flat(e.sums) for e in extras]
+        maxima = [flat(e.maxima) for e in extras]
+        parts += sums
+        num_max = sum(m.numel() for m in maxima)
+        if num_max:
+            slots = torch.zeros(self.group_size, num_max, dtype=self.dtype, device=self.device)
+            slots[self.rank] = torch.cat(maxima)
+            parts.append(slots.reshape(-1))
+        vector = torch.cat(parts)
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)  # the step's one collective
+        head = 0 if norms is None else norms.numel()
+        reduced_norms = None if norms is None else vector[:head].sqrt()
+        summed = vector[head : head + sum(s.numel() for s in sums)]
+        best = vector[vector.numel() - self.group_size * num_max :]
+        best = best.view(self.group_size, num_max).amax(dim=0)
+        out = []
+        s_off = m_off = 0
+        for e, s, m in zip(extras, sums, maxima):
+            reduced = CrossRank()
+            if e.sums is not None:
+                reduced.sums = summed[s_off : s_off + s.numel()].view(e.sums.shape)
+            if e.maxima is not None:
+                reduced.maxima = best[m_off : m_off + m.numel()].view(e.maxima.shape)
+            s_off += s.numel()
+            m_off += m.numel()
+            out.append(reduced)
+        return reduced_norms, out
 
 
 def _replicas(mesh: Any, placements: Sequence[Any], name: str) -> int:
@@ -231,10 +369,20 @@ def sharding_of(
                 "(a custom grouping)."
             )
         replicas.append(_replicas(grad_mesh, dgrad.placements, name))
+    import torch.distributed as dist
+
     group, group_size = _reduction_group(mesh)
     counts = [group_size if r is None else r for r in replicas]
     weights = None
     if any(c != 1 for c in counts):
         weights = torch.tensor([1.0 / c for c in counts], dtype=dtype, device=device)
     num_sharded = sum(1 for r in replicas if r is not None)
-    return Sharding(group, group_size, weights, num_sharded)
+    split_dims = [_split_dims(g) if isinstance(g, cls) else () for g in grads]
+    rank = dist.get_rank(group)
+    return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype)
+
+
+def _split_dims(grad: Any) -> tuple[int, ...]:
+    ndim = max(grad.dim(), 1)
+    dims = {p.dim % ndim for p in grad.placements if p.is_shard()}
+    return tuple(sorted(dims))

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gradclip.distributed import Sharding, sharding_of
+from gradclip.distributed import CrossRank, GroupShards, Sharding, sharding_of
 from gradclip.kernels import foreach_l2_norms
 from gradclip.layers import Layer
 from gradclip.nonfinite import check_nonfinite, raise_nonfinite, read_nonfinite, zero_nonfinite_
@@ -69,6 +69,8 @@ class _Group:
     param_names: list[str]
     params: list[torch.Tensor]
     cache: dict[str, Any] = field(default_factory=dict)
+    shards: GroupShards | None = None  # set on sharded plans
+    asks_cross_rank: bool = False  # the strategy overrides Strategy.cross_rank
 
 
 @dataclass(eq=False)
@@ -174,6 +176,10 @@ class Plan:
                 self.device,
                 self.acc_dtype,
             )
+        if self.sharding is not None:
+            for group in self.groups:
+                group.shards = self.sharding.group_shards(group.positions, group.positions_t)
+                group.asks_cross_rank = type(group.strategy).cross_rank is not Strategy.cross_rank
 
     def select(self, grads_by_param: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """The step's gradients in the plan's order (``grads_by_param`` indexed like the params)."""
@@ -354,9 +360,14 @@ class Engine:
             grads = plan.sharding.local(grads)
         if not grads:
             return NormReport.empty(plan)
-        tensor_norms, layer_norms = self.measure(plan, grads)
+        reduced: list[CrossRank | None] | None = None
+        if plan.sharding is None:
+            tensor_norms, layer_norms = self.measure(plan, grads)
+        else:
+            tensor_norms, layer_norms, reduced = _measure_sharded(plan, grads)
         reported = (tensor_norms, layer_norms)
         dropped: torch.Tensor | None = None
+        zeroed: torch.Tensor | None = None
         if self.nonfinite in ("error", "skip"):
             self.last_nonfinite = read_nonfinite(plan, layer_norms)  # the one host read
             if self.last_nonfinite and self.nonfinite == "error":
@@ -366,11 +377,19 @@ class Engine:
                 return NormReport(plan, tensor_norms, layer_norms, unchanged, [])
         elif self.nonfinite == "zero":
             tensor_norms, layer_norms, dropped = zero_nonfinite_(plan, grads, *reported)
+            if reduced is not None:  # strategies' reduced quantities predate the zeroing
+                zeroed = dropped.index_select(0, plan.measured_layer_t)
         coefficients: torch.Tensor | None = None
         changed = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
-        for group in plan.groups:
+        for gi, group in enumerate(plan.groups):
             view = _view(plan, group, grads, tensor_norms, layer_norms)
+            if reduced is not None:
+                view.reduced = reduced[gi]
+                if zeroed is not None:
+                    view.zeroed = (
+                        zeroed if group.covers_all else zeroed.index_select(0, group.positions_t)
+                    )
             strategy = group.strategy
             if strategy.scales:
                 coef = strategy.scale(view)
@@ -399,57 +418,96 @@ class Engine:
     @staticmethod
     def measure(plan: Plan, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T,)`` per-tensor and ``(L,)`` per-layer L2 norms; NaN where not measured."""
-        acc = plan.acc_dtype
-        parts: list[torch.Tensor] = []
-        for bucket in plan.buckets:
-            if bucket.measured_stop > bucket.start:
-                norms = foreach_l2_norms(grads[bucket.start : bucket.measured_stop], acc)
-                parts.append(norms.to(plan.device, non_blocking=True))
-            if bucket.stop > bucket.measured_stop:
-                parts.append(
-                    torch.full(
-                        (bucket.stop - bucket.measured_stop,),
-                        float("nan"),
-                        dtype=acc,
-                        device=plan.device,
-                    )
-                )
-        tensor_norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+        tensor_norms = _local_norms(plan, grads)
         if plan.sharding is not None and plan.any_measured:
             tensor_norms = plan.sharding.reduce_norms(tensor_norms)  # the step's one collective
-        if not plan.any_measured:
-            layer_norms = torch.full(
-                (plan.num_layers,), float("nan"), dtype=acc, device=plan.device
+        return tensor_norms, _layer_norms(plan, tensor_norms)
+
+
+def _local_norms(plan: Plan, grads: list[torch.Tensor]) -> torch.Tensor:
+    """``(T,)`` L2 norm of each of ``grads`` (local pieces if sharded); NaN where not measured."""
+    acc = plan.acc_dtype
+    parts: list[torch.Tensor] = []
+    for bucket in plan.buckets:
+        if bucket.measured_stop > bucket.start:
+            norms = foreach_l2_norms(grads[bucket.start : bucket.measured_stop], acc)
+            parts.append(norms.to(plan.device, non_blocking=True))
+        if bucket.stop > bucket.measured_stop:
+            parts.append(
+                torch.full(
+                    (bucket.stop - bucket.measured_stop,),
+                    float("nan"),
+                    dtype=acc,
+                    device=plan.device,
+                )
             )
-            return tensor_norms, layer_norms
-        measured = (
-            tensor_norms
-            if plan.all_measured
-            else tensor_norms.index_select(0, plan.measured_positions_t)
-        )
-        squares = torch.zeros(plan.num_layers, dtype=acc, device=plan.device)
-        squares.index_add_(0, plan.measured_layer_t, measured.square())
-        layer_norms = squares.sqrt_()
-        if not plan.all_layers_measured:
-            layer_norms = torch.where(plan.layer_measured_t, layer_norms, math.nan)
-        return tensor_norms, layer_norms
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _layer_norms(plan: Plan, tensor_norms: torch.Tensor) -> torch.Tensor:
+    """``(L,)`` per-layer L2 norms from the per-tensor ones; NaN where not measured."""
+    acc = plan.acc_dtype
+    if not plan.any_measured:
+        return torch.full((plan.num_layers,), float("nan"), dtype=acc, device=plan.device)
+    measured = (
+        tensor_norms
+        if plan.all_measured
+        else tensor_norms.index_select(0, plan.measured_positions_t)
+    )
+    squares = torch.zeros(plan.num_layers, dtype=acc, device=plan.device)
+    squares.index_add_(0, plan.measured_layer_t, measured.square())
+    layer_norms = squares.sqrt_()
+    if not plan.all_layers_measured:
+        layer_norms = torch.where(plan.layer_measured_t, layer_norms, math.nan)
+    return layer_norms
+
+
+def _measure_sharded(
+    plan: Plan, grads: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, list[CrossRank | None]]:
+    """:meth:`Engine.measure` on local pieces, plus each group's :meth:`Strategy.cross_rank`.
+
+    The L2 norms and every strategy's declared quantities travel in one
+    collective (none if there is nothing to reduce). Returns the global norms
+    and, per group, its reduced quantities (``None`` where it declared none).
+    """
+    assert plan.sharding is not None
+    tensor_norms = _local_norms(plan, grads)
+    asked: list[int] = []
+    extras: list[CrossRank] = []
+    for gi, group in enumerate(plan.groups):
+        if group.asks_cross_rank:
+            extra = group.strategy.cross_rank(_view(plan, group, grads, None, None))
+            if extra is not None:
+                asked.append(gi)
+                extras.append(extra)
+    reduced: list[CrossRank | None] = [None] * len(plan.groups)
+    if plan.any_measured or extras:
+        norms, out = plan.sharding.reduce(tensor_norms if plan.any_measured else None, extras)
+        if norms is not None:
+            tensor_norms = norms
+        for gi, values in zip(asked, out):
+            reduced[gi] = values
+    return tensor_norms, _layer_norms(plan, tensor_norms), reduced
 
 
 def _view(
     plan: Plan,
     group: _Group,
     grads: list[torch.Tensor],
-    tensor_norms: torch.Tensor,
-    layer_norms: torch.Tensor,
+    tensor_norms: torch.Tensor | None,
+    layer_norms: torch.Tensor | None,
 ) -> GroupView:
+    # tensor_norms None: the view a strategy's cross_rank sees, before the reduction
+    norms: torch.Tensor | None = tensor_norms
+    layers: torch.Tensor | None = layer_norms
     if group.covers_all:
         group_grads = grads
-        norms: torch.Tensor | None = tensor_norms
-        layers: torch.Tensor | None = layer_norms
     else:
         group_grads = [grads[p] for p in group.positions]
-        norms = tensor_norms.index_select(0, group.positions_t)
-        layers = layer_norms.index_select(0, group.layer_ids_t)
+        if tensor_norms is not None and layer_norms is not None:
+            norms = tensor_norms.index_select(0, group.positions_t)
+            layers = layer_norms.index_select(0, group.layer_ids_t)
     measured = group.strategy.measures_norms or plan.all_measured
     return GroupView(
         layer_names=group.layer_names,
@@ -465,6 +523,7 @@ def _view(
         dtype=plan.acc_dtype,
         state=group.state,
         cache=group.cache,
+        shards=group.shards,
     )
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from gradclip.distributed import CrossRank
 from gradclip.strategy import GroupView, Strategy
 from gradclip.validation import check_threshold
 
@@ -95,6 +97,31 @@ def clip_coefficient(total: torch.Tensor, max_norm: torch.Tensor | float) -> tor
     return (max_norm / (total + TORCH_CLIP_EPS)).clamp(max=1.0)
 
 
+def _local_max_norms(view: GroupView) -> torch.Tensor:
+    # max|g| of each local piece; an empty piece (a rank without rows of a
+    # tensor) counts 0, where _foreach_norm has no identity for inf.
+    empty = view.cache.get("empty_pieces")
+    if empty is None:
+        empty = view.cache["empty_pieces"] = [i for i, g in enumerate(view.grads) if not g.numel()]
+    if not empty:
+        return per_tensor_norms(view, math.inf)
+    grads = list(view.grads)
+    for i in empty:
+        grads[i] = grads[i].new_zeros(1)
+    return per_tensor_norms(replace(view, grads=grads), math.inf)
+
+
+def _sharded_total(view: GroupView, reduced: CrossRank, norm_type: float) -> torch.Tensor:
+    # per tensor: max|g| over ranks (p = inf) or Σ_ranks Σ|g|^p
+    per_tensor = reduced.maxima if math.isinf(norm_type) else reduced.sums
+    assert per_tensor is not None
+    if view.zeroed is not None:  # reduced before nonfinite="zero" zeroed them
+        per_tensor = per_tensor.masked_fill(view.zeroed, 0.0)
+    if math.isinf(norm_type):
+        return per_tensor.max()
+    return per_tensor.sum().pow(1.0 / norm_type)
+
+
 class ClipGlobalNorm(Strategy):
     """Clip the global p-norm of the gradients, like ``torch.nn.utils.clip_grad_norm_``.
 
@@ -115,6 +142,13 @@ class ClipGlobalNorm(Strategy):
         norm_type: ``p``: any finite ``p >= 1`` or ``float("inf")``. Default 2.
             ``p = 2`` reuses the norms the engine measured; any other ``p``
             costs one more read of the gradients.
+
+    On sharded gradients (FSDP2 ``DTensor`` s) the result is the single-process
+    one, in the step's single collective: ``p = 2`` reads the reduced L2 norms;
+    other ``p`` add, per tensor, this rank's ``Σ|g|^p`` of its piece (weighted
+    ``1 / replicas``) to the summed vector, and ``p = ∞`` this rank's ``max|g|``
+    to the maxima (see :class:`gradclip.distributed.CrossRank`). The sum of
+    ``p``-th powers is formed in float64, as torch's own DTensor norm does.
 
     Example:
         >>> report = gradclip.normalize_(model, gradclip.ClipGlobalNorm(1.0))
@@ -140,7 +174,19 @@ class ClipGlobalNorm(Strategy):
     def config(self) -> Mapping[str, Any]:
         return {"max_norm": self.max_norm, "norm_type": self.norm_type}
 
+    def cross_rank(self, view: GroupView) -> CrossRank | None:
+        if self.norm_type == 2.0:
+            return None  # the engine reduces the L2 norms anyway
+        if math.isinf(self.norm_type):
+            return CrossRank(maxima=_local_max_norms(view))
+        local = per_tensor_norms(view, self.norm_type)  # of this rank's pieces
+        assert view.shards is not None
+        return CrossRank(sums=local.pow_(self.norm_type).mul_(view.shards.weights))
+
     def scale(self, view: GroupView) -> torch.Tensor:
-        total = global_norm(view, self.norm_type)
+        if view.reduced is None:
+            total = global_norm(view, self.norm_type)
+        else:
+            total = _sharded_total(view, view.reduced, self.norm_type)
         view.stats["global_norm"] = total
         return clip_coefficient(total, self.max_norm).expand(len(view.grads))

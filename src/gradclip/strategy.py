@@ -14,6 +14,12 @@ strategy a :class:`GroupView` of the layers it owns. A strategy then either
 
 Coefficients are tensors on the device: a strategy never reads a value to the
 host, so a step costs no host-device synchronization.
+
+On sharded gradients (``DTensor``, FSDP2) the views hold each rank's local
+pieces and the norms are already reduced over ranks. A strategy that needs
+other quantities of the full tensors declares their per-rank parts in
+:meth:`Strategy.cross_rank`; the engine reduces them in the step's single
+collective and hands them back in :attr:`GroupView.reduced`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
+
+from gradclip.distributed import CrossRank, GroupShards
 
 __all__ = ["GroupView", "Strategy"]
 
@@ -57,6 +65,14 @@ class GroupView:
             emptied whenever the layout of the gradients changes): a place for
             index lists and other per-layout work a strategy should not redo
             every step.
+        shards: how the gradients are sharded across ranks (``grads`` and
+            ``params`` are then this rank's pieces), or ``None`` when none is a
+            ``DTensor``.
+        reduced: on sharded gradients, the reduced values of what
+            :meth:`Strategy.cross_rank` declared this step; ``None`` otherwise.
+        zeroed: on sharded gradients under ``nonfinite="zero"``, ``(T,)`` bool: the
+            tensors zeroed this step after ``reduced`` was measured, whose reduced
+            gradient quantities must be read as those of a zero tensor; else ``None``.
     """
 
     layer_names: list[str]
@@ -73,6 +89,9 @@ class GroupView:
     state: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    shards: GroupShards | None = None
+    reduced: CrossRank | None = None
+    zeroed: torch.Tensor | None = None
 
     @cached_property
     def tensor_thresholds(self) -> torch.Tensor:
@@ -127,6 +146,18 @@ class Strategy:
     def transform_(self, view: GroupView) -> None:
         """Rewrite ``view.grads`` in place (only for ``scales = False``)."""
         raise NotImplementedError(f"{type(self).__name__} does not transform gradients")
+
+    def cross_rank(self, view: GroupView) -> CrossRank | None:
+        """This rank's part of the quantities to reduce over ranks, or ``None`` (the default).
+
+        Called only on sharded gradients, once per step before the step's single
+        collective, with ``view.grads``/``view.params`` the local pieces,
+        ``view.shards`` set and no norms yet (``tensor_norms`` is ``None``). The
+        reduced values arrive in ``view.reduced`` when :meth:`scale` or
+        :meth:`transform_` runs. Must not modify the gradients. Rules that need
+        only the L2 norms (which the engine reduces anyway) keep the default.
+        """
+        return None
 
     def layer_changed(self, view: GroupView) -> torch.Tensor | None:
         """``(L,)`` bool: which layers a ``transform_`` changed, or ``None`` if unknown."""
