@@ -360,6 +360,25 @@ def _case_partial_refused(rank: int, out: dict[str, Any]) -> None:
     assert torch.equal(bias.grad.to_local(), torch.full_like(bias.grad.to_local(), 2.0))
     out["dtensor:agc-split-rows-refused-untouched"] = {"ok": True}
 
+    # chain() whose rules read norms would measure each rank's shard alone: refused
+    # before the step's collective, so nothing changes and the ranks stay in step.
+    g = nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]))
+    g.grad = distribute_tensor(torch.full((4, 2), 3.0), mesh, [Shard(0)])
+    chained = gradclip.chain(("ClipElementWiseAbsoluteValue", 2.0), gradclip.ClipGlobalNorm(1.0))
+    try:
+        gradclip.normalize_([[g]], chained)
+    except NotImplementedError as err:
+        assert "chain()" in str(err), str(err)
+    else:
+        raise AssertionError("chain() ran on sharded gradients")
+    assert torch.equal(g.grad.to_local(), torch.full_like(g.grad.to_local(), 3.0))
+    clamps = gradclip.chain(
+        ("ClipElementWiseAbsoluteValue", 2.0), ("ClipElementWiseAbsoluteValue", 1.0)
+    )
+    gradclip.normalize_([[g]], clamps)  # element-wise only: no norms, allowed
+    assert torch.equal(g.grad.to_local(), torch.full_like(g.grad.to_local(), 1.0))
+    out["dtensor:chain-refused-untouched"] = {"ok": True}
+
 
 def _case_ddp(rank: int, out: dict[str, Any]) -> None:
     import torch.distributed as dist
@@ -648,6 +667,7 @@ CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
     "dtensor:mixed-placements",
     "dtensor:partial-refused-untouched",
     "dtensor:agc-split-rows-refused-untouched",
+    "dtensor:chain-refused-untouched",
     "ddp:all-modes-identical-on-ranks",
     "fsdp2:ClipGlobalNorm",
     "fsdp2:AutoClip",

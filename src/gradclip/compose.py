@@ -17,6 +17,7 @@ import torch
 
 from gradclip.adaptive import _PENDING, AutoClip, StatefulStrategy, ZClip
 from gradclip.agc import AdaptiveGradClip
+from gradclip.distributed import CrossRank
 from gradclip.global_norm import ClipGlobalNorm, device_dtype_runs, per_tensor_norms
 from gradclip.modes import resolve_strategy
 from gradclip.strategy import GroupView, Strategy
@@ -26,6 +27,10 @@ __all__ = ["STRATEGY_FACTORIES", "Chain", "chain", "strategy_from_name"]
 
 # (start, stop, coefficient buffer on the run's device, its 0-d views) per run
 _Buffer = tuple[int, int, torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def _asks_cross_rank(strategy: Strategy) -> bool:
+    return type(strategy).cross_rank is not Strategy.cross_rank
 
 
 def _as_strategy(item: Any, index: int) -> Strategy:
@@ -56,6 +61,21 @@ class Chain(StatefulStrategy):
 
     def config(self) -> Mapping[str, Any]:
         return {"strategies": self.strategies}
+
+    def cross_rank(self, view: GroupView) -> CrossRank | None:
+        # Called on sharded gradients before the step's collective, so refusing
+        # here leaves every gradient untouched. The first rule gets the engine's
+        # reduced L2 norms; a later rule would re-measure norms on this rank's
+        # shard alone, and no rule inside a chain joins the cross-rank reduction.
+        first, later = self.strategies[0], self.strategies[1:]
+        if _asks_cross_rank(first) or any(s.measures_norms or _asks_cross_rank(s) for s in later):
+            raise NotImplementedError(
+                "chain() on sharded (DTensor/FSDP2) gradients is exact only when its first "
+                "rule needs L2 norms alone and the later rules read no norms (e.g. "
+                "chain('ClipL2PerLayer', ('ClipElementWiseAbsoluteValue', 0.5))); this one "
+                f"is {self.describe()}. Use overrides (one rule per layer) instead."
+            )
+        return None
 
     def describe(self) -> str:
         return f"chain({', '.join(s.describe() for s in self.strategies)})"
