@@ -1,4 +1,4 @@
-"""``python -m gradclip``: see :mod:`gradclip.cli`."""
+"""``python -m gradclip``: see `gradclip.cli`."""
 
 import sys
 

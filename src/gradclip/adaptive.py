@@ -5,10 +5,10 @@ nothing to the host; only the step counter (how many steps the rule has seen)
 is a Python integer, which is configuration-like: it advances by one per step
 whatever the values are.
 
-* :class:`AutoClip` (Seetharaman et al. 2020): clip the norm at the
+* `AutoClip` (Seetharaman et al. 2020): clip the norm at the
   ``percentile``-th percentile of every norm seen so far, the current one
   included.
-* :class:`ZClip` (Kumar et al. 2025): an exponential moving average of the
+* `ZClip` (Kumar et al. 2025): an exponential moving average of the
   norm's mean and variance; a norm whose z-score exceeds ``z_thresh`` is
   clipped to ``mean + z_thresh² · std / z``.
 
@@ -19,9 +19,9 @@ DL4J's per-layer idea applied to the adaptive rules.
 
 State and resume: each rule's state lives in the normalizer (one state per
 group of layers sharing the rule) and is saved with
-:meth:`gradclip.GradientNormalizer.state_dict`. A rule object also offers
+`gradclip.GradientNormalizer.state_dict`. A rule object also offers
 ``state_dict()`` / ``load_state_dict()`` for the state of the (last) group it
-runs, e.g. with :func:`gradclip.normalize_`.
+runs, e.g. with `gradclip.normalize_`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def _check_scope(scope: object) -> Scope:
 class StatefulStrategy(Strategy):
     """A strategy with persistent per-group state, saved and restored exactly.
 
-    Subclasses implement :meth:`fresh_state` (tensors on the device plus a
-    Python ``"step"`` counter) and call :meth:`ready` at the start of
-    :meth:`scale` / :meth:`transform_`. State keys starting with ``_`` are
+    Subclasses implement `fresh_state` (tensors on the device plus a
+    Python ``"step"`` counter) and call `ready` at the start of
+    `scale` / `transform_`. State keys starting with ``_`` are
     caches and are not saved.
     """
 
@@ -157,7 +157,7 @@ class StatefulStrategy(Strategy):
         """The state of the group this strategy last ran, as a CPU copy.
 
         For a strategy shared by several normalizers or groups, save
-        :meth:`gradclip.GradientNormalizer.state_dict` instead.
+        `gradclip.GradientNormalizer.state_dict` instead.
 
         Raises:
             RuntimeError: the strategy has not run yet.
@@ -171,7 +171,7 @@ class StatefulStrategy(Strategy):
         return self.export_state(self._bound)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict`; it takes effect at the next step.
+        """Restore a state saved by `state_dict`; it takes effect at the next step.
 
         Raises:
             ValueError: the state belongs to another strategy or other settings.
@@ -206,11 +206,11 @@ class AutoClip(StatefulStrategy):
     At step ``t`` with gradient norm ``n_t`` (the L2 norm of all the rule's
     layers together, or of each layer with ``scope="layer"``):
 
-    .. math::
-
-        H_t = \\{n_1, \\dots, n_t\\}, \\qquad
-        c_t = \\operatorname{percentile}(H_t, p), \\qquad
-        g \\leftarrow g \\cdot \\min\\Big(1, \\frac{c_t}{n_t + 10^{-6}}\\Big)
+    $$
+    H_t = \\{n_1, \\dots, n_t\\}, \\qquad
+    c_t = \\operatorname{percentile}(H_t, p), \\qquad
+    g \\leftarrow g \\cdot \\min\\Big(1, \\frac{c_t}{n_t + 10^{-6}}\\Big)
+    $$
 
     as the authors' loop does: append the current norm, take
     ``np.percentile`` (linear interpolation; ``torch.quantile`` computes the

@@ -144,7 +144,7 @@ class _SplitUnits:
 
 
 def _split_units(view: GroupView) -> list[_SplitUnits | None]:
-    """Per run of :func:`_layout`, its split units (``None`` if it has none); cached."""
+    """Per run of `_layout`, its split units (``None`` if it has none); cached."""
     cached = view.cache.get("agc_split")
     if cached is not None:
         split: list[_SplitUnits | None] = cached
@@ -225,18 +225,18 @@ def _unit_norms(tensors: list[torch.Tensor], layout: _RunLayout) -> torch.Tensor
 class AdaptiveGradClip(Strategy):
     """Unit-wise adaptive gradient clipping (Brock et al. 2021, NFNets).
 
-    .. math::
-
-        m_u = \\max(‖W_u‖_2, \\epsilon)\\cdot\\lambda, \\qquad
-        G_u \\leftarrow \\begin{cases} G_u & ‖G_u‖_2 < m_u \\\\
-        G_u \\cdot m_u / \\max(‖G_u‖_2, 10^{-6}) & \\text{otherwise} \\end{cases}
+    $$
+    m_u = \\max(‖W_u‖_2, \\epsilon)\\cdot\\lambda, \\qquad
+    G_u \\leftarrow \\begin{cases} G_u & ‖G_u‖_2 < m_u \\\\
+    G_u \\cdot m_u / \\max(‖G_u‖_2, 10^{-6}) & \\text{otherwise} \\end{cases}
+    $$
 
     where a unit ``u`` is an output row (dim 0) of a weight of 2 or more
     dimensions and the whole tensor for 0-/1-D parameters. Norms are formed in
     float32 (float64 for float64 gradients); the gradients keep their dtype.
     Small tensors are reduced together with a constant number of launches per
     (device, dtype); tensors too large for that to pay (see
-    :func:`gradclip.kernels.large_tensor_elements`) are reduced one by one.
+    `gradclip.kernels.large_tensor_elements`) are reduced one by one.
     No value is read to the host.
 
     The paper clips every layer but the final linear classifier: leave it

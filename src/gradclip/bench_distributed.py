@@ -12,7 +12,7 @@ lined up by a barrier before each call (the barrier is not timed):
 * the naive per-layer alternative, ``clip_grad_norm_`` called once per layer,
   which costs one collective per layer.
 
-The collectives of one call of each are counted with :class:`CollectiveCounter`.
+The collectives of one call of each are counted with `CollectiveCounter`.
 Medians over ``repeats`` calls, from rank 0. The first call of each method is
 not timed (it builds the cached plan).
 

@@ -1,8 +1,8 @@
 """``python -m gradclip check config.yaml --model module:factory``: show what a configuration does.
 
 Builds the model with ``factory()`` (imported from ``module``), reads the
-configuration with :mod:`gradclip.config` and prints the layer table the
-normalizer would apply (:meth:`gradclip.GradientNormalizer.describe`), without
+configuration with `gradclip.config` and prints the layer table the
+normalizer would apply (`gradclip.GradientNormalizer.describe`), without
 training anything. Exit status 0 when the configuration is valid for the model,
 2 when it is not (the error is printed).
 """

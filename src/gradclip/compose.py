@@ -44,7 +44,7 @@ def _as_strategy(item: Any, index: int) -> Strategy:
 class Chain(StatefulStrategy):
     """Several strategies applied one after the other to the same layers.
 
-    Build it with :func:`chain`. The first rule receives the norms the engine
+    Build it with `chain`. The first rule receives the norms the engine
     measured (which are also the report's); each later rule that reads norms
     gets them measured again on the gradients as the previous rules left them.
     Stateful rules keep their own state inside the chain's, saved and restored
@@ -198,7 +198,7 @@ def chain(*strategies: Any) -> Chain:
     the norms measured before the first rule.
 
     Args:
-        *strategies: :class:`~gradclip.Strategy` objects, DL4J mode names
+        *strategies: `Strategy` objects, DL4J mode names
             (with the default threshold 1.0) or ``(mode, threshold)`` pairs.
 
     Returns:
@@ -228,7 +228,7 @@ STRATEGY_FACTORIES: dict[str, Callable[[], Strategy]] = {
 
 
 def strategy_from_name(name: str) -> Strategy:
-    """A default-constructed strategy from a short name of :data:`STRATEGY_FACTORIES`.
+    """A default-constructed strategy from a short name of `STRATEGY_FACTORIES`.
 
     Raises:
         ValueError: an unknown name; the message lists the known ones.

@@ -129,7 +129,7 @@ def _layer_entry(
 
 
 def parse_config(config: ConfigSource) -> dict[str, Any]:
-    """Validate a configuration and return :class:`~gradclip.GradientNormalizer`'s arguments.
+    """Validate a configuration and return `GradientNormalizer`'s arguments.
 
     Args:
         config: a mapping, or the path of a ``.json``, ``.yaml``/``.yml`` or ``.toml`` file.
@@ -223,12 +223,12 @@ def load_config(path: str | os.PathLike[str]) -> Any:
 
 
 def normalizer_from_config(model: Target, config: ConfigSource) -> GradientNormalizer:
-    """Build a :class:`~gradclip.GradientNormalizer` from a DL4J-style configuration.
+    """Build a `GradientNormalizer` from a DL4J-style configuration.
 
     Args:
         model: the model (or custom grouping) to normalize.
         config: a mapping, or the path of a JSON, YAML or TOML file; see
-            :mod:`gradclip.config` for the keys.
+            `gradclip.config` for the keys.
 
     Returns:
         The normalizer.

@@ -23,7 +23,7 @@ trained with plain SGD three ways:
 1. no normalization,
 2. ``torch.nn.utils.clip_grad_norm_`` (one global norm for the whole model),
 3. gradclip, by default DL4J's ``ClipL2PerLayer`` (one norm per layer), attached
-   to the optimizer with :meth:`gradclip.GradientNormalizer.attach`.
+   to the optimizer with `gradclip.GradientNormalizer.attach`.
 
 A run *diverges* at the first step whose loss is NaN, infinite or above
 ``100 × baseline``; it *learned* if it did not diverge and its MSE on a held-out
@@ -101,7 +101,7 @@ class DemoConfig:
         threshold: the clipping threshold of torch's global clip and of gradclip.
         strategy: gradclip's mode in the third run: a DL4J name, a name from
             ``gradclip.STRATEGY_FACTORIES`` (when that exists), or a
-            :class:`~gradclip.Strategy` object.
+            `Strategy` object.
         final_window: the final training loss is the mean of this many last steps.
         eval_size: sequences in the held-out set.
         log_every: the loss is read to the host (progress bar, divergence check)
@@ -326,7 +326,7 @@ def make_strategy(name: str | Strategy, threshold: float) -> Strategy:
     """The strategy of the third run.
 
     Args:
-        name: a :class:`~gradclip.Strategy` (used as is), a DL4J mode name, or a
+        name: a `Strategy` (used as is), a DL4J mode name, or a
             name in ``gradclip.STRATEGY_FACTORIES`` (any case). ``"global"`` is
             ``ClipGlobalNorm(threshold)``, the rule of the second run; another
             factory receives ``threshold`` if it takes an argument of that name,
@@ -510,18 +510,18 @@ def run_demo(
     Args:
         steps: SGD steps per run (default: 5000, or 1500 with ``quick``).
         seed: seeds the initial weights, the batches and the held-out set.
-        quick: the small CI configuration (:meth:`DemoConfig.quick`).
+        quick: the small CI configuration (`DemoConfig.quick`).
         lr: SGD learning rate (default 0.1).
         threshold: clipping threshold of the second and third runs (default 1.0).
         strategy: gradclip's mode or strategy in the third run (default
-            ``"ClipL2PerLayer"``); see :func:`make_strategy`.
+            ``"ClipL2PerLayer"``); see `make_strategy`.
         record_every: record per-layer gradient norms every this many steps
-            (0: never), for :func:`plot`.
+            (0: never), for `plot`.
         progress: show a progress bar per run.
-        **overrides: any other :class:`DemoConfig` field.
+        **overrides: any other `DemoConfig` field.
 
     Returns:
-        :class:`DemoResults`; ``results["none"]``, ``results["clip_grad_norm_"]``
+        `DemoResults`; ``results["none"]``, ``results["clip_grad_norm_"]``
         and ``results["gradclip"]`` are the runs.
 
     Example:
@@ -579,7 +579,7 @@ def plot(results: DemoResults, path: str) -> None:
     ``record_every > 0``.
 
     Args:
-        results: what :func:`run_demo` returned.
+        results: what `run_demo` returned.
         path: the image file to write (the format follows the extension).
     """
     try:

@@ -21,7 +21,7 @@ pieces only:
 
 A strategy that needs more than the L2 norms (a global p-norm with ``p != 2``,
 AGC's whole-tensor units of sharded biases) declares per-rank partial
-quantities with :meth:`~gradclip.Strategy.cross_rank` (:class:`CrossRank`: sums
+quantities with `cross_rank` (`CrossRank`: sums
 and maxima); they travel in the **same** collective, appended to the norms'
 vector. A maximum rides on the sum with an exact trick: each rank writes its
 values into its own slot of a ``(world, M)`` block of zeros, the sum over ranks
@@ -29,13 +29,13 @@ leaves every rank's values intact (``x + 0 = x`` exactly, inf and NaN
 included), and the maximum over the slots is taken locally.
 
 The bytes sent per step are one float per gradient tensor, whatever the model's
-size, plus the few quantities strategies declare (:class:`CrossRank`).
+size, plus the few quantities strategies declare (`CrossRank`).
 Element-wise clipping and ``None`` measure nothing, so a step with only those
 modes sends nothing. Under DDP gradients are plain tensors, already
 averaged (identical on every rank): the engine needs no communication at all and
 never calls into this module's collective.
 
-Everything here that looks at placements runs once per :class:`~gradclip.engine.Plan`
+Everything here that looks at placements runs once per `Plan`
 (when the set of gradients changes); a model without ``DTensor`` gradients pays
 one ``sys.modules`` lookup per plan and nothing per step.
 
@@ -112,7 +112,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`local_tensor` of each tensor, under one ``no_grad``."""
+    """`local_tensor` of each tensor, under one ``no_grad``."""
     cls = _dtensor_type()
     if cls is None:
         return list(tensors)
@@ -124,14 +124,14 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class CrossRank:
     """Per-rank partial quantities a strategy needs reduced over the ranks.
 
-    Returned by :meth:`gradclip.Strategy.cross_rank` with this rank's values and
-    handed back, reduced, in :attr:`gradclip.GroupView.reduced`. Both vectors ride
+    Returned by `gradclip.Strategy.cross_rank` with this rank's values and
+    handed back, reduced, in `gradclip.GroupView.reduced`. Both vectors ride
     in the step's one collective.
 
     Attributes:
         sums: ``(S,)`` summed over ranks. A piece held by several ranks (a
             ``Replicate`` placement) is summed once per holder: weight it by
-            :attr:`GroupShards.weights` first.
+            `GroupShards.weights` first.
         maxima: ``(M,)`` maximum over ranks (no weighting needed). Costs
             ``world_size`` floats per entry on the wire (see the module docstring).
 
@@ -146,7 +146,7 @@ class CrossRank:
 
 @dataclass(eq=False)
 class GroupShards:
-    """How one strategy group's gradients are sharded (:attr:`gradclip.GroupView.shards`).
+    """How one strategy group's gradients are sharded (`gradclip.GroupView.shards`).
 
     Attributes:
         weights: ``(T,)`` ``1 / replicas`` of each tensor's local piece, on the
@@ -165,9 +165,9 @@ class GroupShards:
 class Sharding:
     """How the local norms of one plan's tensors become global norms.
 
-    Built once per plan by :func:`sharding_of`; every step the engine calls
-    :meth:`local` on the gradients and :meth:`reduce` (or :meth:`reduce_norms`,
-    when no strategy declared :class:`CrossRank` quantities) on the measured norms.
+    Built once per plan by `sharding_of`; every step the engine calls
+    `local` on the gradients and `reduce` (or `reduce_norms`,
+    when no strategy declared `CrossRank` quantities) on the measured norms.
 
     Attributes:
         group: the process group of the reduction (``None``: the default group).
@@ -175,7 +175,7 @@ class Sharding:
         weights: ``(T,)`` ``1 / replicas`` of each tensor, on the plan's device in
             its accumulation dtype; ``None`` when every piece is held by one rank.
         num_sharded: how many of the tensors are ``DTensor`` s.
-        split_dims: per tensor, the dims split across ranks (see :class:`GroupShards`).
+        split_dims: per tensor, the dims split across ranks (see `GroupShards`).
         rank: this rank's index in ``group``.
         device: where the norms live (the plan's device).
         dtype: their accumulation dtype.
@@ -191,7 +191,7 @@ class Sharding:
     dtype: torch.dtype
 
     def group_shards(self, positions: Sequence[int], positions_t: torch.Tensor) -> GroupShards:
-        """The :class:`GroupShards` of the tensors at ``positions`` (once per plan)."""
+        """The `GroupShards` of the tensors at ``positions`` (once per plan)."""
         if self.weights is None:
             weights = torch.ones(len(positions), dtype=self.dtype, device=self.device)
         else:
@@ -237,11 +237,11 @@ class Sharding:
 
         Args:
             norms: ``(T,)`` local L2 norms, or ``None`` when the step measures none.
-            extras: the strategies' local :class:`CrossRank` s.
+            extras: the strategies' local `CrossRank` s.
 
         Returns:
             The global norms (``None`` if ``norms`` was) and, for each extra, a
-            :class:`CrossRank` of its reduced values, on the plan's device.
+            `CrossRank` of its reduced values, on the plan's device.
         """
         if not extras:
             return (None if norms is None else self.reduce_norms(norms)), []
@@ -339,7 +339,7 @@ def sharding_of(
         dtype: their accumulation dtype.
 
     Returns:
-        A :class:`Sharding`, or ``None`` for a step without ``DTensor`` gradients.
+        A `Sharding`, or ``None`` for a step without ``DTensor`` gradients.
 
     Raises:
         ValueError: a ``DTensor`` gradient with a ``Partial`` placement, or gradients

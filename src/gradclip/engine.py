@@ -13,7 +13,7 @@
 
 The kernel launches of a step do not grow with the number of layers: the
 layers only change the length of the small index vectors, which are built once
-and cached in a :class:`Plan`. A plan is rebuilt only when the set of
+and cached in a `Plan`. A plan is rebuilt only when the set of
 gradients changes (a parameter gets or loses its gradient, or changes dtype or
 device).
 """
@@ -284,13 +284,13 @@ class Engine:
     """Runs normalization steps over a fixed list of layers, caching the plan.
 
     Args:
-        layers: the layers, see :func:`gradclip.layers.build_layers`.
+        layers: the layers, see `gradclip.layers.build_layers`.
         strategies: one strategy per layer.
         measure_all: also measure the norms of layers whose strategy needs none
             (``None`` and element-wise clipping), for telemetry; costs one read of
             their gradients.
         nonfinite: what to do with layers whose norm is inf or NaN, see
-            :func:`gradclip.nonfinite.check_nonfinite`; any policy but
+            `gradclip.nonfinite.check_nonfinite`; any policy but
             ``"propagate"`` measures every layer (as ``measure_all``).
     """
 
@@ -465,7 +465,7 @@ def _layer_norms(plan: Plan, tensor_norms: torch.Tensor) -> torch.Tensor:
 def _measure_sharded(
     plan: Plan, grads: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, list[CrossRank | None]]:
-    """:meth:`Engine.measure` on local pieces, plus each group's :meth:`Strategy.cross_rank`.
+    """`Engine.measure` on local pieces, plus each group's `Strategy.cross_rank`.
 
     The L2 norms and every strategy's declared quantities travel in one
     collective (none if there is nothing to reduce). Returns the global norms

@@ -125,13 +125,13 @@ def _sharded_total(view: GroupView, reduced: CrossRank, norm_type: float) -> tor
 class ClipGlobalNorm(Strategy):
     """Clip the global p-norm of the gradients, like ``torch.nn.utils.clip_grad_norm_``.
 
-    .. math::
-
-        ‖g‖_p = \\Big(\\sum_i ‖g_i‖_p^p\\Big)^{1/p}, \\qquad
-        g_i \\leftarrow g_i \\cdot \\min\\Big(1, \\frac{\\text{max\\_norm}}{‖g‖_p + 10^{-6}}\\Big)
+    $$
+    ‖g‖_p = \\Big(\\sum_i ‖g_i‖_p^p\\Big)^{1/p}, \\qquad
+    g_i \\leftarrow g_i \\cdot \\min\\Big(1, \\frac{\\text{max\\_norm}}{‖g‖_p + 10^{-6}}\\Big)
+    $$
 
     "Global" means every layer this strategy is given: as the default of a
-    :class:`~gradclip.GradientNormalizer` that is the whole model (minus the
+    `GradientNormalizer` that is the whole model (minus the
     layers overridden with another rule), as an override it is the layers that
     override names, clipped together. Half-precision norms are accumulated in
     float32; no value is read to the host. The total norm is in the report's
@@ -147,7 +147,7 @@ class ClipGlobalNorm(Strategy):
     one, in the step's single collective: ``p = 2`` reads the reduced L2 norms;
     other ``p`` add, per tensor, this rank's ``Σ|g|^p`` of its piece (weighted
     ``1 / replicas``) to the summed vector, and ``p = ∞`` this rank's ``max|g|``
-    to the maxima (see :class:`gradclip.distributed.CrossRank`). The sum of
+    to the maxima (see `gradclip.distributed.CrossRank`). The sum of
     ``p``-th powers is formed in float64, as torch's own DTensor norm does.
 
     Example:

@@ -3,7 +3,7 @@
 Every function here takes whole lists of tensors and issues a number of kernel
 launches that does not depend on how many tensors there are (a ``_foreach``
 launch covers a whole (device, dtype) group), with one deliberate exception
-explained in :func:`clamp_abs_`.
+explained in `clamp_abs_`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _LARGE_TENSOR_ELEMENTS_DEFAULT = 1 << 21
 
 
 def large_tensor_elements(device: torch.device) -> int:
-    """Element count from which :func:`clamp_abs_` clamps a tensor on its own."""
+    """Element count from which `clamp_abs_` clamps a tensor on its own."""
     return _LARGE_TENSOR_ELEMENTS.get(device.type, _LARGE_TENSOR_ELEMENTS_DEFAULT)
 
 
@@ -62,7 +62,7 @@ def foreach_l2_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.T
 
 @dataclass(frozen=True)
 class ClampPlan:
-    """How :func:`clamp_abs_` splits a list of tensors; depends only on the layout.
+    """How `clamp_abs_` splits a list of tensors; depends only on the layout.
 
     Attributes:
         groups: for each (device, dtype, threshold): the threshold, the positions
@@ -74,7 +74,7 @@ class ClampPlan:
 
 
 def plan_clamp(tensors: Sequence[torch.Tensor], thresholds: Sequence[float]) -> ClampPlan:
-    """Split ``tensors`` for :func:`clamp_abs_` (call once per layout, not per step)."""
+    """Split ``tensors`` for `clamp_abs_` (call once per layout, not per step)."""
     keys = [(t.device, t.dtype, float(thr)) for t, thr in zip(tensors, thresholds, strict=True)]
     groups = []
     for (device, _, thr), positions in group_indices(keys).items():
@@ -94,12 +94,12 @@ def clamp_abs_(
     tensors are clamped with ``_foreach_clamp_min_`` then ``_foreach_clamp_max_``
     (two launches for the whole group), and each large one with a single
     ``clamp_`` (one pass over its memory instead of two; see
-    :func:`large_tensor_elements`).
+    `large_tensor_elements`).
 
     Args:
         tensors: gradients to clamp, in place.
         thresholds: one positive float per tensor.
-        plan: the result of :func:`plan_clamp` for this layout, to skip the
+        plan: the result of `plan_clamp` for this layout, to skip the
             grouping work on every step.
     """
     if plan is None:

@@ -1,6 +1,6 @@
 """Per-layer gradient norms over time: to TensorBoard and to CSV.
 
-Both writers read a :class:`~gradclip.NormReport` from the device with one
+Both writers read a `NormReport` from the device with one
 transfer per step (``report.to_dict()``) and write the norms measured *before*
 normalization, one value per layer. Layers whose norm was not measured (``None``
 and element-wise clipping, unless the normalizer has ``measure_all=True``) are
@@ -33,7 +33,7 @@ __all__ = ["CSVNormWriter", "ScalarWriter", "layer_norm_values", "write_tensorbo
 
 
 class ScalarWriter(Protocol):
-    """What :func:`write_tensorboard` needs: ``torch.utils.tensorboard.SummaryWriter``'s methods."""
+    """What `write_tensorboard` needs: ``torch.utils.tensorboard.SummaryWriter``'s methods."""
 
     def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None) -> Any: ...
 
@@ -76,7 +76,7 @@ def write_tensorboard(
     out the layers' gradients are, and how that changes over training.
 
     Args:
-        report: the :class:`~gradclip.NormReport` of the step.
+        report: the `NormReport` of the step.
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or anything with
             ``add_scalar`` and ``add_histogram``).
         step: the global step.

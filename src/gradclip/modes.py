@@ -254,12 +254,12 @@ _MODE_CLASSES: dict[GradientNormalization, type[_DL4JStrategy]] = {
 
 
 def resolve_strategy(mode: object, threshold: Any = 1.0) -> Strategy:
-    """Turn what a user wrote for a mode into a :class:`Strategy`.
+    """Turn what a user wrote for a mode into a `Strategy`.
 
     Args:
-        mode: a :class:`GradientNormalization` member, its DL4J or Python name
+        mode: a `GradientNormalization` member, its DL4J or Python name
             (``"ClipL2PerLayer"``, ``"clip_l2_per_layer"``), ``None`` for no
-            normalization, or a :class:`Strategy` object (used as is; its own
+            normalization, or a `Strategy` object (used as is; its own
             hyper-parameters win over ``threshold``).
         threshold: the threshold for a DL4J mode; must be a finite number > 0.
 

@@ -11,10 +11,10 @@ policy         effect
                bit-masked multiply of every gradient (a plain ``x * 0`` would turn
                ``inf`` into NaN), and every layer is measured, even those whose
                rule reads no norms (``None``, element-wise clipping, AGC).
-``error``      raise :class:`NonFiniteGradientError` naming the layers, before any
+``error``      raise `NonFiniteGradientError` naming the layers, before any
                gradient is modified. Reads one ``(L,)`` bool vector to the host
                per step (a synchronization on an accelerator).
-``skip``       for :meth:`GradientNormalizer.attach`: a step with a non-finite
+``skip``       for `GradientNormalizer.attach`: a step with a non-finite
                layer leaves the gradients and every rule's state untouched and the
                optimizer step is skipped, as ``torch.amp.GradScaler`` does. Reads
                the same ``(L,)`` vector to the host once per step.
@@ -69,7 +69,7 @@ class NonFiniteGradientError(RuntimeError):
 
 
 def check_nonfinite(policy: object) -> str:
-    """Return ``policy`` if it is one of :data:`NONFINITE_POLICIES`, else raise ``ValueError``."""
+    """Return ``policy`` if it is one of `NONFINITE_POLICIES`, else raise ``ValueError``."""
     if policy not in NONFINITE_POLICIES:
         raise ValueError(
             f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {policy!r}"
@@ -89,7 +89,7 @@ def read_nonfinite(plan: Plan, layer_norms: torch.Tensor) -> list[str]:
 
 
 def raise_nonfinite(layers: list[str]) -> None:
-    """Raise :class:`NonFiniteGradientError` for ``layers``."""
+    """Raise `NonFiniteGradientError` for ``layers``."""
     raise NonFiniteGradientError(layers)
 
 
@@ -119,11 +119,11 @@ def zero_nonfinite_(
 
 
 class SkipHandle(RemovableHandle):
-    """Handle of a ``nonfinite="skip"`` attachment; :meth:`remove` detaches it.
+    """Handle of a ``nonfinite="skip"`` attachment; `remove` detaches it.
 
     The optimizer's ``step`` is wrapped on the instance (as a bound method, so
     that LR schedulers created later can wrap it in turn). If something wrapped
-    it after us, :meth:`remove` cannot unwrap it and turns the wrapper into a
+    it after us, `remove` cannot unwrap it and turns the wrapper into a
     plain pass-through instead.
     """
 

@@ -71,13 +71,13 @@ class GradientNormalizer:
     Every layer (by default, every module that directly owns parameters) is
     normalized with ``mode`` and ``threshold`` unless ``overrides`` names it,
     as DL4J's ``.gradientNormalization(...)`` on the network builder and on a
-    layer builder do. See :mod:`gradclip.modes` for the formulas.
+    layer builder do. See `gradclip.modes` for the formulas.
 
     Args:
         model: an ``nn.Module`` or a custom grouping (see
-            :func:`gradclip.layers.build_layers`).
-        mode: the default: a :class:`GradientNormalization`, a DL4J name such as
-            ``"ClipL2PerLayer"``, ``None``, or a :class:`~gradclip.Strategy`.
+            `gradclip.layers.build_layers`).
+        mode: the default: a `GradientNormalization`, a DL4J name such as
+            ``"ClipL2PerLayer"``, ``None``, or a `Strategy`.
         threshold: the default threshold, a finite number > 0 (DL4J's default 1.0).
         overrides: ``{key: mode}``, ``{key: (mode, threshold)}`` or
             ``{key: {"mode": ..., "threshold": ...}}``. A key is a layer name, the
@@ -89,7 +89,7 @@ class GradientNormalizer:
             gradients.
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
-            :mod:`gradclip.nonfinite` for the cost of each (``"error"`` and
+            `gradclip.nonfinite` for the cost of each (``"error"`` and
             ``"skip"`` read one bool per layer to the host every step).
 
     Example:
@@ -165,7 +165,7 @@ class GradientNormalizer:
 
     @classmethod
     def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
-        """From a dict or a JSON/YAML/TOML file: :func:`gradclip.config.normalizer_from_config`."""
+        """From a dict or a JSON/YAML/TOML file: `gradclip.config.normalizer_from_config`."""
         from gradclip.config import normalizer_from_config
 
         return normalizer_from_config(model, config)
@@ -175,10 +175,10 @@ class GradientNormalizer:
         """Normalize the model's current gradients in place.
 
         Call between ``loss.backward()`` and ``optimizer.step()`` (or use
-        :meth:`attach`). With AMP, unscale first (``scaler.unscale_(optimizer)``).
+        `attach`). With AMP, unscale first (``scaler.unscale_(optimizer)``).
 
         Returns:
-            The :class:`~gradclip.NormReport` of norms measured before
+            The `NormReport` of norms measured before
             normalization; no value is read from the device.
 
         Raises:
@@ -203,7 +203,7 @@ class GradientNormalizer:
         ``scaler.step(optimizer)`` unscales before it calls ``step``, so the
         normalizer sees unscaled gradients, and a step the scaler skips (inf or
         NaN gradients) does not run the normalizer at all. The latest report is
-        kept in :attr:`last_report`.
+        kept in `last_report`.
 
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
@@ -235,7 +235,7 @@ class GradientNormalizer:
         return optimizer.register_step_pre_hook(hook)
 
     def apply_skipping(self) -> bool:
-        """:meth:`apply`, then whether the step must be skipped (``nonfinite="skip"``).
+        """`apply`, then whether the step must be skipped (``nonfinite="skip"``).
 
         True when a layer's norm was not finite; the gradients and the rules'
         state were then left untouched and the non-finite layers are in
@@ -248,7 +248,7 @@ class GradientNormalizer:
     def state_dict(self) -> dict[str, Any]:
         """The adaptive rules' state (CPU tensors and ints) and what identifies the model.
 
-        Save it with the model and optimizer; :meth:`load_state_dict` on a fresh
+        Save it with the model and optimizer; `load_state_dict` on a fresh
         normalizer of the same model and configuration continues bit for bit.
         """
         from gradclip.resume import normalizer_state_dict
@@ -257,7 +257,7 @@ class GradientNormalizer:
         return normalizer_state_dict(self._engine)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; it takes effect at the next step.
+        """Restore `state_dict`; it takes effect at the next step.
 
         Raises:
             ValueError: the state dict was saved for a different model (layers,
@@ -318,7 +318,7 @@ def normalize_(
 ) -> NormReport:
     """Normalize the gradients of ``target`` in place with one DL4J mode (or strategy).
 
-    The one-call form of :class:`GradientNormalizer`, in the style of
+    The one-call form of `GradientNormalizer`, in the style of
     ``torch.nn.utils.clip_grad_norm_``: call it between ``loss.backward()`` and
     ``optimizer.step()``. For a module, the layout is cached across calls.
 
@@ -326,15 +326,15 @@ def normalize_(
         target: an ``nn.Module`` (one layer per module owning parameters), a
             mapping ``{layer_name: params}``, a list of parameter lists, or a flat
             iterable of parameters (one layer).
-        mode: a :class:`GradientNormalization`, a DL4J name such as
-            ``"ClipL2PerLayer"``, ``None``, or a :class:`~gradclip.Strategy`.
+        mode: a `GradientNormalization`, a DL4J name such as
+            ``"ClipL2PerLayer"``, ``None``, or a `Strategy`.
         threshold: a finite number > 0; ignored by the renormalize modes.
         nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, see
-            :mod:`gradclip.nonfinite` (``"skip"`` needs an optimizer: use
+            `gradclip.nonfinite` (``"skip"`` needs an optimizer: use
             ``GradientNormalizer(..., nonfinite="skip").attach(optimizer)``).
 
     Returns:
-        The :class:`~gradclip.NormReport` of norms measured before normalization.
+        The `NormReport` of norms measured before normalization.
 
     Example:
         >>> loss.backward()

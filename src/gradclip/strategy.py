@@ -1,15 +1,15 @@
 """The contract every normalization rule implements.
 
 A *strategy* decides what happens to the gradients of the layers assigned to
-it. The engine (:mod:`gradclip.engine`) does the expensive, shared work once
+it. The engine (`gradclip.engine`) does the expensive, shared work once
 per step for every layer of the model together — one ``_foreach_norm`` per
 (device, dtype), one ``_foreach_mul_`` per (device, dtype) — and hands each
-strategy a :class:`GroupView` of the layers it owns. A strategy then either
+strategy a `GroupView` of the layers it owns. A strategy then either
 
-* returns one multiplicative coefficient per tensor from :meth:`Strategy.scale`
+* returns one multiplicative coefficient per tensor from `Strategy.scale`
   (``scales = True``; the engine multiplies them in, together with every other
   scaling strategy's), or
-* rewrites its gradients itself in :meth:`Strategy.transform_`
+* rewrites its gradients itself in `Strategy.transform_`
   (``scales = False``; e.g. element-wise clipping).
 
 Coefficients are tensors on the device: a strategy never reads a value to the
@@ -18,8 +18,8 @@ host, so a step costs no host-device synchronization.
 On sharded gradients (``DTensor``, FSDP2) the views hold each rank's local
 pieces and the norms are already reduced over ranks. A strategy that needs
 other quantities of the full tensors declares their per-rank parts in
-:meth:`Strategy.cross_rank`; the engine reduces them in the step's single
-collective and hands them back in :attr:`GroupView.reduced`.
+`Strategy.cross_rank`; the engine reduces them in the step's single
+collective and hands them back in `GroupView.reduced`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class GroupView:
         device: where the norms and coefficients live.
         dtype: accumulation dtype of the norms (float32 or wider).
         state: the strategy's persistent state for this group (see
-            :meth:`Strategy.init_state`); mutate it in place on the device.
+            `Strategy.init_state`); mutate it in place on the device.
         stats: extra measurements a strategy wants in the report (name -> tensor).
         cache: scratch space that lives as long as the engine's plan (it is
             emptied whenever the layout of the gradients changes): a place for
@@ -69,7 +69,7 @@ class GroupView:
             ``params`` are then this rank's pieces), or ``None`` when none is a
             ``DTensor``.
         reduced: on sharded gradients, the reduced values of what
-            :meth:`Strategy.cross_rank` declared this step; ``None`` otherwise.
+            `Strategy.cross_rank` declared this step; ``None`` otherwise.
         zeroed: on sharded gradients under ``nonfinite="zero"``, ``(T,)`` bool: the
             tensors zeroed this step after ``reduced`` was measured, whose reduced
             gradient quantities must be read as those of a zero tensor; else ``None``.
@@ -115,14 +115,14 @@ class GroupView:
 class Strategy:
     """Base class of every normalization rule; see the module docstring.
 
-    Subclasses set the class attributes below and implement :meth:`scale` or
-    :meth:`transform_`. Strategies are compared by value (:meth:`config`), so
+    Subclasses set the class attributes below and implement `scale` or
+    `transform_`. Strategies are compared by value (`config`), so
     two layers configured alike share one group.
     """
 
     #: the engine measures each gradient's L2 norm before the strategy runs.
     measures_norms: ClassVar[bool] = True
-    #: :meth:`scale` returns coefficients (else :meth:`transform_` rewrites in place).
+    #: `scale` returns coefficients (else `transform_` rewrites in place).
     scales: ClassVar[bool] = True
     #: layers of strategies of the same class but different thresholds are run as
     #: one group, with their thresholds in ``GroupView.layer_thresholds``. Only
@@ -153,8 +153,8 @@ class Strategy:
         Called only on sharded gradients, once per step before the step's single
         collective, with ``view.grads``/``view.params`` the local pieces,
         ``view.shards`` set and no norms yet (``tensor_norms`` is ``None``). The
-        reduced values arrive in ``view.reduced`` when :meth:`scale` or
-        :meth:`transform_` runs. Must not modify the gradients. Rules that need
+        reduced values arrive in ``view.reduced`` when `scale` or
+        `transform_` runs. Must not modify the gradients. Rules that need
         only the L2 norms (which the engine reduces anyway) keep the default.
         """
         return None

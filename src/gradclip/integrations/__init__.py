@@ -1,8 +1,8 @@
 """Callbacks for training loops written by someone else.
 
-* :mod:`gradclip.integrations.lightning` — a Lightning ``Callback``
+* `gradclip.integrations.lightning` — a Lightning ``Callback``
   (``pip install gradclip[lightning]``);
-* :mod:`gradclip.integrations.transformers` — a Hugging Face ``TrainerCallback``
+* `gradclip.integrations.transformers` — a Hugging Face ``TrainerCallback``
   (``pip install gradclip[transformers]``).
 
 Each submodule imports its framework when it is imported itself; importing

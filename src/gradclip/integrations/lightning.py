@@ -54,22 +54,22 @@ __all__ = ["GradientNormalizationCallback"]
 class GradientNormalizationCallback(Callback):  # type: ignore[misc]
     """Normalize gradients per layer before every optimizer step of a Lightning ``Trainer``.
 
-    The normalizer is a :class:`~gradclip.GradientNormalizer` over the
+    The normalizer is a `GradientNormalizer` over the
     ``LightningModule`` itself, so layer names and override keys are the
     module's attribute paths (``"encoder.0"``, ``"head"``).
 
     Args:
-        mode: the default mode: a :class:`~gradclip.GradientNormalization`, a
+        mode: the default mode: a `GradientNormalization`, a
             DL4J name such as ``"ClipL2PerLayer"``, ``None``, or a strategy.
         threshold: the default threshold, a finite number > 0.
-        overrides: per-layer overrides, as for :class:`~gradclip.GradientNormalizer`.
+        overrides: per-layer overrides, as for `GradientNormalizer`.
         log_norms: log each layer's gradient norm (before normalization) as
             ``grad_norm/<layer>`` through ``pl_module.log_dict``.
         log_prefix: the prefix of the logged names.
 
     Attributes:
-        normalizer: the :class:`~gradclip.GradientNormalizer`, built when fitting starts.
-        last_report: the :class:`~gradclip.NormReport` of the latest step that ran.
+        normalizer: the `GradientNormalizer`, built when fitting starts.
+        last_report: the `NormReport` of the latest step that ran.
 
     Example:
         >>> callback = GradientNormalizationCallback("ClipL2PerLayer", threshold=0.5)

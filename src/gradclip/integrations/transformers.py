@@ -61,21 +61,21 @@ __all__ = ["GradientNormalizationCallback"]
 class GradientNormalizationCallback(TrainerCallback):  # type: ignore[misc]
     """Normalize gradients per layer before every optimizer step of a ``transformers.Trainer``.
 
-    The normalizer is a :class:`~gradclip.GradientNormalizer` over the Trainer's
+    The normalizer is a `GradientNormalizer` over the Trainer's
     model (unwrapped from DDP), built when training starts; layer names and
     override keys are the model's module names (``"transformer.h.0.attn.c_attn"``,
     globs such as ``"transformer.h.*.mlp.*"``).
 
     Args:
-        mode: the default mode: a :class:`~gradclip.GradientNormalization`, a
+        mode: the default mode: a `GradientNormalization`, a
             DL4J name such as ``"ClipL2PerLayer"``, ``None``, or a strategy.
         threshold: the default threshold, a finite number > 0.
-        overrides: per-layer overrides, as for :class:`~gradclip.GradientNormalizer`.
+        overrides: per-layer overrides, as for `GradientNormalizer`.
         log_norms: add each layer's gradient norm to the Trainer's logs.
         log_prefix: the prefix of the logged names.
 
     Attributes:
-        normalizer: the :class:`~gradclip.GradientNormalizer` (``None`` before training).
+        normalizer: the `GradientNormalizer` (``None`` before training).
 
     Example:
         >>> callback = GradientNormalizationCallback(
