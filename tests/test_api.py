@@ -342,3 +342,18 @@ def test_parameters_swapped_behind_the_hooks_are_found() -> None:
     assert float(
         torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm()
     ) == pytest.approx(1.0)
+
+
+def test_normalize_cache_does_not_keep_the_model_alive() -> None:
+    import gc
+    import weakref
+
+    model = mlp(2)
+    fill_grads(model)
+    gradclip.normalize_(model, "ClipL2PerLayer", 1.0)
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    del normalizer

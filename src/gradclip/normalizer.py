@@ -121,16 +121,22 @@ class GradientNormalizer:
         )
         self.overrides = dict(overrides or {})
         self.measure_all = measure_all
-        self._model = model if isinstance(model, nn.Module) else None
-        self._target = model
-        if self._model is not None:
+        # A module is held weakly: normalize_ caches normalizers in a
+        # WeakKeyDictionary keyed by the module, which a strong reference from the
+        # value would keep alive forever. Other targets are plain containers.
+        self._model_ref = weakref.ref(model) if isinstance(model, nn.Module) else None
+        self._target = None if isinstance(model, nn.Module) else model
+        if self._model_ref is not None:
             _watch_module_structure()
         self._version = _structure_version
         self._engine = self._build()
         self.last_report: NormReport | None = None
 
     def _build(self) -> Engine:
-        layers = build_layers(self._target)
+        target = self._target if self._model_ref is None else self._model_ref()
+        if target is None:
+            raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
+        layers = build_layers(target)
         names = [layer.name for layer in layers]
         resolved = {
             key: _resolve_override(value, self.threshold, key)
@@ -148,8 +154,9 @@ class GradientNormalizer:
         directly) is caught by ``force``, which walks the model.
         """
         rebuilt = False
-        if self._model is not None and (force or self._version != _structure_version):
-            layers = build_layers(self._model)
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None and (force or self._version != _structure_version):
+            layers = build_layers(model)
             old = self._engine.layers
             same = len(layers) == len(old) and all(
                 a.name == b.name
