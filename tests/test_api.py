@@ -357,3 +357,13 @@ def test_normalize_cache_does_not_keep_the_model_alive() -> None:
     gc.collect()
     assert ref() is None
     del normalizer
+
+
+def test_compiled_module_keeps_the_names_of_the_original() -> None:
+    model = TinyRNN()
+    compiled = torch.compile(model)
+    assert [layer.name for layer in gradclip.build_layers(compiled)] == ["embed", "rnn", "head"]
+    normalizer = gradclip.GradientNormalizer(compiled, "ClipL2PerLayer", overrides={"rnn": None})
+    backward_once(model, scale=100.0)
+    report = normalizer.apply()
+    assert report.layer_names == ["embed", "rnn", "head"]
