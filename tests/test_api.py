@@ -367,3 +367,17 @@ def test_compiled_module_keeps_the_names_of_the_original() -> None:
     backward_once(model, scale=100.0)
     report = normalizer.apply()
     assert report.layer_names == ["embed", "rnn", "head"]
+
+
+def test_gradients_with_a_graph_are_normalized_without_recording_history() -> None:
+    model = mlp(2)
+    x = torch.randn(3, 8)
+    loss = model(x).pow(2).sum() * 100
+    loss.backward(create_graph=True)
+    assert model[0].weight.grad.requires_grad
+    report = gradclip.normalize_(model, "ClipL2PerLayer", 1.0)
+    assert report.tensor_norms.grad_fn is None
+    norm = torch.cat([p.grad.detach().flatten() for p in model[0].parameters()]).norm()
+    assert float(norm) == pytest.approx(1.0, rel=1e-5)
+    for p in model.parameters():
+        p.grad = None  # break the graph cycle create_graph makes

@@ -351,8 +351,13 @@ class Engine:
             self._signature = signature
         return self._plan
 
+    @torch.no_grad()
     def step(self) -> NormReport:
-        """Normalize the current gradients in place and report what was measured."""
+        """Normalize the current gradients in place and report what was measured.
+
+        Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
+        with ``create_graph=True`` are rescaled without recording autograd history.
+        """
         grads_by_param, signature = self.gather()
         plan = self.plan(signature, grads_by_param)
         grads = plan.select(grads_by_param)
