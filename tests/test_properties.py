@@ -40,7 +40,15 @@ def layouts(draw: st.DrawFn) -> list[list[torch.Tensor]]:
                 x = torch.full(shape, scale)
             else:
                 x = torch.randn(shape, generator=gen) * scale
-            tensors.append(x.to(dtype))
+            x = x.to(dtype)
+            layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+            if layout == "transposed" and x.dim() >= 2:
+                x = x.transpose(0, 1).contiguous().transpose(0, 1)  # dense, not contiguous
+            elif layout == "strided" and x.dim() >= 1:
+                wide = torch.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=dtype)
+                wide[..., ::2] = x
+                x = wide[..., ::2]  # every other element: not dense
+            tensors.append(x)
         layers.append(tensors)
     return layers
 
@@ -50,8 +58,9 @@ def params_for(layers: list[list[torch.Tensor]]) -> list[list[torch.nn.Parameter
     for tensors in layers:
         params = []
         for g in tensors:
-            p = torch.nn.Parameter(torch.zeros_like(g))
-            p.grad = g.clone()
+            p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+            # a copy with the same strides (clone() would make a strided one dense)
+            p.grad = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype).copy_(g)
             params.append(p)
         result.append(params)
     return result
