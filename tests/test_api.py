@@ -381,3 +381,26 @@ def test_gradients_with_a_graph_are_normalized_without_recording_history() -> No
     assert float(norm) == pytest.approx(1.0, rel=1e-5)
     for p in model.parameters():
         p.grad = None  # break the graph cycle create_graph makes
+
+
+def test_layer_with_mixed_dtypes_is_clipped_as_one_layer() -> None:
+    layer = nn.Linear(16, 16)
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    layer.weight.grad = torch.full((16, 16), 1.0)
+    layer.bias.grad = torch.full((16,), 2.0, dtype=torch.bfloat16)
+    expected_norm = math.sqrt(256 * 1.0 + 16 * 4.0)
+    report = gradclip.normalize_(layer, "ClipL2PerLayer", 1.0)
+    assert float(report.layer_norms[""]) == pytest.approx(expected_norm, rel=1e-6)
+    total = math.sqrt(
+        float(layer.weight.grad.double().norm()) ** 2 + float(layer.bias.grad.double().norm()) ** 2
+    )
+    assert total == pytest.approx(1.0, rel=1e-2)
+    assert layer.bias.grad.dtype == torch.bfloat16
+    assert float(layer.weight.grad[0, 0]) == pytest.approx(1.0 / expected_norm, rel=1e-6)
+
+
+def test_model_without_parameters() -> None:
+    normalizer = gradclip.GradientNormalizer(nn.ReLU(), "ClipL2PerLayer")
+    report = normalizer.apply()
+    assert report.layer_names == [] and report.to_dict()["param_norms"] == {}
+    assert "layer" in normalizer.describe()
