@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from gradclip.normalizer import GradientNormalizer
+from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.report import NormReport
 
-__all__ = ["StepApplier", "inner_optimizer", "norms_for_logging", "scaler_is_active"]
+__all__ = [
+    "CallbackSettings",
+    "StepApplier",
+    "inner_optimizer",
+    "norms_for_logging",
+    "scaler_is_active",
+]
 
 
 def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -92,3 +99,37 @@ def norms_for_logging(report: NormReport, prefix: str) -> dict[str, float]:
         if value is not None:
             out[f"{prefix}{name or 'root'}"] = value
     return out
+
+
+class CallbackSettings:
+    """The configuration both trainer callbacks take, validated when the callback is made."""
+
+    normalizer: GradientNormalizer | None
+
+    def _init_settings(
+        self,
+        mode: Mode,
+        threshold: float,
+        overrides: Mapping[str, Any] | None,
+        log_norms: bool,
+        log_prefix: str,
+    ) -> None:
+        self.mode = mode
+        self.threshold = threshold
+        self.overrides = dict(overrides or {})
+        self.log_norms = log_norms
+        self.log_prefix = log_prefix
+        self.normalizer = None
+        self._applier: StepApplier | None = None
+        # Validate the mode and threshold now, not when training starts.
+        GradientNormalizer(torch.nn.Linear(1, 1), mode, threshold)
+
+    def _make_normalizer(self, model: torch.nn.Module) -> StepApplier:
+        self.normalizer = GradientNormalizer(model, self.mode, self.threshold, self.overrides)
+        self._applier = StepApplier(self.normalizer)
+        return self._applier
+
+    @property
+    def last_report(self) -> NormReport | None:
+        """The report of the latest step the normalizer ran on."""
+        return None if self.normalizer is None else self.normalizer.last_report

@@ -44,14 +44,13 @@ except ImportError:  # pragma: no cover - the standalone package
             "gradclip.integrations.lightning needs Lightning: pip install 'gradclip[lightning]'"
         ) from error
 
-from gradclip.integrations._common import StepApplier, norms_for_logging
-from gradclip.normalizer import GradientNormalizer, Mode
-from gradclip.report import NormReport
+from gradclip.integrations._common import CallbackSettings, norms_for_logging
+from gradclip.normalizer import Mode
 
 __all__ = ["GradientNormalizationCallback"]
 
 
-class GradientNormalizationCallback(Callback):  # type: ignore[misc]
+class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore[misc]
     """Normalize gradients per layer before every optimizer step of a Lightning ``Trainer``.
 
     The normalizer is a `GradientNormalizer` over the
@@ -89,26 +88,12 @@ class GradientNormalizationCallback(Callback):  # type: ignore[misc]
         log_prefix: str = "grad_norm/",
     ) -> None:
         super().__init__()
-        self.mode = mode
-        self.threshold = threshold
-        self.overrides = dict(overrides or {})
-        self.log_norms = log_norms
-        self.log_prefix = log_prefix
-        self.normalizer: GradientNormalizer | None = None
-        self._applier: StepApplier | None = None
-        # Validate the configuration now, not when fit() starts.
-        GradientNormalizer(torch.nn.Linear(1, 1), mode, threshold)
-
-    @property
-    def last_report(self) -> NormReport | None:
-        """The report of the latest step the normalizer ran on."""
-        return None if self.normalizer is None else self.normalizer.last_report
+        self._init_settings(mode, threshold, overrides, log_norms, log_prefix)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.normalizer = GradientNormalizer(pl_module, self.mode, self.threshold, self.overrides)
-        self._applier = StepApplier(self.normalizer)
+        self._make_normalizer(pl_module)
         clip = getattr(trainer, "gradient_clip_val", None)
         if clip:
             warnings.warn(

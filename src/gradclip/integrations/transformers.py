@@ -49,16 +49,15 @@ except ImportError as error:  # pragma: no cover
         "pip install 'gradclip[transformers]'"
     ) from error
 
-from gradclip.integrations._common import StepApplier, norms_for_logging
+from gradclip.integrations._common import CallbackSettings, StepApplier, norms_for_logging
 from gradclip.layers import unwrap_module
 from gradclip.modes import NoNormalization
-from gradclip.normalizer import GradientNormalizer, Mode
-from gradclip.report import NormReport
+from gradclip.normalizer import Mode
 
 __all__ = ["GradientNormalizationCallback"]
 
 
-class GradientNormalizationCallback(TrainerCallback):  # type: ignore[misc]
+class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type: ignore[misc]
     """Normalize gradients per layer before every optimizer step of a ``transformers.Trainer``.
 
     The normalizer is a `GradientNormalizer` over the Trainer's
@@ -92,31 +91,17 @@ class GradientNormalizationCallback(TrainerCallback):  # type: ignore[misc]
         *,
         log_prefix: str = "grad_norm/",
     ) -> None:
-        self.mode = mode
-        self.threshold = threshold
-        self.overrides = dict(overrides or {})
-        self.log_norms = log_norms
-        self.log_prefix = log_prefix
-        self.normalizer: GradientNormalizer | None = None
-        self._applier: StepApplier | None = None
+        self._init_settings(mode, threshold, overrides, log_norms, log_prefix)
         self._model: torch.nn.Module | None = None
         self._to_log: dict[str, float] | None = None
-        # Validate the configuration now, not when training starts.
-        GradientNormalizer(torch.nn.Linear(1, 1), mode, threshold)
-
-    @property
-    def last_report(self) -> NormReport | None:
-        """The report of the latest step the normalizer ran on."""
-        return None if self.normalizer is None else self.normalizer.last_report
 
     def _ensure(self, model: torch.nn.Module | None) -> StepApplier:
         if model is None:
             raise RuntimeError("the Trainer passed no model to GradientNormalizationCallback")
         model = unwrap_module(model)
         if self._applier is None or self._model is not model:
-            self.normalizer = GradientNormalizer(model, self.mode, self.threshold, self.overrides)
-            self._applier = StepApplier(self.normalizer)
             self._model = model
+            return self._make_normalizer(model)
         return self._applier
 
     def on_train_begin(
