@@ -34,7 +34,7 @@ import torch
 
 from gradclip.distributed import CrossRank
 from gradclip.global_norm import device_dtype_runs
-from gradclip.kernels import large_tensor_elements
+from gradclip.kernels import accumulation_dtype, large_tensor_elements
 from gradclip.strategy import GroupView, Strategy
 from gradclip.validation import check_threshold
 
@@ -55,10 +55,6 @@ def _units(t: torch.Tensor) -> int:
 
 def _unit_size(t: torch.Tensor) -> int:
     return t.numel() // max(_units(t), 1)
-
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _coef_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -118,7 +114,9 @@ def _layout(view: GroupView) -> list[_RunLayout]:
         ]
         order = [i for idx, _ in chunks for i in idx] + large
         counts = [_units(grads[i]) for i in order]
-        coefficients = torch.ones(sum(counts), dtype=_accumulation(grads[0].dtype), device=device)
+        coefficients = torch.ones(
+            sum(counts), dtype=accumulation_dtype(grads[0].dtype), device=device
+        )
         views = []
         offset = 0
         for i, n in zip(order, counts):

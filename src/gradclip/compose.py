@@ -19,6 +19,7 @@ from gradclip.adaptive import _PENDING, AutoClip, StatefulStrategy, ZClip
 from gradclip.agc import AdaptiveGradClip
 from gradclip.distributed import CrossRank
 from gradclip.global_norm import ClipGlobalNorm, device_dtype_runs, per_tensor_norms
+from gradclip.kernels import accumulation_dtype
 from gradclip.modes import resolve_strategy
 from gradclip.strategy import GroupView, Strategy
 
@@ -125,7 +126,10 @@ class Chain(StatefulStrategy):
             return buffers
         buffers = []
         for start, stop in device_dtype_runs(view):
-            buf = torch.ones(stop - start, dtype=view.dtype, device=view.grads[start].device)
+            first = view.grads[start]
+            buf = torch.ones(
+                stop - start, dtype=accumulation_dtype(first.dtype), device=first.device
+            )
             buffers.append((start, stop, buf, buf.unbind(0)))
         view.cache["buffers"] = buffers
         return buffers

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from gradclip.distributed import CrossRank
+from gradclip.kernels import accumulation_dtype
 from gradclip.strategy import GroupView, Strategy
 from gradclip.validation import check_threshold
 
@@ -59,10 +60,6 @@ def device_dtype_runs(view: GroupView) -> list[tuple[int, int]]:
     return runs
 
 
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def per_tensor_norms(view: GroupView, norm_type: float) -> torch.Tensor:
     """``(T,)`` p-norm of each gradient of ``view``, in ``view.dtype``: one launch per run.
 
@@ -72,7 +69,7 @@ def per_tensor_norms(view: GroupView, norm_type: float) -> torch.Tensor:
     parts = []
     for start, stop in device_dtype_runs(view):
         chunk = view.grads[start:stop]
-        norms = torch._foreach_norm(chunk, norm_type, dtype=_accumulation(chunk[0].dtype))
+        norms = torch._foreach_norm(chunk, norm_type, dtype=accumulation_dtype(chunk[0].dtype))
         parts.append(torch.stack(norms).to(view.device, view.dtype, non_blocking=True))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -19,6 +19,7 @@ K = TypeVar("K", bound=Hashable)
 
 __all__ = [
     "ClampPlan",
+    "accumulation_dtype",
     "clamp_abs_",
     "foreach_l2_norms",
     "group_indices",
@@ -49,14 +50,25 @@ def group_indices(keys: Sequence[K]) -> dict[K, list[int]]:
     return groups
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 tensors, float32 for every other floating dtype.
+
+    The dtype in which a tensor's norm is accumulated (half types are read as
+    they are and summed in float32, without a widened copy) and in which its
+    scale factors are kept: a multiply whose factor shares the gradient's dtype
+    skips a cast and runs ~1.5x faster on the CPU, and a float32 0-d factor is
+    applied to half-precision gradients in float32.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def foreach_l2_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``(T,)`` L2 norm of each tensor of one (device, dtype) group, accumulated in ``dtype``.
 
     One ``_foreach_norm`` launch; half-precision inputs are read as they are and
     accumulated in float32 without a widened copy.
     """
-    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = torch._foreach_norm(tensors, 2, dtype=acc)
+    norms = torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype))
     return torch.stack(norms).to(dtype)
 
 
