@@ -76,9 +76,15 @@ class StatefulStrategy(Strategy):
             state: dict[str, Any] = {_PENDING: self._pending_load}
             self._pending_load = None
         else:
-            state = self.fresh_state(self.slots(num_layers), device, dtype)
+            state = self.new_state(num_layers, device, dtype)
         self._bound = state
         return state
+
+    def new_state(
+        self, num_layers: int, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        """The state of a group of ``num_layers`` layers when nothing was loaded."""
+        return self.fresh_state(self.slots(num_layers), device, dtype)
 
     def ready(self, view: GroupView) -> dict[str, Any]:
         """``view.state``, with a loaded state moved to ``view.device`` on first use."""

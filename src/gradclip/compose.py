@@ -82,16 +82,10 @@ class Chain(StatefulStrategy):
         return f"chain({', '.join(s.describe() for s in self.strategies)})"
 
     # -- state ----------------------------------------------------------------------
-    def init_state(
+    def new_state(
         self, num_layers: int, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Any]:
-        if self._pending_load is not None:
-            state: dict[str, Any] = {_PENDING: self._pending_load}
-            self._pending_load = None
-        else:
-            state = {"children": [s.init_state(num_layers, device, dtype) for s in self.strategies]}
-        self._bound = state
-        return state
+        return {"children": [s.init_state(num_layers, device, dtype) for s in self.strategies]}
 
     def ready(self, view: GroupView) -> dict[str, Any]:
         state = view.state
