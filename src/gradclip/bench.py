@@ -378,16 +378,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     if args.distributed:
-        from gradclip.bench_distributed import run_distributed_bench
+        from gradclip.bench_distributed import format_rows, run_distributed_bench
 
         print()
-        print("distributed: FSDP2 on 2 gloo CPU ranks, 32 x Linear(256, 256), medians of rank 0")
-        dist_rows = run_distributed_bench(repeats=5 if args.quick else 30)
-        print("| method | median ms | collectives per call | ratio vs clip_grad_norm_ |")
-        print("|---|---:|---:|---:|")
-        for r in dist_rows:
-            print(
-                f"| {r['method']} | {r['median_ms']:.3f} | {r['collectives']} "
-                f"| {r['ratio_vs_clip_grad_norm_']:.2f}x |"
-            )
+        print("distributed: FSDP2 on 2 gloo CPU ranks, medians of rank 0")
+        print(format_rows(run_distributed_bench(repeats=5 if args.quick else 30)))
     return 0
