@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip.strategy import GroupView, Strategy
+from gradclip.core.rule import GroupView, Strategy
 
 SCALE = 2.0**12
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip import check
+from gradclip.commands import check
 from gradclip.config import ConfigError, parse_config
 
 
@@ -274,8 +274,8 @@ def test_check_reports_errors(factory_module, capsys) -> None:  # type: ignore[n
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("gradclip.demo") is None
-    or importlib.util.find_spec("gradclip.bench") is None,
+    importlib.util.find_spec("gradclip.commands.demo") is None
+    or importlib.util.find_spec("gradclip.commands.bench") is None,
     reason="the CLI imports every subcommand; demo/bench not in this tree yet",
 )
 def test_python_m_gradclip_check(factory_module) -> None:  # type: ignore[no-untyped-def]

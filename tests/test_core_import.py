@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import gradclip
     import gradclip.config
-    import gradclip.logging
+    import gradclip.integrations.writers
     import gradclip.integrations
 
     for name in BLOCKED:

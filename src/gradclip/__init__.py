@@ -11,12 +11,14 @@ Example:
     >>> optimizer.step()
 """
 
-from gradclip.adaptive import AutoClip, StatefulStrategy, ZClip
-from gradclip.agc import AdaptiveGradClip
-from gradclip.compose import STRATEGY_FACTORIES, Chain, chain, strategy_from_name
-from gradclip.global_norm import ClipGlobalNorm
-from gradclip.layers import Layer, build_layers
-from gradclip.modes import (
+from gradclip.core.layers import Layer, build_layers
+from gradclip.core.report import NormReport
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.normalizer import GradientNormalizer, normalize_
+from gradclip.rules.adaptive import AutoClip, StatefulStrategy, ZClip
+from gradclip.rules.agc import AdaptiveGradClip
+from gradclip.rules.chain import STRATEGY_FACTORIES, Chain, chain, strategy_from_name
+from gradclip.rules.dl4j import (
     ClipElementWiseAbsoluteValue,
     ClipL2PerLayer,
     ClipL2PerParamType,
@@ -25,9 +27,7 @@ from gradclip.modes import (
     RenormalizeL2PerLayer,
     RenormalizeL2PerParamType,
 )
-from gradclip.normalizer import GradientNormalizer, normalize_
-from gradclip.report import NormReport
-from gradclip.strategy import GroupView, Strategy
+from gradclip.rules.global_norm import ClipGlobalNorm
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,8 @@
-"""``python -m gradclip``: see `gradclip.cli`."""
+"""``python -m gradclip``: see `gradclip.commands.cli`."""
 
 import sys
 
-from gradclip.cli import main
+from gradclip.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

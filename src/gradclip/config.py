@@ -33,9 +33,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gradclip.layers import Target
-from gradclip.modes import GradientNormalization, resolve_strategy
-from gradclip.validation import check_threshold
+from gradclip.core.layers import Target
+from gradclip.core.validation import check_threshold
+from gradclip.rules.dl4j import GradientNormalization, resolve_strategy
 
 if TYPE_CHECKING:
     from gradclip.normalizer import GradientNormalizer

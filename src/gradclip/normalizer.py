@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradclip.engine import Engine
-from gradclip.layers import Layer, Target, build_layers, match_overrides
-from gradclip.modes import GradientNormalization, resolve_strategy
-from gradclip.nonfinite import SkipHandle, check_nonfinite
-from gradclip.report import NormReport
-from gradclip.strategy import Strategy
+from gradclip.core.engine import Engine
+from gradclip.core.layers import Layer, Target, build_layers, match_overrides
+from gradclip.core.nonfinite import SkipHandle, check_nonfinite
+from gradclip.core.report import NormReport
+from gradclip.core.rule import Strategy
+from gradclip.rules.dl4j import GradientNormalization, resolve_strategy
 
 __all__ = ["GradientNormalizer", "normalize_"]
 
@@ -71,11 +71,11 @@ class GradientNormalizer:
     Every layer (by default, every module that directly owns parameters) is
     normalized with ``mode`` and ``threshold`` unless ``overrides`` names it,
     as DL4J's ``.gradientNormalization(...)`` on the network builder and on a
-    layer builder do. See `gradclip.modes` for the formulas.
+    layer builder do. See `gradclip.rules.dl4j` for the formulas.
 
     Args:
         model: an ``nn.Module`` or a custom grouping (see
-            `gradclip.layers.build_layers`).
+            `gradclip.core.layers.build_layers`).
         mode: the default: a `GradientNormalization`, a DL4J name such as
             ``"ClipL2PerLayer"``, ``None``, or a `Strategy`.
         threshold: the default threshold, a finite number > 0 (DL4J's default 1.0).
@@ -89,7 +89,7 @@ class GradientNormalizer:
             gradients.
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
-            `gradclip.nonfinite` for the cost of each (``"error"`` and
+            `gradclip.core.nonfinite` for the cost of each (``"error"`` and
             ``"skip"`` read one bool per layer to the host every step).
 
     Example:
@@ -258,7 +258,7 @@ class GradientNormalizer:
         Save it with the model and optimizer; `load_state_dict` on a fresh
         normalizer of the same model and configuration continues bit for bit.
         """
-        from gradclip.resume import normalizer_state_dict
+        from gradclip.core.state import normalizer_state_dict
 
         self._refresh_if_changed()
         return normalizer_state_dict(self._engine)
@@ -270,7 +270,7 @@ class GradientNormalizer:
             ValueError: the state dict was saved for a different model (layers,
                 parameter names or shapes) or different rules; nothing is changed.
         """
-        from gradclip.resume import load_normalizer_state
+        from gradclip.core.state import load_normalizer_state
 
         self._refresh_if_changed()
         load_normalizer_state(self._engine, state_dict)
@@ -337,7 +337,7 @@ def normalize_(
             ``"ClipL2PerLayer"``, ``None``, or a `Strategy`.
         threshold: a finite number > 0; ignored by the renormalize modes.
         nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, see
-            `gradclip.nonfinite` (``"skip"`` needs an optimizer: use
+            `gradclip.core.nonfinite` (``"skip"`` needs an optimizer: use
             ``GradientNormalizer(..., nonfinite="skip").attach(optimizer)``).
 
     Returns:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradclip.core.report import NormReport
 from gradclip.normalizer import GradientNormalizer, Mode
-from gradclip.report import NormReport
 
 __all__ = [
     "CallbackSettings",

@@ -49,10 +49,10 @@ except ImportError as error:  # pragma: no cover
         "pip install 'gradclip[transformers]'"
     ) from error
 
+from gradclip.core.layers import unwrap_module
 from gradclip.integrations._common import CallbackSettings, StepApplier, norms_for_logging
-from gradclip.layers import unwrap_module
-from gradclip.modes import NoNormalization
 from gradclip.normalizer import Mode
+from gradclip.rules.dl4j import NoNormalization
 
 __all__ = ["GradientNormalizationCallback"]
 

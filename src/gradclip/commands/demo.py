@@ -32,7 +32,7 @@ really diverges (its gradient norm grows by orders of magnitude within a few
 steps) while the clipped runs learn.
 
 Example:
-    >>> from gradclip.demo import run_demo
+    >>> from gradclip.commands.demo import run_demo
     >>> results = run_demo(quick=True)              # what --quick runs, ~3 s
     >>> print(results.table())
     >>> results["none"].diverged_step, results["gradclip"].learned
@@ -60,9 +60,9 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip.modes import GradientNormalization
+from gradclip.core.rule import Strategy
 from gradclip.normalizer import GradientNormalizer
-from gradclip.strategy import Strategy
+from gradclip.rules.dl4j import GradientNormalization
 
 __all__ = [
     "DemoConfig",

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from gradclip.distributed import CrossRank
-from gradclip.global_norm import device_dtype_runs
-from gradclip.kernels import accumulation_dtype, large_tensor_elements
-from gradclip.strategy import GroupView, Strategy
-from gradclip.validation import check_threshold
+from gradclip.core.kernels import accumulation_dtype, large_tensor_elements
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.sharding import CrossRank
+from gradclip.core.validation import check_threshold
+from gradclip.rules.global_norm import device_dtype_runs
 
 __all__ = ["AdaptiveGradClip"]
 
@@ -234,7 +234,7 @@ class AdaptiveGradClip(Strategy):
     float32 (float64 for float64 gradients); the gradients keep their dtype.
     Small tensors are reduced together with a constant number of launches per
     (device, dtype); tensors too large for that to pay (see
-    `gradclip.kernels.large_tensor_elements`) are reduced one by one.
+    `gradclip.core.kernels.large_tensor_elements`) are reduced one by one.
     No value is read to the host.
 
     The paper clips every layer but the final linear classifier: leave it

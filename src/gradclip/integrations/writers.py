@@ -8,7 +8,7 @@ left out of TensorBoard and written as empty cells in CSV.
 
 Example:
     >>> from torch.utils.tensorboard import SummaryWriter
-    >>> from gradclip.logging import CSVNormWriter, write_tensorboard
+    >>> from gradclip.integrations.writers import CSVNormWriter, write_tensorboard
     >>> writer, csv_log = SummaryWriter("runs/x"), CSVNormWriter("norms.csv")
     >>> for step in range(steps):
     ...     loss.backward()
@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from gradclip.report import NormReport
+from gradclip.core.report import NormReport
 
 __all__ = ["CSVNormWriter", "ScalarWriter", "layer_norm_values", "write_tensorboard"]
 

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import torch
 
-from gradclip.global_norm import TORCH_CLIP_EPS, clip_coefficient
-from gradclip.strategy import GroupView, Strategy
-from gradclip.validation import check_threshold
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.validation import check_threshold
+from gradclip.rules.global_norm import TORCH_CLIP_EPS, clip_coefficient
 
 __all__ = ["AutoClip", "StatefulStrategy", "ZClip"]
 

@@ -14,9 +14,12 @@ __all__ = ["main"]
 
 # subcommand -> (module, one-line help)
 _COMMANDS = {
-    "demo": ("gradclip.demo", "train a tanh RNN on the adding problem three ways"),
-    "bench": ("gradclip.bench", "time gradclip against torch's own clip functions"),
-    "check": ("gradclip.check", "print the layer table a configuration file applies to a model"),
+    "demo": ("gradclip.commands.demo", "train a tanh RNN on the adding problem three ways"),
+    "bench": ("gradclip.commands.bench", "time gradclip against torch's own clip functions"),
+    "check": (
+        "gradclip.commands.check",
+        "print the layer table a configuration file applies to a model",
+    ),
 }
 
 

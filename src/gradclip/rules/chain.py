@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from gradclip.adaptive import _PENDING, AutoClip, StatefulStrategy, ZClip
-from gradclip.agc import AdaptiveGradClip
-from gradclip.distributed import CrossRank
-from gradclip.global_norm import ClipGlobalNorm, device_dtype_runs, per_tensor_norms
-from gradclip.kernels import accumulation_dtype
-from gradclip.modes import resolve_strategy
-from gradclip.strategy import GroupView, Strategy
+from gradclip.core.kernels import accumulation_dtype
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.sharding import CrossRank
+from gradclip.rules.adaptive import _PENDING, AutoClip, StatefulStrategy, ZClip
+from gradclip.rules.agc import AdaptiveGradClip
+from gradclip.rules.dl4j import resolve_strategy
+from gradclip.rules.global_norm import ClipGlobalNorm, device_dtype_runs, per_tensor_norms
 
 __all__ = ["STRATEGY_FACTORIES", "Chain", "chain", "strategy_from_name"]
 

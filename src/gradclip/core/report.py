@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from gradclip.engine import Plan
+    from gradclip.core.engine import Plan
 
 __all__ = ["NormReport"]
 

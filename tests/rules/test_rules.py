@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradclip
-from gradclip.kernels import large_tensor_elements
+from gradclip.core.kernels import large_tensor_elements
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 

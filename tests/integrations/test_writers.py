@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip.logging import CSVNormWriter, layer_norm_values, write_tensorboard
+from gradclip.integrations.writers import CSVNormWriter, layer_norm_values, write_tensorboard
 
 
 def _model() -> nn.Module:

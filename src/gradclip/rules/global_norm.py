@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from gradclip.distributed import CrossRank
-from gradclip.kernels import accumulation_dtype
-from gradclip.strategy import GroupView, Strategy
-from gradclip.validation import check_threshold
+from gradclip.core.kernels import accumulation_dtype
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.sharding import CrossRank
+from gradclip.core.validation import check_threshold
 
 __all__ = ["ClipGlobalNorm", "device_dtype_runs", "global_norm"]
 
@@ -144,7 +144,7 @@ class ClipGlobalNorm(Strategy):
     one, in the step's single collective: ``p = 2`` reads the reduced L2 norms;
     other ``p`` add, per tensor, this rank's ``Σ|g|^p`` of its piece (weighted
     ``1 / replicas``) to the summed vector, and ``p = ∞`` this rank's ``max|g|``
-    to the maxima (see `gradclip.distributed.CrossRank`). The sum of
+    to the maxima (see `gradclip.core.sharding.CrossRank`). The sum of
     ``p``-th powers is formed in float64, as torch's own DTensor norm does.
 
     Example:

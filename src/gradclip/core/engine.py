@@ -28,13 +28,18 @@ from typing import Any
 
 import torch
 
-from gradclip.distributed import CrossRank, GroupShards, Sharding, sharding_of
-from gradclip.kernels import accumulation_dtype, foreach_l2_norms
-from gradclip.layers import Layer
-from gradclip.nonfinite import check_nonfinite, raise_nonfinite, read_nonfinite, zero_nonfinite_
-from gradclip.report import NormReport
-from gradclip.strategy import GroupView, Strategy
-from gradclip.validation import check_gradient
+from gradclip.core.kernels import accumulation_dtype, foreach_l2_norms
+from gradclip.core.layers import Layer
+from gradclip.core.nonfinite import (
+    check_nonfinite,
+    raise_nonfinite,
+    read_nonfinite,
+    zero_nonfinite_,
+)
+from gradclip.core.report import NormReport
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.sharding import CrossRank, GroupShards, Sharding, sharding_of
+from gradclip.core.validation import check_gradient
 
 __all__ = ["Engine", "Plan"]
 
@@ -280,13 +285,13 @@ class Engine:
     """Runs normalization steps over a fixed list of layers, caching the plan.
 
     Args:
-        layers: the layers, see `gradclip.layers.build_layers`.
+        layers: the layers, see `gradclip.core.layers.build_layers`.
         strategies: one strategy per layer.
         measure_all: also measure the norms of layers whose strategy needs none
             (``None`` and element-wise clipping), for telemetry; costs one read of
             their gradients.
         nonfinite: what to do with layers whose norm is inf or NaN, see
-            `gradclip.nonfinite.check_nonfinite`; any policy but
+            `gradclip.core.nonfinite.check_nonfinite`; any policy but
             ``"propagate"`` measures every layer (as ``measure_all``).
     """
 

@@ -36,7 +36,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
-    from gradclip.engine import Plan
+    from gradclip.core.engine import Plan
 
 __all__ = [
     "NONFINITE_POLICIES",

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gradclip.adaptive import _PENDING, StatefulStrategy
-from gradclip.engine import Engine
+from gradclip.core.engine import Engine
+from gradclip.rules.adaptive import _PENDING, StatefulStrategy
 
 __all__ = ["load_normalizer_state", "normalizer_state_dict"]
 

@@ -20,7 +20,7 @@ Example:
     >>> rows = run_distributed_bench(layers=32, width=256, repeats=30)
     >>> [(r["method"], r["median_ms"], r["collectives"]) for r in rows]
 
-Command line: ``python -m gradclip.bench_distributed [--layers N] [--width W]``.
+Command line: ``python -m gradclip.commands.bench_distributed [--layers N] [--width W]``.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gradclip.bench_distributed``: run the benchmark and print the table."""
+    """``python -m gradclip.commands.bench_distributed``: run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--layers", type=int, default=32)

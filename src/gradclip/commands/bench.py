@@ -378,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     if args.distributed:
-        from gradclip.bench_distributed import format_rows, run_distributed_bench
+        from gradclip.commands.bench_distributed import format_rows, run_distributed_bench
 
         print()
         print("distributed: FSDP2 on 2 gloo CPU ranks, medians of rank 0")

@@ -37,9 +37,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from gradclip.kernels import clamp_abs_, plan_clamp
-from gradclip.strategy import GroupView, Strategy
-from gradclip.validation import check_threshold
+from gradclip.core.kernels import clamp_abs_, plan_clamp
+from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.validation import check_threshold
 
 __all__ = [
     "ClipElementWiseAbsoluteValue",

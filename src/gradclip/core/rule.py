@@ -1,7 +1,7 @@
 """The contract every normalization rule implements.
 
 A *strategy* decides what happens to the gradients of the layers assigned to
-it. The engine (`gradclip.engine`) does the expensive, shared work once
+it. The engine (`gradclip.core.engine`) does the expensive, shared work once
 per step for every layer of the model together — one ``_foreach_norm`` per
 (device, dtype), one ``_foreach_mul_`` per (device, dtype) — and hands each
 strategy a `GroupView` of the layers it owns. A strategy then either
@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gradclip.distributed import CrossRank, GroupShards
+from gradclip.core.sharding import CrossRank, GroupShards
 
 __all__ = ["GroupView", "Strategy"]
 

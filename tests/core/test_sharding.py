@@ -31,7 +31,7 @@ from torch import nn
 
 import gradclip
 from gradclip import GradientNormalization
-from gradclip.bench_distributed import CollectiveCounter
+from gradclip.commands.bench_distributed import CollectiveCounter
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

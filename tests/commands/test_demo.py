@@ -10,8 +10,8 @@ import torch
 from helpers import HostReadCounter, OpCounter
 
 import gradclip
-from gradclip import demo
-from gradclip.cli import main
+from gradclip.commands import demo
+from gradclip.commands.cli import main
 
 
 @pytest.fixture(scope="module")
