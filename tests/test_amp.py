@@ -16,40 +16,44 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip.core.rule import GroupView, Strategy
 
 SCALE = 2.0**12
 
 
-class Recording(Strategy):
-    """A stateful pass-through strategy that records what it was handed.
+class Recording(gradclip.InPlaceRule):
+    """A stateful pass-through rule that records what it was handed.
 
-    Its state (a step counter and the largest norm seen, on the device) stands for
-    the history of an adaptive rule such as AutoClip or ZClip.
+    Its state (a step counter and the largest norm seen per layer, on the device)
+    stands for the history of an adaptive rule such as AutoClip or ZClip.
     """
-
-    scales = False
-    name = "Recording"
 
     def __init__(self) -> None:
         self.seen: list[list[torch.Tensor]] = []
 
-    def config(self) -> dict[str, Any]:
-        return {}
+    @property
+    def per_layer_state(self) -> bool:
+        return True
 
-    def init_state(
-        self, num_layers: int, device: torch.device, dtype: torch.dtype
-    ) -> dict[str, Any]:
+    def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> gradclip.State:
         return {
-            "calls": torch.zeros((), dtype=torch.int64, device=device),
-            "max_norm": torch.zeros(num_layers, dtype=dtype, device=device),
+            "calls": torch.zeros(rows, dtype=torch.int64, device=device),
+            "max_norm": torch.zeros(rows, dtype=dtype, device=device),
         }
 
-    def transform_(self, view: GroupView) -> None:
-        self.seen.append([g.clone() for g in view.grads])
-        view.state["calls"].add_(1)
-        assert view.layer_norms is not None
-        torch.maximum(view.state["max_norm"], view.layer_norms, out=view.state["max_norm"])
+    def transform_(
+        self, m: gradclip.Measured, state: gradclip.State
+    ) -> tuple[torch.Tensor | None, gradclip.State]:
+        self.seen.append([g.clone() for g in m.grads])
+        assert m.layer_norms is not None
+        return None, {
+            "calls": state["calls"] + 1,
+            "max_norm": torch.maximum(state["max_norm"], m.layer_norms),
+        }
+
+
+def _state(normalizer: gradclip.GradientNormalizer) -> dict[str, dict[str, torch.Tensor]]:
+    (rule,) = normalizer.state_dict()["rules"].values()
+    return rule["rows"]  # type: ignore[no-any-return]
 
 
 def _model() -> nn.Module:
@@ -158,17 +162,19 @@ def test_skipped_step_leaves_adaptive_state_untouched(explicit_unscale: bool) ->
 
     step(poison=False)
     report = normalizer.last_report
-    (state,) = normalizer._engine.states.values()
-    calls, max_norm = state["calls"].clone(), state["max_norm"].clone()
+    before = _state(normalizer)
     weights = [p.detach().clone() for p in model.parameters()]
 
     step(poison=True)  # the scaler finds inf, skips the step and halves the scale
     assert scaler.get_scale() == SCALE / 2
     assert len(strategy.seen) == 1
     assert normalizer.last_report is report
-    assert torch.equal(state["calls"], calls) and torch.equal(state["max_norm"], max_norm)
+    after = _state(normalizer)
+    assert after.keys() == before.keys()
+    for layer, values in before.items():
+        assert all(torch.equal(values[k], after[layer][k]) for k in values)
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
 
     step(poison=False)  # training goes on, and so does the normalizer
     assert len(strategy.seen) == 2
-    assert int(state["calls"]) == 2
+    assert all(int(row["calls"]) == 2 for row in _state(normalizer).values())

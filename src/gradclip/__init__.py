@@ -1,23 +1,33 @@
 """gradclip: Deeplearning4j's per-layer gradient normalization for PyTorch.
 
-Six DL4J modes (and further strategies), a default for the network and
-overrides per layer, applied in place with a constant number of kernel
-launches and no host-device synchronization.
+Six DL4J modes and further rules (global p-norm, AGC, AutoClip, ZClip,
+chains), a default for the network and overrides per layer, applied in place
+with a constant number of kernel launches and no host-device synchronization.
 
-Example:
-    >>> import gradclip
-    >>> loss.backward()
-    >>> report = gradclip.normalize_(model, "ClipL2PerLayer", threshold=1.0)
-    >>> optimizer.step()
+Examples:
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    >>> net(torch.ones(3, 4)).sum().backward()
+    >>> report = gradclip.normalize_(net, "ClipL2PerLayer", threshold=1.0)
+    >>> sorted(report.layer_norms)
+    ['0', '2']
 """
 
+from gradclip.config import ConfigError
 from gradclip.core.layers import Layer, build_layers
+from gradclip.core.nonfinite import NonFiniteGradientError
 from gradclip.core.report import NormReport
-from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.rule import (
+    GroupLayout,
+    InPlaceRule,
+    Measured,
+    Rule,
+    ScalingRule,
+    State,
+)
 from gradclip.normalizer import GradientNormalizer, normalize_
-from gradclip.rules.adaptive import AutoClip, StatefulStrategy, ZClip
+from gradclip.rules.adaptive import AutoClip, ZClip
 from gradclip.rules.agc import AdaptiveGradClip
-from gradclip.rules.chain import STRATEGY_FACTORIES, Chain, chain, strategy_from_name
+from gradclip.rules.chain import Chain, chain
 from gradclip.rules.dl4j import (
     ClipElementWiseAbsoluteValue,
     ClipL2PerLayer,
@@ -29,10 +39,9 @@ from gradclip.rules.dl4j import (
 )
 from gradclip.rules.global_norm import ClipGlobalNorm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "STRATEGY_FACTORIES",
     "AdaptiveGradClip",
     "AutoClip",
     "Chain",
@@ -40,19 +49,23 @@ __all__ = [
     "ClipGlobalNorm",
     "ClipL2PerLayer",
     "ClipL2PerParamType",
+    "ConfigError",
     "GradientNormalization",
     "GradientNormalizer",
-    "GroupView",
+    "GroupLayout",
+    "InPlaceRule",
     "Layer",
+    "Measured",
     "NoNormalization",
+    "NonFiniteGradientError",
     "NormReport",
     "RenormalizeL2PerLayer",
     "RenormalizeL2PerParamType",
-    "StatefulStrategy",
-    "Strategy",
+    "Rule",
+    "ScalingRule",
+    "State",
     "ZClip",
     "build_layers",
     "chain",
     "normalize_",
-    "strategy_from_name",
 ]

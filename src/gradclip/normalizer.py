@@ -1,4 +1,4 @@
-"""DL4J-style configuration: a default mode for the network, overridable per layer.
+"""DL4J-style configuration: a default rule for the network, overridable per layer.
 
 ``GradientNormalizer`` is the object users configure once; ``normalize_`` is
 the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
@@ -6,6 +6,8 @@ the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 
 from __future__ import annotations
 
+import operator
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -13,18 +15,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from gradclip.core.engine import Engine
 from gradclip.core.layers import Layer, Target, build_layers, match_overrides
-from gradclip.core.nonfinite import SkipHandle, check_nonfinite
+from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
-from gradclip.core.rule import Strategy
-from gradclip.rules.dl4j import GradientNormalization, resolve_strategy
+from gradclip.core.rule import Rule
+from gradclip.core.state import VERSION, check_identity, identity
+from gradclip.core.validation import check_threshold
+from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
+from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 
-__all__ = ["GradientNormalizer", "normalize_"]
+__all__ = ["GradientNormalizer", "Mode", "normalize_"]
 
-Mode = GradientNormalization | str | Strategy | None
+Mode = GradientNormalization | str | Rule | None
 
 # Bumped whenever any module registers a parameter or a submodule, so that a
 # normalizer notices `model.head = nn.Linear(...)` without walking the model on
@@ -46,14 +50,14 @@ def _watch_module_structure() -> None:
         _hooks_installed = True
 
 
-def _resolve_override(value: Any, default_threshold: float, key: str) -> Strategy:
+def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
     """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
     if isinstance(value, tuple):
         if len(value) != 2:
             raise ValueError(
                 f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
             )
-        return resolve_strategy(value[0], value[1])
+        return resolve_rule(value[0], value[1])
     if isinstance(value, Mapping):
         unknown = set(value) - {"mode", "threshold"}
         if unknown or "mode" not in value:
@@ -61,8 +65,8 @@ def _resolve_override(value: Any, default_threshold: float, key: str) -> Strateg
                 f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
                 f"got {sorted(value)}"
             )
-        return resolve_strategy(value["mode"], value.get("threshold", default_threshold))
-    return resolve_strategy(value, default_threshold)
+        return resolve_rule(value["mode"], value.get("threshold", default_threshold))
+    return resolve_rule(value, default_threshold)
 
 
 class GradientNormalizer:
@@ -71,14 +75,17 @@ class GradientNormalizer:
     Every layer (by default, every module that directly owns parameters) is
     normalized with ``mode`` and ``threshold`` unless ``overrides`` names it,
     as DL4J's ``.gradientNormalization(...)`` on the network builder and on a
-    layer builder do. See `gradclip.rules.dl4j` for the formulas.
+    layer builder do. The normalizer owns the adaptive rules' state, per layer
+    name (`state_dict`).
 
     Args:
         model: an ``nn.Module`` or a custom grouping (see
             `gradclip.core.layers.build_layers`).
         mode: the default: a `GradientNormalization`, a DL4J name such as
-            ``"ClipL2PerLayer"``, ``None``, or a `Strategy`.
-        threshold: the default threshold, a finite number > 0 (DL4J's default 1.0).
+            ``"ClipL2PerLayer"``, ``None``, or a rule object.
+        threshold: the default threshold, a finite number > 0 (DL4J's default
+            1.0). With a rule object as ``mode`` it is the threshold of
+            overrides that name a DL4J mode without one.
         overrides: ``{key: mode}``, ``{key: (mode, threshold)}`` or
             ``{key: {"mode": ..., "threshold": ...}}``. A key is a layer name, the
             name of a module containing layers, or a glob pattern; the most
@@ -86,18 +93,21 @@ class GradientNormalizer:
             threshold, as in DL4J.
         measure_all: also measure norms of layers whose mode does not need them
             (``None``, element-wise clipping), at the cost of one read of those
-            gradients.
+            gradients; the report then has every layer's norm.
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
-            `gradclip.core.nonfinite` for the cost of each (``"error"`` and
-            ``"skip"`` read one bool per layer to the host every step).
+            `gradclip.core.nonfinite` for the cost of each.
 
-    Example:
+    Examples:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         >>> normalizer = gradclip.GradientNormalizer(
-        ...     model, mode="ClipL2PerLayer", threshold=1.0,
-        ...     overrides={"rnn": ("ClipElementWiseAbsoluteValue", 0.5), "head": "None"})
-        >>> handle = normalizer.attach(optimizer)   # before every optimizer.step()
-        >>> print(normalizer)                       # the layer table
+        ...     net, mode="ClipL2PerLayer", threshold=1.0,
+        ...     overrides={"2": ("ClipElementWiseAbsoluteValue", 0.5)})
+        >>> print(normalizer)
+        layer  parameters                   mode
+        ------------------------------------------------------------------------------------
+        0      weight (8, 4), bias (8,)     ClipL2PerLayer(threshold=1.0)
+        2      weight (2, 8), bias (2,)     ClipElementWiseAbsoluteValue(threshold=0.5)
 
     Raises:
         ValueError / TypeError: an invalid mode or threshold.
@@ -115,25 +125,38 @@ class GradientNormalizer:
         nonfinite: str = "propagate",
     ) -> None:
         self.nonfinite = check_nonfinite(nonfinite)
-        self.default = resolve_strategy(mode, threshold)
-        self.threshold = (
-            float(threshold) if not isinstance(mode, Strategy) else self.default.threshold
-        )
+        self.threshold = check_threshold(threshold)
+        self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
-        self.measure_all = measure_all
-        # A module is held weakly: normalize_ caches normalizers in a
-        # WeakKeyDictionary keyed by the module, which a strong reference from the
-        # value would keep alive forever. Other targets are plain containers.
-        self._model_ref = weakref.ref(model) if isinstance(model, nn.Module) else None
+        self.measure_all = bool(measure_all)
+        self._model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self._model_ref: weakref.ref[nn.Module] | None = None
         self._target = None if isinstance(model, nn.Module) else model
-        if self._model_ref is not None:
+        if self._model is not None:
             _watch_module_structure()
         self._version = _structure_version
-        self._engine = self._build()
+        self._lock = threading.Lock()
+        self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._engine = self._build(None)
         self.last_report: NormReport | None = None
 
-    def _build(self) -> Engine:
-        target = self._target if self._model_ref is None else self._model_ref()
+    # -- the model -------------------------------------------------------------------------
+    def _hold_weakly(self) -> None:
+        # normalize_ caches normalizers in a WeakKeyDictionary keyed by the module,
+        # which a strong reference from the value would keep alive forever.
+        if self._model is not None:
+            self._model_ref = weakref.ref(self._model)
+            self._model = None
+
+    def _module(self) -> nn.Module | None:
+        if self._model_ref is not None:
+            return self._model_ref()
+        return self._model
+
+    def _build(self, previous: Engine | None) -> Engine:
+        target = self._target if self._target is not None else self._module()
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
         layers = build_layers(target)
@@ -143,80 +166,103 @@ class GradientNormalizer:
             for key, value in self.overrides.items()
         }
         chosen = match_overrides(names, self.overrides)
-        strategies = [resolved[chosen[n]] if n in chosen else self.default for n in names]
-        return Engine(layers, strategies, measure_all=self.measure_all, nonfinite=self.nonfinite)
+        rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
+        return Engine(
+            layers,
+            rules,
+            measure_all=self.measure_all,
+            nonfinite=self.nonfinite,
+            store=None if previous is None else previous.store,
+        )
 
-    def _refresh_if_changed(self, force: bool = False) -> bool:
+    def _refresh(self, force: bool = False) -> bool:
         """Rebuild the layers if the model's structure changed; returns whether it did.
 
-        Registration hooks catch ``model.head = nn.Linear(...)``; code that swaps
-        parameters behind them (FSDP2's ``fully_shard`` writes ``_parameters``
-        directly) is caught by ``force``, which walks the model.
+        Registration hooks catch ``model.head = nn.Linear(...)``; a parameter
+        replaced behind them (``module._parameters[k] = ...``, FSDP2's
+        ``fully_shard``) is caught by comparing the modules' entries with the
+        parameters in use, or by ``force``, which walks the model.
         """
-        rebuilt = False
-        model = self._model_ref() if self._model_ref is not None else None
-        if model is not None and (force or self._version != _structure_version):
-            layers = build_layers(model)
-            old = self._engine.layers
-            same = len(layers) == len(old) and all(
-                a.name == b.name
-                and a.param_names == b.param_names
-                and all(p is q for p, q in zip(a.params, b.params))
-                for a, b in zip(layers, old)
-            )
-            if not same:
-                self._engine = self._build()
-                rebuilt = True
-            self._version = _structure_version
-        return rebuilt
+        model = self._module()
+        if model is None:
+            return False
+        stale = force or self._version != _structure_version or self._engine.swapped()
+        if not stale:
+            return False
+        self._version = _structure_version
+        layers = build_layers(model)
+        old = self._engine.layers
+        same = len(layers) == len(old) and all(
+            a.name == b.name
+            and a.param_names == b.param_names
+            and all(map(operator.is_, a.params, b.params))
+            for a, b in zip(layers, old)
+        )
+        if not same:
+            self._engine = self._build(self._engine)
+        return not same
 
     @classmethod
     def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
-        """From a dict or a JSON/YAML/TOML file: `gradclip.config.normalizer_from_config`."""
-        from gradclip.config import normalizer_from_config
+        """From a dict or a JSON/YAML/TOML file (see `gradclip.config`)."""
+        from gradclip.config import parse_config
 
-        return normalizer_from_config(model, config)
+        args = parse_config(config)
+        return cls(
+            model,
+            args["mode"],
+            args["threshold"],
+            args["overrides"],
+            measure_all=args["measure_all"],
+        )
 
-    # -- applying ---------------------------------------------------------------
+    # -- applying ---------------------------------------------------------------------------
     def apply(self) -> NormReport:
         """Normalize the model's current gradients in place.
 
         Call between ``loss.backward()`` and ``optimizer.step()`` (or use
         `attach`). With AMP, unscale first (``scaler.unscale_(optimizer)``).
+        One normalizer may be used from several threads: steps are serialized.
 
         Returns:
-            The `NormReport` of norms measured before
-            normalization; no value is read from the device.
+            The `NormReport` of norms measured before normalization; no value is
+            read from the device.
 
         Raises:
             TypeError: a sparse or complex gradient (nothing is modified).
             RuntimeError: a layer's gradients on different devices (nothing is modified).
         """
-        self._refresh_if_changed()
+        if torch.compiler.is_compiling():
+            return self._apply()
+        with self._lock:
+            return self._apply()
+
+    def _apply(self) -> NormReport:
+        self._refresh()
         report = self._engine.step()
         # No gradient at all on a module's parameters: perhaps they were swapped
         # behind our back (e.g. by fully_shard after this normalizer was built).
-        if report.tensor_norms.numel() == 0 and self._refresh_if_changed(force=True):
+        if report.tensor_norms.numel() == 0 and self._refresh(force=True):
             report = self._engine.step()
         self.last_report = report
         return report
 
     __call__ = apply
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Apply this normalizer before every ``optimizer.step()``.
+    def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
+        """Apply this normalizer inside every ``optimizer.step()``.
 
-        Uses ``Optimizer.register_step_pre_hook``; with ``torch.amp.GradScaler``,
-        ``scaler.step(optimizer)`` unscales before it calls ``step``, so the
-        normalizer sees unscaled gradients, and a step the scaler skips (inf or
-        NaN gradients) does not run the normalizer at all. The latest report is
-        kept in `last_report`.
+        Before the update, on the gradients of the last backward pass; for an
+        optimizer stepped with a closure (``LBFGS``), after every evaluation of
+        the closure instead. See `gradclip.hooks`. The latest report is kept in
+        `last_report`.
 
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
 
         Raises:
             TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            RuntimeError: this normalizer is already attached to ``optimizer``.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -224,22 +270,26 @@ class GradientNormalizer:
                 f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
                 "before the update"
             )
+        if optimizer in self._attached:
+            raise RuntimeError(
+                "this GradientNormalizer is already attached to this optimizer: a second "
+                "attach would normalize twice per step. Keep the first handle (or call its "
+                "remove() before attaching again)"
+            )
+        attached = self._attached
+        ref = weakref.ref(optimizer)
+
+        def forget() -> None:
+            opt = ref()
+            if opt is not None:
+                attached.pop(opt, None)
+
         if self.nonfinite == "skip":
-            # wraps optimizer.step: a step with a non-finite layer is not taken
-            return SkipHandle(optimizer, lambda: not self.apply_skipping())
-
-        def hook(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-            if getattr(opt, "grad_scale", None) is not None:
-                # A fused optimizer stepped by GradScaler without unscale_: the
-                # gradients are still scaled, and normalizing them would be wrong.
-                raise RuntimeError(
-                    "the optimizer's gradients are still scaled by GradScaler (fused "
-                    "optimizer): call scaler.unscale_(optimizer) before scaler.step(optimizer) "
-                    "so that gradclip normalizes the true gradients"
-                )
-            self.apply()
-
-        return optimizer.register_step_pre_hook(hook)
+            handle = attach_skipping(optimizer, lambda: not self.apply_skipping(), forget)
+        else:
+            handle = attach_pre_hook(optimizer, self.apply, forget)
+        attached[optimizer] = handle
+        return handle
 
     def apply_skipping(self) -> bool:
         """`apply`, then whether the step must be skipped (``nonfinite="skip"``).
@@ -251,52 +301,68 @@ class GradientNormalizer:
         self.apply()
         return bool(self._engine.last_nonfinite)
 
-    # -- resume ---------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The adaptive rules' state (CPU tensors and ints) and what identifies the model.
+        """The adaptive rules' state: per rule, per layer name, as CPU tensors.
 
-        Save it with the model and optimizer; `load_state_dict` on a fresh
-        normalizer of the same model and configuration continues bit for bit.
+        Available at any time, from construction on; save it with the model and
+        optimizer, and `load_state_dict` on a normalizer of the same model and
+        configuration continues bit for bit. The format is versioned.
         """
-        from gradclip.core.state import normalizer_state_dict
-
-        self._refresh_if_changed()
-        return normalizer_state_dict(self._engine)
+        with self._lock:
+            self._refresh()
+            return {**self._engine.store.state_dict(), **self._identity()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore `state_dict`; it takes effect at the next step.
 
         Raises:
-            ValueError: the state dict was saved for a different model (layers,
-                parameter names or shapes) or different rules; nothing is changed.
+            ValueError: the state dict belongs to another configuration (rules,
+                layers, tensor shapes) or another version; nothing is changed.
         """
-        from gradclip.core.state import load_normalizer_state
+        with self._lock:
+            self._refresh()
+            if isinstance(state_dict, Mapping) and state_dict.get("version") == VERSION:
+                check_identity(state_dict, self._identity())
+            self._engine.store.load_state_dict(state_dict)
+            self._engine.invalidate()
 
-        self._refresh_if_changed()
-        load_normalizer_state(self._engine, state_dict)
+    def _identity(self) -> dict[str, list[str]]:
+        engine = self._engine
+        return identity(
+            [layer.name for layer in engine.layers],
+            [
+                f"{layer.qualified(k)}{tuple(p.shape)}"
+                for layer in engine.layers
+                for k, p in enumerate(layer.params)
+            ],
+            [rule.describe() for rule in engine.rules],
+        )
 
-    # -- inspection ---------------------------------------------------------------
+    # -- inspection ----------------------------------------------------------------------------
     @property
     def layers(self) -> list[Layer]:
         """The layers, in model order."""
-        self._refresh_if_changed()
+        self._refresh()
         return list(self._engine.layers)
 
     @property
-    def strategies(self) -> dict[str, Strategy]:
-        """``{layer name: strategy}`` after applying the overrides."""
-        self._refresh_if_changed()
-        return {layer.name: s for layer, s in zip(self._engine.layers, self._engine.strategies)}
+    def rules(self) -> dict[str, Rule]:
+        """``{layer name: rule}`` after applying the overrides."""
+        self._refresh()
+        return {layer.name: r for layer, r in zip(self._engine.layers, self._engine.rules)}
+
+    strategies = rules  # the 0.1 name
 
     def describe(self) -> str:
-        """A table of the layers: name, parameters (with shapes), mode and its settings."""
-        self._refresh_if_changed()
+        """A table of the layers: name, parameters (with shapes), rule and its settings."""
+        self._refresh()
         rows = [("layer", "parameters", "mode")]
-        for layer, strategy in zip(self._engine.layers, self._engine.strategies):
+        for layer, rule in zip(self._engine.layers, self._engine.rules):
             params = ", ".join(
                 f"{name} {tuple(p.shape)}" for name, p in zip(layer.param_names, layer.params)
             )
-            rows.append((layer.name or "(root)", params, strategy.describe()))
+            rows.append((layer.name or "(root)", params, rule.describe()))
         widths = [max(len(r[i]) for r in rows) for i in range(2)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))
@@ -311,9 +377,23 @@ class GradientNormalizer:
             f"overrides={len(self.overrides)})"
         )
 
+    # -- copies and pickling -------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model"] = self._module()  # a copy holds its model strongly
+        state["_model_ref"] = None
+        del state["_lock"]
+        state["_attached"] = None  # attachments belong to the original's optimizers
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._attached = weakref.WeakKeyDictionary()
+
 
 # normalize_ keeps a few normalizers per module so that calling it every step
-# reuses the cached layout instead of walking the model again.
+# reuses the cached layout, and the state of adaptive rules, across calls.
 _CACHE_PER_MODULE = 8
 _cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Any, GradientNormalizer]] = (
     weakref.WeakKeyDictionary()
@@ -323,18 +403,20 @@ _cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Any, GradientNormalizer
 def normalize_(
     target: Target, mode: Mode, threshold: float = 1.0, *, nonfinite: str = "propagate"
 ) -> NormReport:
-    """Normalize the gradients of ``target`` in place with one DL4J mode (or strategy).
+    """Normalize the gradients of ``target`` in place with one DL4J mode (or rule).
 
     The one-call form of `GradientNormalizer`, in the style of
     ``torch.nn.utils.clip_grad_norm_``: call it between ``loss.backward()`` and
-    ``optimizer.step()``. For a module, the layout is cached across calls.
+    ``optimizer.step()``. For a module, the layout and the state of adaptive
+    rules are kept across calls, per (module, rule, ``nonfinite``): the inline
+    ``normalize_(model, gradclip.ZClip())`` keeps learning from step to step.
 
     Args:
         target: an ``nn.Module`` (one layer per module owning parameters), a
             mapping ``{layer_name: params}``, a list of parameter lists, or a flat
             iterable of parameters (one layer).
-        mode: a `GradientNormalization`, a DL4J name such as
-            ``"ClipL2PerLayer"``, ``None``, or a `Strategy`.
+        mode: a `GradientNormalization`, a DL4J name such as ``"ClipL2PerLayer"``,
+            ``None``, or a rule object.
         threshold: a finite number > 0; ignored by the renormalize modes.
         nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, see
             `gradclip.core.nonfinite` (``"skip"`` needs an optimizer: use
@@ -343,10 +425,12 @@ def normalize_(
     Returns:
         The `NormReport` of norms measured before normalization.
 
-    Example:
-        >>> loss.backward()
-        >>> report = gradclip.normalize_(model, "ClipL2PerLayer", threshold=1.0)
-        >>> optimizer.step()
+    Examples:
+        >>> net = torch.nn.Linear(4, 2)
+        >>> (100 * net(torch.ones(3, 4)).sum()).backward()
+        >>> report = gradclip.normalize_(net, "ClipL2PerLayer", threshold=1.0)
+        >>> round(float(report.layer_norms[""]), 1), report.changed_layers()
+        (692.8, [''])
 
     References:
         Deeplearning4j, ``GradientNormalization``; Pascanu et al., ICML 2013.
@@ -356,14 +440,19 @@ def normalize_(
             "nonfinite='skip' skips an optimizer step, so it needs an optimizer: use "
             "GradientNormalizer(model, mode, nonfinite='skip').attach(optimizer)"
         )
-    strategy = resolve_strategy(mode, threshold)
+    rule = resolve_rule(mode, threshold)
     if not isinstance(target, nn.Module):
-        return GradientNormalizer(target, strategy, nonfinite=nonfinite).apply()
-    key: Any = (strategy if strategy.batchable else id(strategy), nonfinite)
+        return GradientNormalizer(target, rule, nonfinite=nonfinite).apply()
+    try:
+        key: Any = (rule, nonfinite)
+        hash(key)
+    except TypeError:  # a rule that is not a frozen dataclass: one state per object
+        key = (id(rule), nonfinite)
     per_module = _cache.setdefault(target, OrderedDict())
     normalizer = per_module.get(key)
     if normalizer is None:
-        normalizer = GradientNormalizer(target, strategy, nonfinite=nonfinite)
+        normalizer = GradientNormalizer(target, rule, nonfinite=nonfinite)
+        normalizer._hold_weakly()
         per_module[key] = normalizer
         if len(per_module) > _CACHE_PER_MODULE:
             per_module.popitem(last=False)

@@ -179,7 +179,7 @@ def test_make_strategy_uses_strategy_factories_when_they_exist(
         return gradclip.ClipL2PerParamType(3.0)
 
     factories = {"mine": with_threshold, "theirs": without_threshold}
-    monkeypatch.setattr(gradclip, "STRATEGY_FACTORIES", factories, raising=False)
+    monkeypatch.setattr(demo, "RULE_FACTORIES", factories)
     assert "mine" in demo.strategy_names() and "theirs" in demo.strategy_names()
     assert demo.make_strategy("mine", 0.25) == gradclip.ClipL2PerLayer(0.25)
     assert demo.make_strategy("theirs", 0.25) == gradclip.ClipL2PerParamType(3.0)

@@ -163,14 +163,37 @@ def test_layer_scope_tracks_each_layer_and_global_scope_tracks_the_total(
     assert together["a"] == pytest.approx(together["b"], rel=1e-12)
 
 
-def test_layer_scope_raises_if_the_layers_change() -> None:
-    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
-    normalizer = gradclip.GradientNormalizer({"a": [a], "b": [b]}, gradclip.AutoClip(scope="layer"))
-    a.grad, b.grad = torch.ones(2), torch.ones(2)
-    normalizer.apply()
-    b.grad = None
-    with pytest.raises(RuntimeError, match="set of layers with gradients changed"):
+@pytest.mark.parametrize(
+    "rule", [gradclip.AutoClip(50.0, scope="layer"), gradclip.ZClip(warmup_steps=3, scope="layer")]
+)
+def test_layer_scope_follows_layers_by_name_as_they_come_and_go(rule: gradclip.Rule) -> None:
+    # Two heads trained on alternate steps, norms 0.002 and 22: each keeps its own
+    # statistics, advanced only on its own steps, so each head's spike is clipped.
+    a, b = (
+        nn.Parameter(torch.zeros(3, dtype=torch.float64)),
+        nn.Parameter(torch.zeros(3, dtype=torch.float64)),
+    )
+    normalizer = gradclip.GradientNormalizer({"a": [a], "b": [b]}, rule)
+    alone = {
+        name: gradclip.GradientNormalizer({name: [p]}, rule) for name, p in (("a", a), ("b", b))
+    }
+    unit = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)
+    for step in range(16):
+        name, param, scale = ("a", a, 0.002) if step % 2 == 0 else ("b", b, 22.0)
+        spike = 1000.0 if step >= 12 else 1.0
+        a.grad = b.grad = None
+        param.grad = unit * scale * spike
         normalizer.apply()
+        shared = param.grad.clone()
+        param.grad = unit * scale * spike
+        alone[name].apply()
+        assert torch.equal(shared, param.grad), (step, name)
+        if step >= 12:
+            assert float(shared.norm()) < scale * spike / 10, (step, name)
+    rows = normalizer.state_dict()["rules"]
+    (entry,) = rows.values()
+    assert set(entry["rows"]) == {"a", "b"}
+    assert all(int(row["count"]) == 8 for row in entry["rows"].values())
 
 
 def test_invalid_arguments() -> None:

@@ -240,14 +240,6 @@ def test_chain_needs_a_strategy_and_describes_itself() -> None:
     )
 
 
-def test_strategy_factories_by_short_name() -> None:
-    assert set(gradclip.STRATEGY_FACTORIES) == {"agc", "autoclip", "zclip", "global"}
-    assert gradclip.strategy_from_name("AGC") == gradclip.AdaptiveGradClip()
-    assert gradclip.strategy_from_name("global") == gradclip.ClipGlobalNorm(1.0)
-    with pytest.raises(ValueError, match="known: agc, autoclip, global, zclip"):
-        gradclip.strategy_from_name("nope")
-
-
 # -- no host synchronization -----------------------------------------------------------
 ALL_STRATEGIES = [
     gradclip.ClipGlobalNorm(1.0),

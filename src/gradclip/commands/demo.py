@@ -60,7 +60,8 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip.core.rule import Strategy
+from gradclip.commands.rule_names import RULE_FACTORIES
+from gradclip.core.rule import Rule as Strategy
 from gradclip.normalizer import GradientNormalizer
 from gradclip.rules.dl4j import GradientNormalization
 
@@ -311,7 +312,7 @@ class AddingRNN(nn.Module):
 
 # -- strategies -----------------------------------------------------------------------
 def _factories() -> Mapping[str, Callable[..., Strategy]]:
-    factories = getattr(gradclip, "STRATEGY_FACTORIES", None)
+    factories = RULE_FACTORIES
     return factories if isinstance(factories, Mapping) else {}
 
 

@@ -1,332 +1,156 @@
-"""The data path of one normalization step, for every layer of a model at once.
+"""One normalization step for every layer of a model at once.
 
 ::
 
-    gradients ─┬─ grouped by (device, dtype) ─ one _foreach_norm per group ─┐
-               │                                                            │
-               │   per-tensor norms ─ index_add_ by layer ─ layer norms ────┤
-               │                                                            ▼
-               │        each strategy group: coefficients on the device (no sync)
-               │                                                            │
-               └─ one _foreach_mul_ per (device, dtype) group ◄─────────────┘
-                  (+ element-wise clamps for ClipElementWiseAbsoluteValue)
+    gradients ── by (device, dtype) ── one _foreach_norm per run ──┐
+                                                                   │  (sharded: one all_reduce)
+           per-tensor norms ── index_add_ by layer ── layer norms ◄┘
+                                                                   │
+           round k: the k-th rule of every group, on the device ◄──┘  (no host sync)
+                 scaling rules: coefficients ─ one _foreach_mul_ per run
+                 in-place rules: their own grouped kernels (clamp, AGC)
+                 state rows: read, updated, written back unless not finite
 
-The kernel launches of a step do not grow with the number of layers: the
-layers only change the length of the small index vectors, which are built once
-and cached in a `Plan`. A plan is rebuilt only when the set of
-gradients changes (a parameter gets or loses its gradient, or changes dtype or
-device).
+A *group* is the layers that share a rule (equal rules, or DL4J modes that
+differ only in their threshold); round 0 runs every group's rule, and further
+rounds run the later members of `chain` s, measuring their norms again. The
+number of launches depends on the configuration (rules, devices, dtypes), not
+on the number of layers: the layers only change the length of small index
+vectors, built once per `Plan`.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from operator import itemgetter
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from gradclip.core.kernels import accumulation_dtype, foreach_l2_norms
 from gradclip.core.layers import Layer
 from gradclip.core.nonfinite import (
+    NonFiniteGradientError,
+    bad_layers,
     check_nonfinite,
-    raise_nonfinite,
-    read_nonfinite,
-    zero_nonfinite_,
+    read_bad_layers,
+    zero_layers_,
 )
+from gradclip.core.plan import Group, Plan, Signature, Stage, accumulation_dtype_of
 from gradclip.core.report import NormReport
-from gradclip.core.rule import GroupView, Strategy
-from gradclip.core.sharding import CrossRank, GroupShards, Sharding, sharding_of
+from gradclip.core.rule import CrossRank, Measured, Rule, ScalingRule, Shards, stages_of
+from gradclip.core.sharding import local_tensors, p_norm_parts, p_norms_from
+from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
-__all__ = ["Engine", "Plan"]
-
-# (device, dtype, layout) of each gradient, None where a parameter has none.
-_Signature = list[tuple[torch.device, torch.dtype, torch.layout] | None]
-
-
-def _accumulation_dtype(device: torch.device, dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    # Per-tensor norms come out of _foreach_norm in float32 (float64 for float64
-    # gradients); their squares and per-layer sums are formed in float64, where a
-    # float32 norm cannot overflow when squared. MPS has no float64.
-    if device.type == "mps":
-        return torch.float32
-    return torch.float64
+__all__ = ["Engine"]
 
 
 @dataclass(eq=False)
-class _Group:
-    """One strategy and the layers it owns, with its cached index tensors."""
+class _Measurement:
+    """The norms of a step, measured once before any rule runs."""
 
-    strategy: Strategy
-    layer_ids: list[int]  # global layer index of each of the group's layers
-    positions: list[int]  # position in the step's tensor order of each tensor
-    tensor_layer: torch.Tensor  # (T_g,) local layer index
-    layer_ids_t: torch.Tensor  # (L_g,) global layer ids
-    positions_t: torch.Tensor  # (T_g,) positions
-    layer_thresholds: torch.Tensor  # (L_g,)
-    host_thresholds: list[float]  # per tensor
-    covers_all: bool  # positions == range(T) and layers == range(L): no gathers needed
-    state: dict[str, object]
-    layer_names: list[str]
-    param_names: list[str]
-    params: list[torch.Tensor]
-    cache: dict[str, Any] = field(default_factory=dict)
-    shards: GroupShards | None = None  # set on sharded plans
-    asks_cross_rank: bool = False  # the strategy overrides Strategy.cross_rank
-
-
-@dataclass(eq=False)
-class _Bucket:
-    """Gradients of one (device, dtype): a contiguous range of the step's tensor order."""
-
-    device: torch.device
-    start: int
-    stop: int
-    measured_stop: int  # tensors [start, measured_stop) have their norms measured
-    scaled_stop: int  # tensors [start, scaled_stop) are multiplied by a coefficient
-    coefficients: torch.Tensor  # (stop - start,) reused buffer on `device`
-    coefficient_views: tuple[torch.Tensor, ...]  # its 0-d views, cached
-
-
-class Plan:
-    """Everything about a step that depends on the layout, not on gradient values.
-
-    Tensors are ordered by (device, dtype, category, model order) where the
-    category puts scaled tensors first, then other measured ones, then the
-    unmeasured: each (device, dtype) bucket is a contiguous range, its measured
-    tensors a prefix of it and its scaled tensors a prefix of that.
-    """
-
-    def __init__(
-        self,
-        layers: Sequence[Layer],
-        strategies: Sequence[Strategy],
-        signature: _Signature,
-        *,
-        params: Sequence[torch.Tensor],
-        measure_all: bool,
-        states: dict[object, dict[str, object]],
-        grads: Sequence[torch.Tensor | None] | None = None,
-    ) -> None:
-        flat_layer: list[int] = []
-        names: list[str] = []
-        for layer_id, layer in enumerate(layers):
-            for k in range(len(layer.params)):
-                flat_layer.append(layer_id)
-                names.append(layer.qualified(k))
-        _check_layer_devices(layers, signature, flat_layer, names)
-
-        def category(i: int) -> int:
-            strategy = strategies[flat_layer[i]]
-            if strategy.scales:
-                return 0
-            return 1 if (measure_all or strategy.measures_norms) else 2
-
-        def sort_key(i: int) -> tuple[str, int, str, int, int]:
-            device, dtype, _ = signature[i]  # type: ignore[misc]
-            return (device.type, device.index or 0, str(dtype), category(i), i)
-
-        order = sorted((i for i, sig in enumerate(signature) if sig is not None), key=sort_key)
-        self.order = order  # flat parameter index of each of the step's tensors
-        self._identity_order = order == list(range(len(signature)))
-        self._pick = itemgetter(*order) if len(order) > 1 else None
-        self.names = [names[i] for i in order]
-        self.num_tensors = len(order)
-        self.num_layers = len(layers)
-        self.layer_names = [layer.name for layer in layers]
-        self.tensor_layer_ids = [flat_layer[i] for i in order]
-        self.tensor_dtypes = [signature[i][1] for i in order]  # type: ignore[index]
-        categories = [category(i) for i in order]
-
-        devices = sorted({signature[i][0] for i in order}, key=lambda d: (d.type, d.index or 0))  # type: ignore[index]
-        self.device = devices[0] if devices else torch.device("cpu")
-        self.acc_dtype = _accumulation_dtype(self.device, self.tensor_dtypes)
-        wide = any(dt == torch.float64 for dt in self.tensor_dtypes)
-        self.report_dtype = (
-            torch.float64 if wide and self.acc_dtype == torch.float64 else torch.float32
-        )
-
-        self.layer_changes_known = [
-            strategies[lid].reports_changes for lid in range(self.num_layers)
-        ]
-        self.layer_has_grad = [False] * self.num_layers
-        self.layer_measured = [False] * self.num_layers
-        for lid, cat in zip(self.tensor_layer_ids, categories):
-            self.layer_has_grad[lid] = True
-            if cat < 2:
-                self.layer_measured[lid] = True
-        measured_positions = [p for p, cat in enumerate(categories) if cat < 2]
-        self.all_measured = len(measured_positions) == self.num_tensors
-        self.any_measured = bool(measured_positions)
-        self.all_layers_measured = all(self.layer_measured)
-
-        dev = self.device
-        self.measured_layer_t = torch.tensor(
-            [self.tensor_layer_ids[p] for p in measured_positions], dtype=torch.long, device=dev
-        )
-        self.measured_positions_t = torch.tensor(measured_positions, dtype=torch.long, device=dev)
-        self.layer_measured_t = torch.tensor(self.layer_measured, dtype=torch.bool, device=dev)
-        self.buckets = self._make_buckets(order, signature, categories)
-        self.params = [params[i] for i in order]
-        self.groups = self._make_groups(strategies, states)
-        # DTensor gradients (FSDP2): local pieces, norms reduced once per step.
-        self.sharding: Sharding | None = None
-        if grads is not None:
-            self.sharding = sharding_of(
-                self.names,
-                [grads[i] for i in order],
-                self.device,
-                self.acc_dtype,
-            )
-        if self.sharding is not None:
-            for group in self.groups:
-                group.shards = self.sharding.group_shards(group.positions, group.positions_t)
-                group.asks_cross_rank = type(group.strategy).cross_rank is not Strategy.cross_rank
-
-    def select(self, grads_by_param: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """The step's gradients in the plan's order (``grads_by_param`` indexed like the params)."""
-        if self._identity_order:
-            return grads_by_param  # type: ignore[return-value]
-        if self._pick is None:  # zero or one gradient
-            return [grads_by_param[i] for i in self.order]  # type: ignore[misc]
-        return list(self._pick(grads_by_param))
-
-    def _make_buckets(
-        self, order: list[int], signature: _Signature, categories: list[int]
-    ) -> list[_Bucket]:
-        buckets: list[_Bucket] = []
-        start = 0
-        while start < len(order):
-            key = signature[order[start]][:2]  # type: ignore[index]
-            stop = start
-            while stop < len(order) and signature[order[stop]][:2] == key:  # type: ignore[index]
-                stop += 1
-            cats = categories[start:stop]
-            scaled_stop = start + sum(1 for c in cats if c == 0)
-            measured_stop = start + sum(1 for c in cats if c < 2)
-            device, dtype = key
-            buffer = torch.ones(scaled_stop - start, dtype=accumulation_dtype(dtype), device=device)
-            buckets.append(
-                _Bucket(device, start, stop, measured_stop, scaled_stop, buffer, buffer.unbind(0))
-            )
-            start = stop
-        return buckets
-
-    def _make_groups(
-        self, strategies: Sequence[Strategy], states: dict[object, dict[str, object]]
-    ) -> list[_Group]:
-        keyed: dict[object, list[int]] = {}
-        for lid, strategy in enumerate(strategies):
-            if self.layer_has_grad[lid]:
-                keyed.setdefault(strategy.group_key(), []).append(lid)
-        positions_of_layer: dict[int, list[int]] = {}
-        for p, lid in enumerate(self.tensor_layer_ids):
-            positions_of_layer.setdefault(lid, []).append(p)
-
-        groups = []
-        dev = self.device
-        every_position = list(range(self.num_tensors))
-        for key, layer_ids in keyed.items():
-            strategy = strategies[layer_ids[0]]
-            local = {lid: k for k, lid in enumerate(layer_ids)}
-            positions = sorted(p for lid in layer_ids for p in positions_of_layer[lid])
-            thresholds = [float(strategies[lid].threshold) for lid in layer_ids]
-            if key not in states:
-                states[key] = strategy.init_state(len(layer_ids), dev, self.acc_dtype)
-            groups.append(
-                _Group(
-                    strategy=strategy,
-                    layer_ids=layer_ids,
-                    positions=positions,
-                    tensor_layer=torch.tensor(
-                        [local[self.tensor_layer_ids[p]] for p in positions],
-                        dtype=torch.long,
-                        device=dev,
-                    ),
-                    layer_ids_t=torch.tensor(layer_ids, dtype=torch.long, device=dev),
-                    positions_t=torch.tensor(positions, dtype=torch.long, device=dev),
-                    layer_thresholds=torch.tensor(thresholds, dtype=self.acc_dtype, device=dev),
-                    host_thresholds=[
-                        thresholds[local[self.tensor_layer_ids[p]]] for p in positions
-                    ],
-                    covers_all=positions == every_position
-                    and layer_ids == list(range(self.num_layers)),
-                    state=states[key],
-                    layer_names=[self.layer_names[i] for i in layer_ids],
-                    param_names=[self.names[p] for p in positions],
-                    params=[self.params[p] for p in positions],
-                )
-            )
-        return groups
-
-
-def _check_layer_devices(
-    layers: Sequence[Layer], signature: _Signature, flat_layer: list[int], names: list[str]
-) -> None:
-    first: dict[int, tuple[torch.device, str]] = {}
-    for i, sig in enumerate(signature):
-        if sig is None:
-            continue
-        lid = flat_layer[i]
-        if lid not in first:
-            first[lid] = (sig[0], names[i])
-        elif sig[0] != first[lid][0]:
-            raise RuntimeError(
-                f"layer {layers[lid].name!r} has gradients on different devices: "
-                f"{first[lid][1]!r} on {first[lid][0]} and {names[i]!r} on {sig[0]}. "
-                "Move the layer to one device, or split it with a custom grouping."
-            )
+    tensor_norms: torch.Tensor  # (T,) L2, NaN where not measured
+    layer_norms: torch.Tensor  # (L,) L2, NaN where not measured
+    p_norms: dict[int, torch.Tensor]  # group index -> (T_g,) norms of its rule's order p != 2
+    reduced: dict[int, CrossRank]  # group index -> its rule's reduced cross-rank quantities
 
 
 class Engine:
-    """Runs normalization steps over a fixed list of layers, caching the plan.
+    """Runs normalization steps over a list of layers, caching the plan, owning the state.
 
     Args:
         layers: the layers, see `gradclip.core.layers.build_layers`.
-        strategies: one strategy per layer.
-        measure_all: also measure the norms of layers whose strategy needs none
+        rules: one rule per layer.
+        measure_all: also measure the norms of layers whose rule needs none
             (``None`` and element-wise clipping), for telemetry; costs one read of
             their gradients.
-        nonfinite: what to do with layers whose norm is inf or NaN, see
-            `gradclip.core.nonfinite.check_nonfinite`; any policy but
-            ``"propagate"`` measures every layer (as ``measure_all``).
+        nonfinite: what to do with layers whose norm is inf or NaN (see
+            `gradclip.core.nonfinite`); any policy but ``"propagate"`` measures
+            every layer.
+        store: the rules' state, kept when the engine is rebuilt for a changed model.
     """
 
     def __init__(
         self,
         layers: Sequence[Layer],
-        strategies: Sequence[Strategy],
+        rules: Sequence[Rule],
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        store: StateStore | None = None,
     ) -> None:
-        if len(layers) != len(strategies):
-            raise ValueError("one strategy per layer is required")
+        if len(layers) != len(rules):
+            raise ValueError("one rule per layer is required")
         self.layers = list(layers)
-        self.strategies = list(strategies)
+        self.rules = list(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
-        # set by the "error" and "skip" policies: the non-finite layers of the last step
-        self.last_nonfinite: list[str] = []
+        self.store = store if store is not None else StateStore()
         self.params = [p for layer in self.layers for p in layer.params]
-        self._names = [
-            layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
+        self._names = [layer.qualified(k) for layer in self.layers for k in range(len(layer.params))]
+        frozen_checks = [not layer.explicit for layer in self.layers for _ in layer.params]
+        self._check_frozen: bool | list[bool] = (
+            frozen_checks[0] if len(set(frozen_checks)) == 1 else frozen_checks
+        ) if frozen_checks else True
+        owned = [
+            (owner, key, p)
+            for layer in self.layers
+            for (owner, key), p in zip(layer.owners, layer.params)
         ]
+        self._owner_dicts = [o for o, _, _ in owned]
+        self._owner_keys = [k for _, k, _ in owned]
+        self._owned = [p for _, _, p in owned]
         self._plan: Plan | None = None
-        self._signature: _Signature | None = None
-        self.states: dict[object, dict[str, object]] = {}
+        self._signature: Signature | None = None
+        #: the non-finite layers of the last step ("error" and "skip" policies)
+        self.last_nonfinite: list[str] = []
+        self._init_state()
 
-    def gather(self) -> tuple[list[torch.Tensor | None], _Signature]:
+    def _init_state(self) -> None:
+        """Give every stateful rule its slot and rows now, before any step (for checkpoints)."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        dtype = accumulation_dtype_of(device)
+        groups: dict[object, list[int]] = {}
+        for lid, rule in enumerate(self.rules):
+            groups.setdefault(rule.group_key(), []).append(lid)
+        keep: dict[str, list[str]] = {}
+        for layer_ids in groups.values():
+            rule = self.rules[layer_ids[0]]
+            stages = stages_of(rule)
+            for k, stage in enumerate(stages):
+                slot = state_slot(rule, k, stage, len(stages) > 1)
+                if slot is not None:
+                    rows = state_rows(stage, [self.layers[i].name for i in layer_ids])
+                    self.store.ensure(slot, stage, rows, device, dtype)
+                    keep[slot] = rows
+        self.store.prune(keep)
+
+    # -- layout ----------------------------------------------------------------------------
+    def swapped(self) -> bool:
+        """Whether a module now holds another parameter under a name this engine normalizes.
+
+        Catches ``module._parameters[name] = new_param``, which no registration
+        hook sees, at the cost of one dict lookup per parameter.
+        """
+        current = map(dict.get, self._owner_dicts, self._owner_keys)
+        return not all(map(operator.is_, current, self._owned))
+
+    def gather(self) -> tuple[list[torch.Tensor | None], Signature]:
         """Current gradients (``None`` where skipped) and their signature, validated.
 
-        Raises before anything is modified if a gradient is sparse or complex,
-        or if a layer's gradients sit on different devices.
+        Raises before anything is modified if a gradient is sparse or complex.
         """
-        grads = [p.grad if p.requires_grad else None for p in self.params]
-        signature: _Signature = [
+        check = self._check_frozen
+        if check is True:
+            grads = [p.grad if p.requires_grad else None for p in self.params]
+        elif check is False:
+            grads = [p.grad for p in self.params]
+        else:
+            grads = [
+                p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
+            ]
+        signature: Signature = [
             None if g is None else (g.device, g.dtype, g.layout) for g in grads
         ]
         if signature != self._signature:
@@ -335,23 +159,27 @@ class Engine:
                     check_gradient(name, g)
         return grads, signature
 
-    def plan(
-        self, signature: _Signature, grads: Sequence[torch.Tensor | None] | None = None
-    ) -> Plan:
-        """The cached plan for this signature, rebuilt if the gradients' layout changed."""
+    def plan(self, signature: Signature, grads: Sequence[torch.Tensor | None]) -> Plan:
+        """The cached plan for this signature, rebuilt when the gradients' layout changed."""
         if self._plan is None or signature != self._signature:
             self._plan = Plan(
                 self.layers,
-                self.strategies,
+                self.rules,
                 signature,
                 params=self.params,
-                measure_all=self.measure_all,
-                states=self.states,
                 grads=grads,
+                measure_all=self.measure_all,
+                store=self.store,
             )
             self._signature = signature
         return self._plan
 
+    def invalidate(self) -> None:
+        """Forget the cached plan (after the state store changed shape)."""
+        self._plan = None
+        self._signature = None
+
+    # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> NormReport:
         """Normalize the current gradients in place and report what was measured.
@@ -363,186 +191,240 @@ class Engine:
         plan = self.plan(signature, grads_by_param)
         grads = plan.select(grads_by_param)
         if plan.sharding is not None:
-            grads = plan.sharding.local(grads)
+            grads = local_tensors(grads)
         if not grads:
             return NormReport.empty(plan)
-        reduced: list[CrossRank | None] | None = None
-        if plan.sharding is None:
-            tensor_norms, layer_norms = self.measure(plan, grads)
-        else:
-            tensor_norms, layer_norms, reduced = _measure_sharded(plan, grads)
-        reported = (tensor_norms, layer_norms)
-        dropped: torch.Tensor | None = None
+        measured = _measure(plan, grads)
+        reported = (measured.tensor_norms, measured.layer_norms)
+        judged = _judged_layer_norms(plan, measured)
+        bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
         if self.nonfinite in ("error", "skip"):
-            self.last_nonfinite = read_nonfinite(plan, layer_norms)  # the one host read
+            bad = bad_layers(plan, judged)
+            self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
             if self.last_nonfinite and self.nonfinite == "error":
-                raise_nonfinite(self.last_nonfinite)
+                raise NonFiniteGradientError(self.last_nonfinite)
             if self.last_nonfinite:  # "skip": leave every gradient and state as it is
                 unchanged = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
-                return NormReport(plan, tensor_norms, layer_norms, unchanged, [])
+                return NormReport(plan, measured.tensor_norms, measured.layer_norms, unchanged)
         elif self.nonfinite == "zero":
-            tensor_norms, layer_norms, dropped = zero_nonfinite_(plan, grads, *reported)
-            if reduced is not None:  # strategies' reduced quantities predate the zeroing
-                zeroed = dropped.index_select(0, plan.measured_layer_t)
-        coefficients: torch.Tensor | None = None
-        changed = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
-        stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
-        for gi, group in enumerate(plan.groups):
-            view = _view(plan, group, grads, tensor_norms, layer_norms)
-            if reduced is not None:
-                view.reduced = reduced[gi]
-                if zeroed is not None:
-                    view.zeroed = (
-                        zeroed if group.covers_all else zeroed.index_select(0, group.positions_t)
-                    )
-            strategy = group.strategy
-            if strategy.scales:
-                coef = strategy.scale(view)
-                if group.covers_all:
-                    coefficients = coef
-                else:
-                    if coefficients is None:
-                        coefficients = torch.ones_like(tensor_norms)
-                    coefficients.index_copy_(0, group.positions_t, coef.to(coefficients.dtype))
-                flags = torch.zeros(len(group.layer_ids), dtype=torch.int32, device=plan.device)
-                flags.index_add_(0, group.tensor_layer, (coef != 1).to(torch.int32))
-                changed.index_copy_(0, group.layer_ids_t, flags > 0)
-            else:
-                strategy.transform_(view)
-                flags_or_none = strategy.layer_changed(view)
-                if flags_or_none is not None:
-                    changed.index_copy_(0, group.layer_ids_t, flags_or_none)
-            if view.stats:
-                stats.append((group.layer_names, dict(view.stats)))
-        if coefficients is not None:
-            multiply_(plan, grads, coefficients)
-        if dropped is not None:
-            changed |= dropped
-        return NormReport(plan, *reported, changed, stats)
-
-    @staticmethod
-    def measure(plan: Plan, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(T,)`` per-tensor and ``(L,)`` per-layer L2 norms; NaN where not measured."""
-        tensor_norms = _local_norms(plan, grads)
-        if plan.sharding is not None and plan.any_measured:
-            tensor_norms = plan.sharding.reduce_norms(tensor_norms)  # the step's one collective
-        return tensor_norms, _layer_norms(plan, tensor_norms)
-
-
-def _local_norms(plan: Plan, grads: list[torch.Tensor]) -> torch.Tensor:
-    """``(T,)`` L2 norm of each of ``grads`` (local pieces if sharded); NaN where not measured."""
-    acc = plan.acc_dtype
-    parts: list[torch.Tensor] = []
-    for bucket in plan.buckets:
-        if bucket.measured_stop > bucket.start:
-            norms = foreach_l2_norms(grads[bucket.start : bucket.measured_stop], acc)
-            parts.append(norms.to(plan.device, non_blocking=True))
-        if bucket.stop > bucket.measured_stop:
-            parts.append(
-                torch.full(
-                    (bucket.stop - bucket.measured_stop,),
-                    float("nan"),
-                    dtype=acc,
-                    device=plan.device,
-                )
+            bad = bad_layers(plan, judged)
+            zeroed = zero_layers_(plan, grads, bad)
+            # the rules see the zeroed layers as they now are: norm 0
+            measured = _Measurement(
+                measured.tensor_norms.masked_fill(zeroed, 0.0),
+                measured.layer_norms,
+                {
+                    gi: norms.masked_fill(_select(zeroed, plan.groups[gi]), 0.0)
+                    for gi, norms in measured.p_norms.items()
+                },
+                measured.reduced,
             )
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        finite = torch.isfinite(judged) if plan.has_state else None
+        changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
+        known = [True] * plan.num_layers
+        stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
+        for k, round_ in enumerate(plan.rounds):
+            coefficients: torch.Tensor | None = None
+            for group, stage in round_.stages:
+                m = self._measured(plan, group, stage, grads, measured, k, zeroed)
+                state = self.store.load(stage.slot, stage.rows) if stage.slot else {}
+                rule = stage.rule
+                if isinstance(rule, ScalingRule):
+                    coef, new_state = rule.scale(m, state)
+                    coef = coef.to(plan.acc_dtype)
+                    if round_.single:
+                        coefficients = coef
+                    else:
+                        if coefficients is None:
+                            assert round_.scaled is not None
+                            coefficients = torch.empty(
+                                len(round_.scaled), dtype=plan.acc_dtype, device=plan.device
+                            )
+                        assert stage.coefficient_index is not None
+                        coefficients.index_copy_(0, stage.coefficient_index, coef)
+                    changed.index_add_(0, group.tensor_layer_ids_t, (coef != 1).to(torch.int32))
+                else:
+                    flags, new_state = rule.transform_(m, state)  # type: ignore[attr-defined]
+                    if flags is None:
+                        for lid in group.layer_ids:
+                            known[lid] = False
+                    else:
+                        changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
+                if stage.slot is not None:
+                    keep = _keep_rows(stage, group, m, finite)
+                    new_state = self.store.store(stage.slot, stage.rows, state, new_state, keep)
+                shown = rule.stats(m, new_state)
+                if shown:
+                    stats.append((list(stage.layout.layer_names), dict(shown)))
+            if coefficients is not None:
+                assert round_.scaled is not None
+                round_.scaled.scale_(grads, coefficients)
+        if zeroed is not None and bad is not None:
+            changed |= bad.to(torch.int32)
+        return NormReport(plan, reported[0], reported[1], changed > 0, stats, known)
 
-
-def _layer_norms(plan: Plan, tensor_norms: torch.Tensor) -> torch.Tensor:
-    """``(L,)`` per-layer L2 norms from the per-tensor ones; NaN where not measured."""
-    acc = plan.acc_dtype
-    if not plan.any_measured:
-        return torch.full((plan.num_layers,), float("nan"), dtype=acc, device=plan.device)
-    measured = (
-        tensor_norms
-        if plan.all_measured
-        else tensor_norms.index_select(0, plan.measured_positions_t)
-    )
-    squares = torch.zeros(plan.num_layers, dtype=acc, device=plan.device)
-    squares.index_add_(0, plan.measured_layer_t, measured.square())
-    layer_norms = squares.sqrt_()
-    if not plan.all_layers_measured:
-        layer_norms = torch.where(plan.layer_measured_t, layer_norms, math.nan)
-    return layer_norms
-
-
-def _measure_sharded(
-    plan: Plan, grads: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, list[CrossRank | None]]:
-    """`Engine.measure` on local pieces, plus each group's `Strategy.cross_rank`.
-
-    The L2 norms and every strategy's declared quantities travel in one
-    collective (none if there is nothing to reduce). Returns the global norms
-    and, per group, its reduced quantities (``None`` where it declared none).
-    """
-    assert plan.sharding is not None
-    tensor_norms = _local_norms(plan, grads)
-    asked: list[int] = []
-    extras: list[CrossRank] = []
-    for gi, group in enumerate(plan.groups):
-        if group.asks_cross_rank:
-            extra = group.strategy.cross_rank(_view(plan, group, grads, None, None))
-            if extra is not None:
-                asked.append(gi)
-                extras.append(extra)
-    reduced: list[CrossRank | None] = [None] * len(plan.groups)
-    if plan.any_measured or extras:
-        norms, out = plan.sharding.reduce(tensor_norms if plan.any_measured else None, extras)
-        if norms is not None:
-            tensor_norms = norms
-        for gi, values in zip(asked, out):
-            reduced[gi] = values
-    return tensor_norms, _layer_norms(plan, tensor_norms), reduced
-
-
-def _view(
-    plan: Plan,
-    group: _Group,
-    grads: list[torch.Tensor],
-    tensor_norms: torch.Tensor | None,
-    layer_norms: torch.Tensor | None,
-) -> GroupView:
-    # tensor_norms None: the view a strategy's cross_rank sees, before the reduction
-    norms: torch.Tensor | None = tensor_norms
-    layers: torch.Tensor | None = layer_norms
-    if group.covers_all:
-        group_grads = grads
-    else:
-        group_grads = [grads[p] for p in group.positions]
-        if tensor_norms is not None and layer_norms is not None:
-            norms = tensor_norms.index_select(0, group.positions_t)
-            layers = layer_norms.index_select(0, group.layer_ids_t)
-    measured = group.strategy.measures_norms or plan.all_measured
-    return GroupView(
-        layer_names=group.layer_names,
-        param_names=group.param_names,
-        grads=group_grads,
-        params=group.params if plan.sharding is None else plan.sharding.local(group.params),
-        tensor_layer=group.tensor_layer,
-        layer_thresholds=group.layer_thresholds,
-        host_thresholds=group.host_thresholds,
-        tensor_norms=norms if measured else None,
-        layer_norms=layers if measured else None,
-        device=plan.device,
-        dtype=plan.acc_dtype,
-        state=group.state,
-        cache=group.cache,
-        shards=group.shards,
-    )
-
-
-def multiply_(plan: Plan, grads: list[torch.Tensor], coefficients: torch.Tensor) -> None:
-    """``grads[i] *= coefficients[i]`` for every scaled tensor: one ``_foreach_mul_`` per bucket.
-
-    The coefficients are copied into a buffer cached per bucket whose 0-d views
-    were made once, so a step creates no per-tensor Python objects.
-    """
-    for bucket in plan.buckets:
-        if bucket.scaled_stop == bucket.start:
-            continue
-        bucket.coefficients.copy_(
-            coefficients[bucket.start : bucket.scaled_stop], non_blocking=True
+    def _measured(
+        self,
+        plan: Plan,
+        group: Group,
+        stage: Stage,
+        grads: list[torch.Tensor],
+        measured: _Measurement,
+        k: int,
+        zeroed: torch.Tensor | None,
+    ) -> Measured:
+        """What ``stage``'s rule is called with in round ``k``."""
+        index = group.index
+        group_grads = grads if group.covers_all else [grads[p] for p in group.positions]
+        norms: torch.Tensor | None = None
+        layer_norms: torch.Tensor | None = None
+        p = stage.rule.norm_type
+        if p is not None:
+            if k > 0:
+                assert stage.norm_runs is not None
+                norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
+            elif index in measured.p_norms:
+                norms = measured.p_norms[index]
+            else:
+                norms = _select(measured.tensor_norms, group)
+            layer_norms = _layer_norms(norms, stage.layout.tensor_layer, len(group.layer_ids), p)
+        shards = None
+        if group.shard_weights is not None:
+            shards = Shards(
+                group.shard_weights,
+                measured.reduced.get(index) if k == 0 else None,
+                None if zeroed is None else _select(zeroed, group),
+            )
+        return Measured(
+            grads=group_grads,
+            params=group.params if plan.sharding is None else local_tensors(group.params),
+            norms=norms,
+            layer_norms=layer_norms,
+            layout=stage.layout,
+            prepared=stage.prepared,
+            step=self.store.slots[stage.slot].steps if stage.slot else 0,
+            shards=shards,
         )
-        torch._foreach_mul_(grads[bucket.start : bucket.scaled_stop], bucket.coefficient_views)
+
+
+def _select(values: torch.Tensor, group: Group) -> torch.Tensor:
+    return values if group.covers_all else values.index_select(0, group.positions_t)
+
+
+def _layer_norms(
+    norms: torch.Tensor, tensor_layer: torch.Tensor, num_layers: int, norm_type: float
+) -> torch.Tensor:
+    """``(L,)`` p-norm of each layer's tensors from their ``(T,)`` p-norms."""
+    if math.isinf(norm_type):
+        out = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
+        return out.scatter_reduce_(0, tensor_layer, norms, "amax")
+    powers = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
+    if norm_type == 2.0:
+        return powers.index_add_(0, tensor_layer, norms.square()).sqrt_()
+    return powers.index_add_(0, tensor_layer, norms.pow(norm_type)).pow_(1.0 / norm_type)
+
+
+def _measure(plan: Plan, grads: list[torch.Tensor]) -> _Measurement:
+    """The step's L2 norms, the p-norms some rules read, and (sharded) their reduction."""
+    dev, acc = plan.device, plan.acc_dtype
+    local = plan.measured.norms(grads, 2.0, dev, acc) if plan.any_measured else None
+    p_norms: dict[int, torch.Tensor] = {}
+    for gi, group in enumerate(plan.groups):
+        stage = group.stages[0]
+        if stage.norm_runs is not None and stage.rule.norm_type is not None:
+            p_norms[gi] = stage.norm_runs.norms(grads, stage.rule.norm_type, dev, acc)
+    reduced: dict[int, CrossRank] = {}
+    if plan.sharding is not None:
+        local, p_norms, reduced = _reduce(plan, grads, local, p_norms)
+    if local is None:
+        tensor_norms = torch.full((plan.num_tensors,), math.nan, dtype=acc, device=dev)
+        layer_norms = torch.full((plan.num_layers,), math.nan, dtype=acc, device=dev)
+        return _Measurement(tensor_norms, layer_norms, p_norms, reduced)
+    if plan.all_measured:
+        tensor_norms = local
+        measured = local
+    else:
+        tensor_norms = torch.full((plan.num_tensors,), math.nan, dtype=acc, device=dev)
+        tensor_norms.index_copy_(0, plan.measured_positions_t, local)
+        measured = local
+    layer_norms = _layer_norms(measured, plan.measured_layer_t, plan.num_layers, 2.0)
+    if not all(plan.layer_measured):
+        layer_norms = torch.where(plan.layer_measured_t, layer_norms, math.nan)
+    return _Measurement(tensor_norms, layer_norms, p_norms, reduced)
+
+
+def _reduce(
+    plan: Plan,
+    grads: list[torch.Tensor],
+    local: torch.Tensor | None,
+    p_norms: dict[int, torch.Tensor],
+) -> tuple[torch.Tensor | None, dict[int, torch.Tensor], dict[int, CrossRank]]:
+    """Sum the step's local quantities over ranks in one collective."""
+    assert plan.sharding is not None
+    extras: list[CrossRank] = []
+    owners: list[tuple[str, int]] = []
+    for gi, norms in p_norms.items():
+        group = plan.groups[gi]
+        assert group.shard_weights is not None and group.stages[0].rule.norm_type is not None
+        extras.append(p_norm_parts(norms, group.stages[0].rule.norm_type, group.shard_weights))
+        owners.append(("p", gi))
+    for gi, group in enumerate(plan.groups):
+        if not group.asks_cross_rank:
+            continue
+        stage = group.stages[0]
+        m = Measured(
+            grads=[grads[p] for p in group.positions],
+            params=local_tensors(group.params),
+            norms=None,
+            layer_norms=None,
+            layout=stage.layout,
+            prepared=stage.prepared,
+            shards=Shards(group.shard_weights),  # type: ignore[arg-type]
+        )
+        extra = stage.rule.cross_rank(m)
+        if extra is not None:
+            extras.append(extra)
+            owners.append(("rule", gi))
+    if local is None and not extras:
+        return None, p_norms, {}
+    norms, out = plan.sharding.reduce(local, extras)
+    p_global: dict[int, torch.Tensor] = {}
+    reduced: dict[int, CrossRank] = {}
+    for (kind, gi), values in zip(owners, out):
+        if kind == "p":
+            norm_type = plan.groups[gi].stages[0].rule.norm_type
+            assert norm_type is not None
+            p_global[gi] = p_norms_from(values, norm_type)
+        else:
+            reduced[gi] = values
+    return norms, p_global, reduced
+
+
+def _judged_layer_norms(plan: Plan, measured: _Measurement) -> torch.Tensor:
+    """``(L,)`` the norm each layer is judged finite or not by: the one its rule reads."""
+    if not measured.p_norms:
+        return measured.layer_norms
+    judged = measured.layer_norms.clone()
+    for gi, norms in measured.p_norms.items():
+        group = plan.groups[gi]
+        p = group.stages[0].rule.norm_type
+        assert p is not None
+        layer = _layer_norms(norms, group.stages[0].layout.tensor_layer, len(group.layer_ids), p)
+        judged.index_copy_(0, group.layer_ids_t, layer)
+    return judged
+
+
+def _keep_rows(
+    stage: Stage, group: Group, m: Measured, finite: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``(R,)`` bool: state rows to leave as they were (their norm was not finite)."""
+    if finite is None:
+        return None
+    ok = finite if group.covers_all else finite.index_select(0, group.layer_ids_t)
+    if m.layer_norms is not None:
+        ok = ok & torch.isfinite(m.layer_norms)
+    if not stage.rule.per_layer_state:
+        ok = ok.all().reshape(1)
+    return ~ok
+

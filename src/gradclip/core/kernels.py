@@ -1,28 +1,27 @@
 """Grouped tensor kernels: the few launches a step is made of.
 
-Every function here takes whole lists of tensors and issues a number of kernel
-launches that does not depend on how many tensors there are (a ``_foreach``
-launch covers a whole (device, dtype) group), with one deliberate exception
-explained in `clamp_abs_`.
+A step's tensors are split into *runs* of one device and dtype (`Runs`); each
+function here issues one grouped launch per run, so the number of launches
+depends on how many devices and dtypes the model mixes, never on how many
+tensors or layers it has. The one deliberate exception, large tensors clamped
+one by one, is explained in `clamp_abs_`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TypeVar
 
 import torch
 
-K = TypeVar("K", bound=Hashable)
-
 __all__ = [
     "ClampPlan",
+    "Runs",
     "accumulation_dtype",
     "clamp_abs_",
-    "foreach_l2_norms",
-    "group_indices",
+    "foreach_norms",
     "large_tensor_elements",
     "plan_clamp",
 ]
@@ -42,14 +41,6 @@ def large_tensor_elements(device: torch.device) -> int:
     return _LARGE_TENSOR_ELEMENTS.get(device.type, _LARGE_TENSOR_ELEMENTS_DEFAULT)
 
 
-def group_indices(keys: Sequence[K]) -> dict[K, list[int]]:
-    """Positions of equal keys, in first-seen order: ``["a", "b", "a"] -> {a: [0, 2], b: [1]}``."""
-    groups: dict[K, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    return groups
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 tensors, float32 for every other floating dtype.
 
@@ -62,14 +53,127 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def foreach_l2_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``(T,)`` L2 norm of each tensor of one (device, dtype) group, accumulated in ``dtype``.
+def foreach_norms(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """``(n,)`` p-norm of each tensor of one (device, dtype) run: one ``_foreach_norm``.
 
-    One ``_foreach_norm`` launch; half-precision inputs are read as they are and
-    accumulated in float32 without a widened copy.
+    Half-precision inputs are accumulated in float32 without a widened copy.
+    Empty tensors must not be passed with ``norm_type=inf`` (a maximum over
+    nothing); `Runs.norms` substitutes them.
     """
-    norms = torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype))
-    return torch.stack(norms).to(dtype)
+    norms = torch._foreach_norm(tensors, norm_type, dtype=accumulation_dtype(tensors[0].dtype))
+    return torch.stack(norms)
+
+
+def _picker(positions: Sequence[int]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """A function taking a step's tensor list to the tensors at ``positions``."""
+    first = positions[0]
+    if list(positions) == list(range(first, first + len(positions))):
+        stop = first + len(positions)
+        return lambda tensors: tensors[first:stop]
+    if len(positions) == 1:
+        return lambda tensors: [tensors[first]]
+    get = itemgetter(*positions)
+    return lambda tensors: list(get(tensors))
+
+
+@dataclass(eq=False)
+class _Run:
+    start: int  # index into Runs.positions
+    stop: int
+    device: torch.device
+    dtype: torch.dtype
+    pick: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    empty: tuple[int, ...]  # run-local indices of empty tensors
+    coefficients: torch.Tensor | None = None  # reused buffer of the multiply
+    views: tuple[torch.Tensor, ...] = ()  # its 0-d views, made once
+
+
+class Runs:
+    """A fixed selection of a step's tensors, split into maximal (device, dtype) runs.
+
+    Built once per layout; `norms` and `scale_` then cost one grouped launch per
+    run. ``positions`` index the step's tensor list, which the engine orders by
+    device and dtype, so the runs are few.
+
+    Args:
+        positions: the selected tensors, in order.
+        keys: ``(device, dtype)`` of every tensor of the step.
+        empty: whether each tensor of the step has no elements.
+        scaled: keep a coefficient buffer per run for `scale_`.
+    """
+
+    def __init__(
+        self,
+        positions: Sequence[int],
+        keys: Sequence[tuple[torch.device, torch.dtype]],
+        empty: Sequence[bool],
+        *,
+        scaled: bool = False,
+    ) -> None:
+        self.positions = list(positions)
+        self.runs: list[_Run] = []
+        start = 0
+        while start < len(self.positions):
+            key = keys[self.positions[start]]
+            stop = start + 1
+            while stop < len(self.positions) and keys[self.positions[stop]] == key:
+                stop += 1
+            chosen = self.positions[start:stop]
+            run = _Run(
+                start,
+                stop,
+                key[0],
+                key[1],
+                _picker(chosen),
+                tuple(i for i, p in enumerate(chosen) if empty[p]),
+            )
+            if scaled:
+                run.coefficients = torch.ones(
+                    stop - start, dtype=accumulation_dtype(key[1]), device=key[0]
+                )
+                run.views = run.coefficients.unbind(0)
+            self.runs.append(run)
+            start = stop
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def norms(
+        self,
+        tensors: list[torch.Tensor],
+        norm_type: float,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``(len(self),)`` p-norm of each selected tensor, on ``device`` in ``dtype``.
+
+        Empty tensors read 0 for every order (``_foreach_norm`` has no identity
+        for the maximum, so they are replaced by a one-element zero).
+        """
+        parts = []
+        for run in self.runs:
+            chunk = run.pick(tensors)
+            if run.empty and math.isinf(norm_type):
+                chunk = list(chunk)
+                for i in run.empty:
+                    chunk[i] = chunk[i].new_zeros(1)
+            parts.append(foreach_norms(chunk, norm_type).to(device, dtype, non_blocking=True))
+        if not parts:
+            return torch.zeros(0, dtype=dtype, device=device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def scale_(self, tensors: list[torch.Tensor], coefficients: torch.Tensor) -> None:
+        """``tensors[p] *= coefficients[i]`` for the ``i``-th selected position ``p``.
+
+        One ``_foreach_mul_`` per run. The coefficients are copied into a buffer
+        kept per run whose 0-d views were made once, so a step creates no
+        per-tensor Python objects; a coefficient of exactly 1.0 leaves its tensor
+        bit-for-bit unchanged.
+        """
+        for run in self.runs:
+            assert run.coefficients is not None, "Runs built without scaled=True"
+            run.coefficients.copy_(coefficients[run.start : run.stop], non_blocking=True)
+            torch._foreach_mul_(run.pick(tensors), run.views)
 
 
 @dataclass(frozen=True)
@@ -79,52 +183,47 @@ class ClampPlan:
     Attributes:
         groups: for each (device, dtype, threshold): the threshold, the positions
             of its small tensors (clamped with two ``_foreach`` launches) and of its
-            large ones (clamped one by one with a single pass each).
+            large ones (clamped one by one with a single pass each). Tensors whose
+            dtype cannot hold the threshold are in no group: clamping them to
+            ``±threshold`` would change no finite value.
     """
 
     groups: tuple[tuple[float, tuple[int, ...], tuple[int, ...]], ...]
 
 
-def plan_clamp(tensors: Sequence[torch.Tensor], thresholds: Sequence[float]) -> ClampPlan:
-    """Split ``tensors`` for `clamp_abs_` (call once per layout, not per step)."""
-    keys = [(t.device, t.dtype, float(thr)) for t, thr in zip(tensors, thresholds, strict=True)]
-    groups = []
-    for (device, _, thr), positions in group_indices(keys).items():
+def plan_clamp(
+    devices: Sequence[torch.device],
+    dtypes: Sequence[torch.dtype],
+    numels: Sequence[int],
+    thresholds: Sequence[float],
+) -> ClampPlan:
+    """Split tensors of these devices, dtypes and sizes for `clamp_abs_` (once per layout)."""
+    groups: dict[tuple[torch.device, torch.dtype, float], list[int]] = {}
+    for i, (device, dtype, thr) in enumerate(zip(devices, dtypes, thresholds, strict=True)):
+        if thr >= torch.finfo(dtype).max:
+            continue  # every finite value already lies in [-thr, thr]
+        groups.setdefault((device, dtype, float(thr)), []).append(i)
+    planned = []
+    for (device, _, thr), positions in groups.items():
         limit = large_tensor_elements(device)
-        small = tuple(i for i in positions if tensors[i].numel() < limit)
-        large = tuple(i for i in positions if tensors[i].numel() >= limit)
-        groups.append((thr, small, large))
-    return ClampPlan(tuple(groups))
+        small = tuple(i for i in positions if numels[i] < limit)
+        large = tuple(i for i in positions if numels[i] >= limit)
+        planned.append((thr, small, large))
+    return ClampPlan(tuple(planned))
 
 
-def clamp_abs_(
-    tensors: list[torch.Tensor], thresholds: Sequence[float], plan: ClampPlan | None = None
-) -> None:
-    """Clamp every element of ``tensors[i]`` to ``[-thresholds[i], thresholds[i]]`` in place.
+def clamp_abs_(tensors: list[torch.Tensor], plan: ClampPlan) -> None:
+    """Clamp every element of the tensors to ``[-threshold, threshold]`` in place, per `plan`.
 
-    Tensors are grouped by (device, dtype, threshold). In each group, the small
-    tensors are clamped with ``_foreach_clamp_min_`` then ``_foreach_clamp_max_``
-    (two launches for the whole group), and each large one with a single
-    ``clamp_`` (one pass over its memory instead of two; see
-    `large_tensor_elements`).
-
-    Args:
-        tensors: gradients to clamp, in place.
-        thresholds: one positive float per tensor.
-        plan: the result of `plan_clamp` for this layout, to skip the
-            grouping work on every step.
+    In each group of the plan, the small tensors are clamped with
+    ``_foreach_clamp_min_`` then ``_foreach_clamp_max_`` (two launches for the
+    whole group) and each large one with a single ``clamp_`` (one pass over its
+    memory instead of two; see `large_tensor_elements`).
     """
-    if plan is None:
-        plan = plan_clamp(tensors, thresholds)
     for thr, small, large in plan.groups:
         for i in large:
             tensors[i].clamp_(-thr, thr)
-        if len(small) == len(tensors):
-            selected = tensors
-        elif len(small) == 1:
-            selected = [tensors[small[0]]]
-        else:
-            selected = list(itemgetter(*small)(tensors)) if small else []
-        if selected:
+        if small:
+            selected = tensors if len(small) == len(tensors) else [tensors[i] for i in small]
             torch._foreach_clamp_min_(selected, -thr)
             torch._foreach_clamp_max_(selected, thr)

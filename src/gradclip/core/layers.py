@@ -14,6 +14,7 @@ parameters, or a list of parameter lists.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -34,11 +35,26 @@ Target: TypeAlias = (
 
 @dataclass(frozen=True, eq=False)
 class Layer:
-    """One layer: a name and its named parameters."""
+    """One layer: a name and its named parameters.
+
+    Attributes:
+        name: the layer's name (``""`` for a root module's own parameters).
+        param_names: the name of each parameter within the layer.
+        params: the parameters.
+        explicit: the user listed these tensors themselves: they are normalized
+            whenever they have a ``.grad``, even with ``requires_grad=False`` (as
+            ``clip_grad_norm_`` does); parameters found by walking a module are
+            skipped while frozen.
+        owners: for parameters found in a module, the module's ``_parameters``
+            mapping and the key of each, so that a parameter replaced behind the
+            registration hooks is noticed.
+    """
 
     name: str
     param_names: tuple[str, ...]
     params: tuple[torch.Tensor, ...]
+    explicit: bool = False
+    owners: tuple[tuple[Mapping[str, Any], str], ...] = ()
 
     def qualified(self, index: int) -> str:
         """``"layer.param"`` (or just ``"param"`` for the root layer)."""
@@ -59,27 +75,34 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             return module
 
 
+def _clean_name(name: str) -> str:
+    # torch.compile wraps a module as OptimizedModule whose child is `_orig_mod`:
+    # a compiled submodule must keep the names of the module the user wrote.
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _layers_of_module(module: nn.Module) -> list[Layer]:
     seen: set[int] = set()
     layers: list[Layer] = []
     for module_name, submodule in unwrap_module(module).named_modules():
         names: list[str] = []
         params: list[torch.Tensor] = []
-        for param_name, param in submodule.named_parameters(recurse=False):
-            if id(param) in seen:
+        for param_name, param in submodule._parameters.items():
+            if param is None or id(param) in seen:
                 continue
             seen.add(id(param))
             names.append(param_name)
             params.append(param)
         if params:
-            layers.append(Layer(module_name, tuple(names), tuple(params)))
+            owners = tuple((submodule._parameters, n) for n in names)
+            layers.append(Layer(_clean_name(module_name), tuple(names), tuple(params), False, owners))
     return layers
 
 
 def _named_tensors(value: Any, where: str) -> tuple[list[str], list[torch.Tensor]]:
     """Parameters of one user-given layer: a module, a tensor, a name->tensor mapping or a list."""
     if isinstance(value, nn.Module):
-        named = list(value.named_parameters())
+        named = [(_clean_name(n), p) for n, p in value.named_parameters()]
         return [n for n, _ in named], [p for _, p in named]
     if isinstance(value, torch.Tensor):
         return ["0"], [value]
@@ -110,7 +133,8 @@ def _dedup(layers: list[Layer]) -> list[Layer]:
         keep = [(n, p) for n, p in zip(layer.param_names, layer.params) if id(p) not in seen]
         seen.update(id(p) for _, p in keep)
         if keep:
-            result.append(Layer(layer.name, tuple(n for n, _ in keep), tuple(p for _, p in keep)))
+            names, params = tuple(n for n, _ in keep), tuple(p for _, p in keep)
+            result.append(Layer(layer.name, names, params, layer.explicit))
     return result
 
 
@@ -136,19 +160,28 @@ def build_layers(target: Target) -> list[Layer]:
     if isinstance(target, nn.Module):
         return _layers_of_module(target)
     if isinstance(target, torch.Tensor):
-        return [Layer("", ("0",), (target,))]
+        return [Layer("", ("0",), (target,), True)]
     if isinstance(target, Mapping):
         layers = []
         for name, value in target.items():
             if not isinstance(name, str):
                 raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
             names, tensors = _named_tensors(value, f"target[{name!r}]")
-            layers.append(Layer(name, tuple(names), tuple(tensors)))
+            explicit = not isinstance(value, nn.Module)
+            layers.append(Layer(name, tuple(names), tuple(tensors), explicit))
         return _dedup(layers)
     if isinstance(target, Iterable) and not isinstance(target, str | bytes):
         items = list(target)
+        if not items:
+            warnings.warn(
+                "gradclip got an empty iterable of parameters (an exhausted generator such as "
+                "a reused model.parameters()?): nothing is normalized",
+                UserWarning,
+                stacklevel=3,
+            )
         if all(isinstance(item, torch.Tensor) for item in items):
-            return _dedup([Layer("", tuple(str(i) for i in range(len(items))), tuple(items))])
+            names = tuple(str(i) for i in range(len(items)))
+            return _dedup([Layer("", names, tuple(items), True)])
         layers = []
         for i, item in enumerate(items):
             if isinstance(item, torch.Tensor):
@@ -157,7 +190,8 @@ def build_layers(target: Target) -> list[Layer]:
                     "parameters (one layer) or a list of parameter lists (one layer each)"
                 )
             names, tensors = _named_tensors(item, f"target[{i}]")
-            layers.append(Layer(str(i), tuple(names), tuple(tensors)))
+            explicit = not isinstance(item, nn.Module)
+            layers.append(Layer(str(i), tuple(names), tuple(tensors), explicit))
         return _dedup(layers)
     raise TypeError(
         "target must be an nn.Module, a tensor, a mapping of layer names to parameters, or a "

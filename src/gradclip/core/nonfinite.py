@@ -20,32 +20,30 @@ policy         effect
                the same ``(L,)`` vector to the host once per step.
 =============  ==================================================================
 
-The report keeps the norms measured before anything was done, so
-``report.nonfinite_layers()`` names the layers whatever the policy.
+A layer is judged by the norm its rule uses: the L2 norm, or the p-norm of a
+``ClipGlobalNorm(norm_type=p)``, so finite float64 gradients whose squares
+would overflow are not refused by a rule that never squares them. Whatever
+the policy, the adaptive rules' statistics never take in a non-finite norm
+(see `gradclip.core.state`), and the report keeps the norms measured before
+anything was done, so ``report.nonfinite_layers()`` names the layers.
 """
 
 from __future__ import annotations
 
-import types
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
-    from gradclip.core.engine import Plan
+    from gradclip.core.plan import Plan
 
 __all__ = [
     "NONFINITE_POLICIES",
     "NonFiniteGradientError",
-    "SkipHandle",
+    "bad_layers",
     "check_nonfinite",
-    "raise_nonfinite",
-    "read_nonfinite",
-    "zero_nonfinite_",
+    "read_bad_layers",
+    "zero_layers_",
 ]
 
 NONFINITE_POLICIES = ("propagate", "zero", "error", "skip")
@@ -56,7 +54,11 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class NonFiniteGradientError(RuntimeError):
-    """A gradient norm was inf or NaN under ``nonfinite="error"``; nothing was modified."""
+    """A gradient norm was inf or NaN under ``nonfinite="error"``; nothing was modified.
+
+    Attributes:
+        layers: the names of the layers whose norm was not finite.
+    """
 
     def __init__(self, layers: list[str]) -> None:
         self.layers = layers
@@ -77,82 +79,29 @@ def check_nonfinite(policy: object) -> str:
     return str(policy)
 
 
-def _bad_layers(plan: Plan, layer_norms: torch.Tensor) -> torch.Tensor:
+def bad_layers(plan: Plan, judged: torch.Tensor) -> torch.Tensor:
+    """``(L,)`` bool: measured layers whose judged norm is inf or NaN."""
     # layers without gradients read NaN ("not measured"): they are not non-finite
-    return ~torch.isfinite(layer_norms) & plan.layer_measured_t
+    return ~torch.isfinite(judged) & plan.layer_measured_t
 
 
-def read_nonfinite(plan: Plan, layer_norms: torch.Tensor) -> list[str]:
-    """Names of the layers whose norm is not finite: one ``(L,)`` read to the host."""
-    flags = _bad_layers(plan, layer_norms).tolist()
-    return [name for name, bad in zip(plan.layer_names, flags) if bad]
+def read_bad_layers(plan: Plan, bad: torch.Tensor) -> list[str]:
+    """Names of the layers flagged in ``bad``: one ``(L,)`` read to the host."""
+    return [name for name, flag in zip(plan.layer_names, bad.tolist()) if flag]
 
 
-def raise_nonfinite(layers: list[str]) -> None:
-    """Raise `NonFiniteGradientError` for ``layers``."""
-    raise NonFiniteGradientError(layers)
+def zero_layers_(plan: Plan, grads: list[torch.Tensor], bad: torch.Tensor) -> torch.Tensor:
+    """Set every gradient of the ``bad`` layers to +0.0 in place, on the device.
 
-
-def zero_nonfinite_(
-    plan: Plan, grads: list[torch.Tensor], tensor_norms: torch.Tensor, layer_norms: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero the gradients of non-finite layers in place, on the device.
+    Needs every tensor measured (the policy forces ``measure_all``).
 
     Returns:
-        The per-tensor and per-layer norms the rules should see (0 for the
-        zeroed layers) and the ``(L,)`` bool mask of the zeroed layers.
+        ``(T,)`` bool: the tensors that were zeroed.
     """
-    if not plan.all_measured:
-        raise RuntimeError("nonfinite='zero' needs every layer measured (measure_all)")
-    bad_layer = _bad_layers(plan, layer_norms)
-    bad_tensor = bad_layer.index_select(0, plan.measured_layer_t)
-    for bucket in plan.buckets:
-        chunk = grads[bucket.start : bucket.stop]
+    bad_tensor = bad.index_select(0, plan.measured_layer_t)
+    for run in plan.measured.runs:
+        chunk = run.pick(grads)
         bits = _BITS[chunk[0].element_size()]
-        keep = (~bad_tensor[bucket.start : bucket.stop]).to(bucket.device, bits)
+        keep = (~bad_tensor[run.start : run.stop]).to(run.device, bits)
         torch._foreach_mul_([g.view(bits) for g in chunk], list(keep.unbind(0)))
-    return (
-        tensor_norms.masked_fill(bad_tensor, 0.0),
-        layer_norms.masked_fill(bad_layer, 0.0),
-        bad_layer,
-    )
-
-
-class SkipHandle(RemovableHandle):
-    """Handle of a ``nonfinite="skip"`` attachment; `remove` detaches it.
-
-    The optimizer's ``step`` is wrapped on the instance (as a bound method, so
-    that LR schedulers created later can wrap it in turn). If something wrapped
-    it after us, `remove` cannot unwrap it and turns the wrapper into a
-    plain pass-through instead.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, apply: Callable[[], bool]) -> None:
-        """Wrap ``optimizer.step``; ``apply()`` normalizes and says whether to step."""
-        self._hooks: OrderedDict[int, object] = OrderedDict()  # RemovableHandle needs one
-        super().__init__(self._hooks)
-        self.active = True
-        self.skipped_steps = 0
-        self._optimizer = weakref.ref(optimizer)
-        original = optimizer.step
-        self._had_instance_step = "step" in optimizer.__dict__
-        self._original = original
-        handle = self
-
-        def step(_optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            if handle.active and not apply():
-                handle.skipped_steps += 1
-                return None
-            return original(*args, **kwargs)
-
-        self._wrapper = types.MethodType(step, optimizer)
-        optimizer.step = self._wrapper  # type: ignore[method-assign]
-
-    def remove(self) -> None:
-        self.active = False
-        optimizer = self._optimizer()
-        if optimizer is not None and optimizer.__dict__.get("step") is self._wrapper:
-            if self._had_instance_step:
-                optimizer.step = self._original  # type: ignore[method-assign]
-            else:
-                del optimizer.step
+    return bad_tensor

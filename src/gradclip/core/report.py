@@ -43,12 +43,14 @@ class NormReport:
         layer_norms: torch.Tensor,
         changed: torch.Tensor,
         stats: Sequence[tuple[list[str], dict[str, torch.Tensor]]] = (),
+        changes_known: Sequence[bool] | None = None,
     ) -> None:
         self._plan = plan
         self.tensor_norms = tensor_norms.to(plan.report_dtype)
         self.layer_norm_vector = layer_norms.to(plan.report_dtype)
         self.changed_vector = changed
         self.stats = list(stats)
+        self._known = list(changes_known) if changes_known is not None else [True] * plan.num_layers
 
     @property
     def param_names(self) -> list[str]:
@@ -151,7 +153,7 @@ class NormReport:
         for i, name in enumerate(plan.layer_names):
             if plan.layer_has_grad[i]:
                 layer_norms[name] = clean(layer_values[i]) if plan.layer_measured[i] else None
-                changed[name] = bool(changed_values[i]) if plan.layer_changes_known[i] else None
+                changed[name] = bool(changed_values[i]) if self._known[i] else None
         param_norms = {name: clean(v) for name, v in zip(self.param_names, tensor_values)}
         return {
             "layer_norms": layer_norms,

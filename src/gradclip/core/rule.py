@@ -1,197 +1,331 @@
-"""The contract every normalization rule implements.
+"""The rule contract: what a normalization rule receives, and what it returns.
 
-A *strategy* decides what happens to the gradients of the layers assigned to
-it. The engine (`gradclip.core.engine`) does the expensive, shared work once
-per step for every layer of the model together — one ``_foreach_norm`` per
-(device, dtype), one ``_foreach_mul_`` per (device, dtype) — and hands each
-strategy a `GroupView` of the layers it owns. A strategy then either
+A rule is an immutable value (a frozen dataclass): equal settings make equal
+rules. It keeps no state of its own. Each step the engine measures what the
+rule asks for, once for every layer of the model together, and calls it with
+those measurements and the state it returned last time:
 
-* returns one multiplicative coefficient per tensor from `Strategy.scale`
-  (``scales = True``; the engine multiplies them in, together with every other
-  scaling strategy's), or
-* rewrites its gradients itself in `Strategy.transform_`
-  (``scales = False``; e.g. element-wise clipping).
+* a `ScalingRule` returns one multiplicative coefficient per tensor (the
+  engine multiplies them in, with every other rule's, in one grouped launch per
+  device and dtype) and its new state;
+* an `InPlaceRule` rewrites the gradients itself (element-wise clipping,
+  unit-wise AGC) and returns which layers it changed and its new state.
 
-Coefficients are tensors on the device: a strategy never reads a value to the
-host, so a step costs no host-device synchronization.
+State is a flat ``{name: tensor}`` mapping whose tensors all have a leading
+*row* dimension: one row for the whole group of layers the rule is given, or
+one row per layer when `Rule.per_layer_state` is true. The engine owns it:
+it stores each row under its layer's name, hands a rule the rows of the layers
+that have gradients this step, and keeps a row as it was when that step's
+norm was not finite. A rule therefore must return new tensors and never modify
+the state it was given in place.
 
-On sharded gradients (``DTensor``, FSDP2) the views hold each rank's local
-pieces and the norms are already reduced over ranks. A strategy that needs
-other quantities of the full tensors declares their per-rank parts in
-`Strategy.cross_rank`; the engine reduces them in the step's single
-collective and hands them back in `GroupView.reduced`.
+Example:
+    A rule that clips every tensor's root-mean-square to ``bound`` (the
+    ``examples`` page of the documentation walks through it):
+
+    ```python
+    @dataclasses.dataclass(frozen=True)
+    class ClipRMS(gradclip.ScalingRule):
+        bound: float = 1e-2
+
+        def scale(self, m, state):
+            rms = m.norms / m.numel.sqrt()
+            return torch.where(rms > self.bound, self.bound / rms, 1.0), state
+    ```
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 
-from gradclip.core.sharding import CrossRank, GroupShards
+__all__ = [
+    "Composite",
+    "CrossRank",
+    "GroupLayout",
+    "InPlaceRule",
+    "Measured",
+    "Rule",
+    "ScalingRule",
+    "Shards",
+    "State",
+    "set_fields",
+    "stages_of",
+]
 
-__all__ = ["GroupView", "Strategy"]
+State: TypeAlias = dict[str, torch.Tensor]
 
 
 @dataclass(eq=False)
-class GroupView:
-    """The layers one strategy handles in one step, as the engine measured them.
+class CrossRank:
+    """Per-rank partial quantities a rule needs summed or maximized over ranks.
 
-    Tensors are listed in the engine's order (grouped by device and dtype, then
-    model order); ``tensor_layer[i]`` is the index, in ``layer_names``, of the
-    layer that owns tensor ``i``.
+    Returned by `Rule.cross_rank` on sharded gradients with this rank's values
+    and handed back, reduced, in ``Measured.shards.reduced``; both ride in the
+    step's one collective.
 
     Attributes:
-        layer_names: names of the group's layers.
-        param_names: qualified name of each tensor (``"layer.param"``).
-        grads: the gradients, to be read or (in ``transform_``) rewritten in place.
-        params: the parameters the gradients belong to (AGC needs the weights).
-        tensor_layer: ``(T,)`` int64, on ``device``.
-        layer_thresholds: ``(L,)`` thresholds of the layers, on ``device``.
-        host_thresholds: the threshold of each tensor's layer as a Python float
-            (configuration, not data: reading it costs no synchronization).
-        tensor_norms: ``(T,)`` L2 norm of each gradient measured before this step's
-            normalization, or ``None`` when the strategy does not measure norms.
-        layer_norms: ``(L,)`` L2 norm of each layer, ``sqrt(sum of squares)``.
-        device: where the norms and coefficients live.
-        dtype: accumulation dtype of the norms (float32 or wider).
-        state: the strategy's persistent state for this group (see
-            `Strategy.init_state`); mutate it in place on the device.
-        stats: extra measurements a strategy wants in the report (name -> tensor).
-        cache: scratch space that lives as long as the engine's plan (it is
-            emptied whenever the layout of the gradients changes): a place for
-            index lists and other per-layout work a strategy should not redo
-            every step.
-        shards: how the gradients are sharded across ranks (``grads`` and
-            ``params`` are then this rank's pieces), or ``None`` when none is a
-            ``DTensor``.
-        reduced: on sharded gradients, the reduced values of what
-            `Strategy.cross_rank` declared this step; ``None`` otherwise.
-        zeroed: on sharded gradients under ``nonfinite="zero"``, ``(T,)`` bool: the
-            tensors zeroed this step after ``reduced`` was measured, whose reduced
-            gradient quantities must be read as those of a zero tensor; else ``None``.
+        sums: ``(S,)`` summed over ranks. A piece held by several ranks (a
+            ``Replicate`` placement) is summed once per holder: weight it by
+            ``Shards.weights`` first.
+        maxima: ``(M,)`` maximum over ranks.
+        local: anything else the rule measured on this rank and wants back with
+            the reduced values (e.g. the local norms it would otherwise measure twice).
     """
 
-    layer_names: list[str]
-    param_names: list[str]
-    grads: list[torch.Tensor]
-    params: list[torch.Tensor]
-    tensor_layer: torch.Tensor
-    layer_thresholds: torch.Tensor
-    host_thresholds: list[float]
-    tensor_norms: torch.Tensor | None
-    layer_norms: torch.Tensor | None
-    device: torch.device
-    dtype: torch.dtype
-    state: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
-    shards: GroupShards | None = None
+    sums: torch.Tensor | None = None
+    maxima: torch.Tensor | None = None
+    local: Any = None
+
+
+@dataclass(eq=False)
+class Shards:
+    """How a group's gradients are sharded across ranks (``DTensor``, FSDP2).
+
+    Attributes:
+        weights: ``(T,)`` ``1 / replicas`` of each local piece: its weight in a
+            sum over ranks.
+        reduced: the reduced values of what `Rule.cross_rank` declared this step.
+        zeroed: under ``nonfinite="zero"``, ``(T,)`` bool: tensors zeroed after
+            ``reduced`` was measured, whose reduced quantities must be read as
+            those of a zero tensor; else ``None``.
+    """
+
+    weights: torch.Tensor
     reduced: CrossRank | None = None
     zeroed: torch.Tensor | None = None
 
-    @cached_property
-    def tensor_thresholds(self) -> torch.Tensor:
-        """``(T,)`` the threshold of the layer owning each tensor."""
-        return self.layer_thresholds.index_select(0, self.tensor_layer)
 
-    @cached_property
-    def layer_norm_per_tensor(self) -> torch.Tensor:
-        """``(T,)`` the norm of the layer owning each tensor."""
-        if self.layer_norms is None:
-            raise RuntimeError("this strategy does not measure norms (measures_norms=False)")
-        return self.layer_norms.index_select(0, self.tensor_layer)
+@dataclass(eq=False)
+class GroupLayout:
+    """The layers one rule is given in a step, as host-side facts plus cached indices.
 
-    def norms(self) -> torch.Tensor:
-        """``(T,)`` the per-tensor norms; raises if the strategy measured none."""
-        if self.tensor_norms is None:
-            raise RuntimeError("this strategy does not measure norms (measures_norms=False)")
-        return self.tensor_norms
+    Everything here depends on which gradients exist, not on their values: it
+    is built once when that set changes and reused every step.
 
-
-class Strategy:
-    """Base class of every normalization rule; see the module docstring.
-
-    Subclasses set the class attributes below and implement `scale` or
-    `transform_`. Strategies are compared by value (`config`), so
-    two layers configured alike share one group.
+    Attributes:
+        layer_names: names of the layers that have gradients, in model order.
+        param_names: qualified name of each tensor (``"layer.param"``).
+        shapes: the shape of each gradient as the rule sees it (this rank's piece
+            when sharded).
+        full_numel: the number of elements of each full tensor.
+        dtypes: the dtype of each gradient.
+        devices: the device of each gradient.
+        split_dims: when sharded, per tensor, the dims of the full tensor split
+            across ranks (``()`` when this rank holds it whole); else empty.
+        tensor_layer: ``(T,)`` int64 on ``device``: index in ``layer_names`` of
+            each tensor's layer.
+        layer_of_tensor: the same, as Python ints.
+        rules: each layer's own rule (they differ only in `Rule.per_layer_fields`).
+        device: where norms, coefficients and state live.
+        dtype: the accumulation dtype of norms and coefficients (float64, or
+            float32 where the device has no float64).
     """
 
-    #: the engine measures each gradient's L2 norm before the strategy runs.
-    measures_norms: ClassVar[bool] = True
-    #: `scale` returns coefficients (else `transform_` rewrites in place).
-    scales: ClassVar[bool] = True
-    #: layers of strategies of the same class but different thresholds are run as
-    #: one group, with their thresholds in ``GroupView.layer_thresholds``. Only
-    #: stateless rules may batch.
-    batchable: ClassVar[bool] = False
-    #: the report can say whether the strategy changed a layer (element-wise
-    #: clipping cannot without an extra read of every gradient).
-    reports_changes: ClassVar[bool] = True
-    #: the DL4J-style name shown in tables.
-    name: ClassVar[str] = "Strategy"
+    layer_names: tuple[str, ...]
+    param_names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    full_numel: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    devices: tuple[torch.device, ...]
+    tensor_layer: torch.Tensor
+    layer_of_tensor: tuple[int, ...]
+    rules: tuple[Rule, ...]
+    device: torch.device
+    dtype: torch.dtype
+    split_dims: tuple[tuple[int, ...], ...] = ()
+    _memo: dict[Hashable, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    threshold: float = 1.0
+    def layer_values(self, name: str) -> torch.Tensor:
+        """``(L,)`` the value of the field ``name`` of each layer's rule (cached)."""
+        key = ("layer", name)
+        if key not in self._memo:
+            values = [float(getattr(rule, name)) for rule in self.rules]
+            self._memo[key] = torch.tensor(values, dtype=self.dtype, device=self.device)
+        return self._memo[key]
 
-    def scale(self, view: GroupView) -> torch.Tensor:
-        """Return ``(T,)`` coefficients, one per tensor of ``view``, on ``view.device``.
+    def tensor_values(self, name: str) -> torch.Tensor:
+        """``(T,)`` the value of the field ``name`` of each tensor's layer's rule (cached)."""
+        key = ("tensor", name)
+        if key not in self._memo:
+            self._memo[key] = self.layer_values(name).index_select(0, self.tensor_layer)
+        return self._memo[key]
 
-        A coefficient of exactly ``1.0`` leaves a tensor bit-for-bit unchanged.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not scale gradients")
+    @property
+    def numel(self) -> torch.Tensor:
+        """``(T,)`` the number of elements of each tensor, in ``dtype`` (cached)."""
+        key = "numel"
+        if key not in self._memo:
+            counts = [float(n) for n in self.full_numel]
+            self._memo[key] = torch.tensor(counts, dtype=self.dtype, device=self.device)
+        return self._memo[key]
 
-    def transform_(self, view: GroupView) -> None:
-        """Rewrite ``view.grads`` in place (only for ``scales = False``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not transform gradients")
 
-    def cross_rank(self, view: GroupView) -> CrossRank | None:
-        """This rank's part of the quantities to reduce over ranks, or ``None`` (the default).
+@dataclass(eq=False)
+class Measured:
+    """What a rule is called with in one step.
 
-        Called only on sharded gradients, once per step before the step's single
-        collective, with ``view.grads``/``view.params`` the local pieces,
-        ``view.shards`` set and no norms yet (``tensor_norms`` is ``None``). The
-        reduced values arrive in ``view.reduced`` when `scale` or
-        `transform_` runs. Must not modify the gradients. Rules that need
-        only the L2 norms (which the engine reduces anyway) keep the default.
-        """
-        return None
+    Attributes:
+        grads: the gradients of the rule's layers (this rank's pieces when
+            sharded); an `InPlaceRule` rewrites them in place.
+        params: the parameters they belong to (AGC reads the weights).
+        norms: ``(T,)`` norm of order `Rule.norm_type` of each gradient, measured
+            before this rule ran; ``None`` when the rule reads no norms.
+        layer_norms: ``(L,)`` the same order of norm over each layer's tensors.
+        layout: the layer names, shapes and cached indices (`GroupLayout`).
+        prepared: what `Rule.prepare` returned for this layout.
+        step: how many steps this rule has run before in this normalizer, counted
+            on the host (an upper bound of any state row's own count).
+        shards: how the gradients are sharded, or ``None``.
+    """
 
-    def layer_changed(self, view: GroupView) -> torch.Tensor | None:
-        """``(L,)`` bool: which layers a ``transform_`` changed, or ``None`` if unknown."""
-        return None
+    grads: list[torch.Tensor]
+    params: list[torch.Tensor]
+    norms: torch.Tensor | None
+    layer_norms: torch.Tensor | None
+    layout: GroupLayout
+    prepared: Any = None
+    step: int = 0
+    shards: Shards | None = None
+    _total: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    # -- configuration and state ------------------------------------------------
-    def config(self) -> Mapping[str, Any]:
-        """The strategy's hyper-parameters, by name (used for equality and display)."""
-        return {"threshold": self.threshold}
+    @property
+    def numel(self) -> torch.Tensor:
+        """``(T,)`` element counts of the gradients (of the full tensors when sharded)."""
+        return self.layout.numel
 
-    def group_key(self) -> Hashable:
-        """Layers whose strategies share this key run as one group."""
-        if self.batchable:
-            return type(self).__qualname__
-        return (type(self), tuple(sorted(self.config().items())))
+    def per_tensor(self, layer_values: torch.Tensor) -> torch.Tensor:
+        """Spread ``(L,)`` per-layer values to ``(T,)``: each tensor gets its layer's."""
+        return layer_values.index_select(0, self.layout.tensor_layer)
 
-    def init_state(
-        self, num_layers: int, device: torch.device, dtype: torch.dtype
-    ) -> dict[str, Any]:
-        """Fresh persistent state for a group of ``num_layers`` layers."""
+    def total_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """0-d norm of all the gradients together, from `norms` (memoized per step)."""
+        if self.norms is None:
+            raise RuntimeError("this rule reads no norms (norm_type is None)")
+        if norm_type not in self._total:
+            self._total[norm_type] = torch.linalg.vector_norm(self.norms, ord=norm_type)
+        return self._total[norm_type]
+
+
+class Rule:
+    """Base of every rule; subclass `ScalingRule` or `InPlaceRule`, as a frozen dataclass.
+
+    Class attributes and methods a rule may override (all optional):
+
+    * `norm_type`: the order of the per-tensor norms the engine measures for
+      it (``2.0``); ``None`` for a rule that reads no norms.
+    * `per_layer_fields`: fields whose value may differ between the layers
+      the rule runs on as one group (the DL4J thresholds); read them with
+      ``m.layout.layer_values(name)``.
+    * `per_layer_state`: one state row per layer instead of one for the group.
+    * `growable_state`: state entries the rule may grow along their non-row
+      dims (a history buffer); the engine zero-pads the other rows to match.
+    * `init_state`, `prepare`, `stats`, `cross_rank`.
+    """
+
+    norm_type: ClassVar[float | None] = 2.0
+    per_layer_fields: ClassVar[tuple[str, ...]] = ()
+    growable_state: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def per_layer_state(self) -> bool:
+        """Whether the state has one row per layer (else one row for the group)."""
+        return False
+
+    def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
+        """A fresh state of ``rows`` rows (every tensor's dim 0 is ``rows``); none by default."""
         return {}
 
+    def prepare(self, layout: GroupLayout) -> Any:
+        """Work that depends on the layout only, done once per layout; `Measured.prepared`.
+
+        It runs before any gradient of the step is touched, so it is also the
+        place to refuse a layout the rule cannot handle.
+        """
+        return None
+
+    def stats(self, m: Measured, state: State) -> Mapping[str, torch.Tensor]:
+        """Values to show in the report, from this step's measurements and new state."""
+        return {}
+
+    def cross_rank(self, m: Measured) -> CrossRank | None:
+        """This rank's part of quantities to reduce over ranks, beyond the norms.
+
+        Called only on sharded gradients, before the step's collective, with
+        ``m.norms`` not yet reduced (``None``). The engine already reduces the
+        norms of `norm_type`; only rules that need other quantities (AGC's
+        row norms of split tensors) override this.
+        """
+        return None
+
+    # -- identity -----------------------------------------------------------------------
+    def group_key(self) -> Hashable:
+        """Layers whose rules share this key run as one group."""
+        if not dataclasses.is_dataclass(self):
+            return (type(self), id(self))
+        fixed = tuple(
+            (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in self.per_layer_fields
+        )
+        return (type(self), fixed)
+
     def describe(self) -> str:
-        """A short description for the layer table, e.g. ``ClipL2PerLayer(threshold=1.0)``."""
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{self.name}({args})"
+        """``Name(field=value, ...)``: the rule as shown in tables and state dicts."""
+        if not dataclasses.is_dataclass(self):
+            return self.display_name
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{self.display_name}({args})"
 
-    def __repr__(self) -> str:
-        return self.describe()
+    @property
+    def display_name(self) -> str:
+        """The rule's name in tables (its class name unless it says otherwise)."""
+        return type(self).__name__
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Strategy):
-            return NotImplemented
-        return type(self) is type(other) and dict(self.config()) == dict(other.config())
 
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self.config().items()))))
+class Composite(Rule):
+    """Rules applied one after the other to the same layers (built by `gradclip.chain`).
+
+    The engine runs member ``k`` of every composite in its ``k``-th round,
+    measuring the norms again before a member that reads them.
+    """
+
+    rules: tuple[Rule, ...]
+
+
+def stages_of(rule: Rule) -> tuple[Rule, ...]:
+    """The rules a rule runs as, in order: a chain's members (flattened), else itself."""
+    if not isinstance(rule, Composite):
+        return (rule,)
+    return tuple(stage for member in rule.rules for stage in stages_of(member))
+
+
+class ScalingRule(Rule):
+    """A rule that scales each gradient tensor by a coefficient it computes on the device."""
+
+    def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
+        """``(T,)`` coefficients, one per tensor of ``m.grads``, and the new state.
+
+        A coefficient of exactly ``1.0`` leaves its tensor bit-for-bit unchanged.
+        """
+        raise NotImplementedError
+
+
+class InPlaceRule(Rule):
+    """A rule that rewrites its gradients itself (element-wise or unit-wise)."""
+
+    def transform_(self, m: Measured, state: State) -> tuple[torch.Tensor | None, State]:
+        """Rewrite ``m.grads`` in place; return ``(L,)`` bool "layer changed" (or ``None``
+        when that is unknown without an extra pass) and the new state."""
+        raise NotImplementedError
+
+
+def set_fields(rule: Rule, **values: Any) -> None:
+    """Store validated values on a frozen dataclass rule (for ``__post_init__``)."""
+    for name, value in values.items():
+        object.__setattr__(rule, name, value)

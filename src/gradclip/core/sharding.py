@@ -55,6 +55,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,16 +63,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradclip.core.rule import CrossRank
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
-    "CrossRank",
-    "GroupShards",
     "Sharding",
     "is_dtensor",
     "local_tensor",
     "local_tensors",
+    "p_norm_parts",
+    "p_norms_from",
     "sharding_of",
 ]
 
@@ -121,47 +124,6 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @dataclass(eq=False)
-class CrossRank:
-    """Per-rank partial quantities a strategy needs reduced over the ranks.
-
-    Returned by `gradclip.Strategy.cross_rank` with this rank's values and
-    handed back, reduced, in `gradclip.GroupView.reduced`. Both vectors ride
-    in the step's one collective.
-
-    Attributes:
-        sums: ``(S,)`` summed over ranks. A piece held by several ranks (a
-            ``Replicate`` placement) is summed once per holder: weight it by
-            `GroupShards.weights` first.
-        maxima: ``(M,)`` maximum over ranks (no weighting needed). Costs
-            ``world_size`` floats per entry on the wire (see the module docstring).
-
-    Example:
-        >>> local = torch.stack(torch._foreach_norm(view.grads, 3.0))
-        >>> CrossRank(sums=local.pow(3) * view.shards.weights)   # Σ_ranks of |g|³
-    """
-
-    sums: torch.Tensor | None = None
-    maxima: torch.Tensor | None = None
-
-
-@dataclass(eq=False)
-class GroupShards:
-    """How one strategy group's gradients are sharded (`gradclip.GroupView.shards`).
-
-    Attributes:
-        weights: ``(T,)`` ``1 / replicas`` of each tensor's local piece, on the
-            view's device in its dtype: the weight of that piece in a sum over ranks.
-        split_dims: per tensor, the dims of the full tensor that are split across
-            ranks (``Shard(d)`` placements); ``()`` when this rank holds it whole.
-            A quantity over a split dim (e.g. a norm over all of a bias) needs a
-            reduction; one over the other dims (a row of a ``Shard(0)`` weight) does not.
-    """
-
-    weights: torch.Tensor
-    split_dims: list[tuple[int, ...]]
-
-
-@dataclass(eq=False)
 class Sharding:
     """How the local norms of one plan's tensors become global norms.
 
@@ -175,7 +137,7 @@ class Sharding:
         weights: ``(T,)`` ``1 / replicas`` of each tensor, on the plan's device in
             its accumulation dtype; ``None`` when every piece is held by one rank.
         num_sharded: how many of the tensors are ``DTensor`` s.
-        split_dims: per tensor, the dims split across ranks (see `GroupShards`).
+        split_dims: per tensor, the dims split across ranks (see `gradclip.core.rule.Shards`).
         rank: this rank's index in ``group``.
         device: where the norms live (the plan's device).
         dtype: their accumulation dtype.
@@ -190,13 +152,16 @@ class Sharding:
     device: torch.device
     dtype: torch.dtype
 
-    def group_shards(self, positions: Sequence[int], positions_t: torch.Tensor) -> GroupShards:
-        """The `GroupShards` of the tensors at ``positions`` (once per plan)."""
+    def group_shards(
+        self, positions: Sequence[int]
+    ) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+        """``(weights, split_dims)`` of the tensors at ``positions`` (once per plan)."""
         if self.weights is None:
             weights = torch.ones(len(positions), dtype=self.dtype, device=self.device)
         else:
-            weights = self.weights.index_select(0, positions_t)
-        return GroupShards(weights, [self.split_dims[p] for p in positions])
+            index = torch.tensor(list(positions), dtype=torch.long, device=self.device)
+            weights = self.weights.index_select(0, index)
+        return weights, [self.split_dims[p] for p in positions]
 
     def local(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The rank-local pieces of ``tensors`` (plain tensors pass through)."""
@@ -276,7 +241,7 @@ class Sharding:
         out = []
         s_off = m_off = 0
         for e, s, m in zip(extras, sums, maxima):
-            reduced = CrossRank()
+            reduced = CrossRank(local=e.local)
             if e.sums is not None:
                 reduced.sums = summed[s_off : s_off + s.numel()].view(e.sums.shape)
             if e.maxima is not None:
@@ -285,6 +250,26 @@ class Sharding:
             m_off += m.numel()
             out.append(reduced)
         return reduced_norms, out
+
+
+def p_norm_parts(norms: torch.Tensor, norm_type: float, weights: torch.Tensor) -> CrossRank:
+    """This rank's part of per-tensor p-norms: ``w·‖g_local‖_p^p`` summed, or ``max|g|`` maximized.
+
+    ``weights`` are ``1 / replicas`` of each piece, so a replicated piece is
+    counted once; a maximum needs no weight.
+    """
+    if math.isinf(norm_type):
+        return CrossRank(maxima=norms)
+    return CrossRank(sums=norms.pow(norm_type).mul_(weights))
+
+
+def p_norms_from(reduced: CrossRank, norm_type: float) -> torch.Tensor:
+    """The full tensors' p-norms from the reduced `p_norm_parts`."""
+    if math.isinf(norm_type):
+        assert reduced.maxima is not None
+        return reduced.maxima
+    assert reduced.sums is not None
+    return reduced.sums.pow(1.0 / norm_type)
 
 
 def _replicas(mesh: Any, placements: Sequence[Any], name: str) -> int:

@@ -1,99 +1,328 @@
-"""Saving and restoring a normalizer's state (the adaptive rules' statistics).
+"""The rules' state, owned by the engine and kept per layer name.
 
-The state dict holds only plain containers, strings, ints and CPU tensors, so
-``torch.load(path)`` (``weights_only=True``) reads it back. It records the
-layers, their parameter shapes and their rules, and loading refuses a state
-saved for another model or other rules. Restored tensors are moved to the
-gradients' device at the next step, and a resumed run continues bit for bit
-as the uninterrupted one would have.
+Each stateful rule of a normalizer has a *slot*, named after the rule (and its
+position in a chain). A slot holds the rule's state tensors with one row per
+layer (``per_layer_state``) or a single row named ``"*"`` for the group. A
+step reads the rows of the layers that have gradients, calls the rule and
+writes the rows back, except rows whose norm was not finite that step: those
+stay exactly as they were, so one bad step cannot spoil the statistics of the
+steps after it.
+
+`StateStore.state_dict` holds only plain containers, strings, ints and CPU
+tensors (``torch.load(..., weights_only=True)`` reads it back); its format is
+versioned, and `StateStore.load_state_dict` checks everything before it
+changes anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from gradclip.core.engine import Engine
-from gradclip.rules.adaptive import _PENDING, StatefulStrategy
+import torch
 
-__all__ = ["load_normalizer_state", "normalizer_state_dict"]
+from gradclip.core.rule import Rule, State
 
-_FORMAT = "gradclip.GradientNormalizer"
-_VERSION = 1
+__all__ = [
+    "FORMAT",
+    "GROUP_ROW",
+    "VERSION",
+    "Slot",
+    "StateStore",
+    "check_identity",
+    "identity",
+    "is_stateful",
+    "slot_name",
+    "state_rows",
+    "state_slot",
+]
 
-
-def _stateful_groups(engine: Engine) -> list[tuple[Any, StatefulStrategy, list[str]]]:
-    """``(group key, strategy, layer names)`` of every stateful rule, in layer order."""
-    groups: dict[Any, tuple[StatefulStrategy, list[str]]] = {}
-    for layer, strategy in zip(engine.layers, engine.strategies):
-        if isinstance(strategy, StatefulStrategy):
-            groups.setdefault(strategy.group_key(), (strategy, []))[1].append(layer.name)
-    return [(key, strategy, names) for key, (strategy, names) in groups.items()]
-
-
-def _identity(engine: Engine) -> dict[str, list[str]]:
-    return {
-        "layers": [layer.name for layer in engine.layers],
-        "params": [
-            f"{layer.qualified(k)}{tuple(p.shape)}"
-            for layer in engine.layers
-            for k, p in enumerate(layer.params)
-        ],
-        "strategies": [strategy.describe() for strategy in engine.strategies],
-    }
+FORMAT = "gradclip.GradientNormalizer"
+VERSION = 2
+GROUP_ROW = "*"  # the one row of a rule whose state is not per layer
 
 
-def normalizer_state_dict(engine: Engine) -> dict[str, Any]:
-    """The state of every stateful rule of ``engine``, with what identifies the model."""
-    groups = []
-    for key, strategy, names in _stateful_groups(engine):
-        state = engine.states.get(key)
-        if state is not None:
-            groups.append({"layers": names, "state": strategy.export_state(state)})
-    return {"format": _FORMAT, "version": _VERSION, **_identity(engine), "groups": groups}
+def is_stateful(rule: Rule) -> bool:
+    """Whether ``rule`` keeps state between steps (its fresh state is not empty)."""
+    return bool(rule.init_state(1, torch.device("cpu"), torch.float64))
 
 
-def _first_difference(what: str, saved: list[str], current: list[str]) -> str:
-    for i, (a, b) in enumerate(zip(saved, current)):
-        if a != b:
-            return f"{what} {i} is {b!r} here but {a!r} in the state dict"
-    return f"{len(current)} {what}s here but {len(saved)} in the state dict"
+def slot_name(rule: Rule, stage: int | None = None) -> str:
+    """The name of a rule's state slot: the rule as written, without the fields that may
+    differ between its layers, and for a chain, the position of the member."""
+    if stage is not None:
+        return f"{rule.describe()}[{stage}]"
+    if not dataclasses.is_dataclass(rule):
+        return type(rule).__name__
+    args = ", ".join(
+        f"{f.name}={getattr(rule, f.name)!r}"
+        for f in dataclasses.fields(rule)
+        if f.name not in rule.per_layer_fields
+    )
+    return f"{type(rule).__name__}({args})"
 
 
-def load_normalizer_state(engine: Engine, state_dict: Mapping[str, Any]) -> None:
-    """Validate ``state_dict`` against ``engine`` completely, then install it.
+def state_slot(group_rule: Rule, k: int, stage: Rule, many: bool) -> str | None:
+    """The slot of the ``k``-th rule ``stage`` of a group's rule, or ``None`` if stateless."""
+    if not is_stateful(stage):
+        return None
+    return slot_name(group_rule, k) if many else slot_name(stage)
 
-    Raises:
-        ValueError: not a normalizer state dict, or one saved for a different
-            model (layers, parameter names or shapes) or different rules.
-    """
-    if not isinstance(state_dict, Mapping) or state_dict.get("format") != _FORMAT:
-        raise ValueError("not a gradclip.GradientNormalizer state dict")
-    if state_dict.get("version") != _VERSION:
-        raise ValueError(f"unsupported state dict version {state_dict.get('version')!r}")
-    mine = _identity(engine)
-    for field, what in (("layers", "layer"), ("params", "parameter"), ("strategies", "rule")):
-        if list(state_dict[field]) != mine[field]:
-            raise ValueError(
-                "this state dict was saved for a different model or configuration: "
-                + _first_difference(what, list(state_dict[field]), mine[field])
+
+def state_rows(rule: Rule, layer_names: Sequence[str]) -> list[str]:
+    """The state rows a rule keeps for these layers: one per layer, or the group's one."""
+    return list(layer_names) if rule.per_layer_state else [GROUP_ROW]
+
+
+def identity(names: Sequence[str], params: Sequence[str], rules: Sequence[str]) -> dict[str, list[str]]:
+    """What a state dict records of the model it was saved for, to refuse another model."""
+    return {"layers": list(names), "params": list(params), "layer_rules": list(rules)}
+
+
+def check_identity(saved: Mapping[str, Any], mine: Mapping[str, list[str]]) -> None:
+    """Raise ``ValueError`` naming the first difference between two `identity` records."""
+    for key, what in (("layers", "layer"), ("params", "parameter"), ("layer_rules", "rule")):
+        theirs = saved.get(key)
+        if not isinstance(theirs, list | tuple):
+            raise ValueError(f"the state dict has no {key!r} list")
+        theirs = list(theirs)
+        if theirs == mine[key]:
+            continue
+        for i, (a, b) in enumerate(zip(theirs, mine[key])):
+            if a != b:
+                diff = f"{what} {i} is {b!r} here but {a!r} in the state dict"
+                break
+        else:
+            diff = f"{len(mine[key])} {what}s here but {len(theirs)} in the state dict"
+        raise ValueError(
+            f"this state dict was saved for a different model or configuration: {diff}"
+        )
+
+
+def _pad_to(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``tensor`` zero-padded at the end of each dim up to ``shape``."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    out = tensor.new_zeros(shape)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return out
+
+
+@dataclass(eq=False)
+class Slot:
+    """One rule's state: tensors with one row per entry of ``rows``."""
+
+    rule: Rule
+    rows: dict[str, int]
+    tensors: State
+    steps: int = 0  # steps this rule has run, counted on the host
+    _index: dict[tuple[str, ...], tuple[torch.Tensor, bool]] = field(default_factory=dict)
+
+    def index(self, rows: Sequence[str]) -> tuple[torch.Tensor, bool]:
+        """The row indices of ``rows`` on the state's device, and whether they are all rows."""
+        key = tuple(rows)
+        if key not in self._index:
+            ids = [self.rows[r] for r in rows]
+            device = next(iter(self.tensors.values())).device
+            whole = ids == list(range(len(self.rows)))
+            self._index[key] = (torch.tensor(ids, dtype=torch.long, device=device), whole)
+        return self._index[key]
+
+
+class StateStore:
+    """Every slot of one normalizer; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, Slot] = {}
+
+    def ensure(
+        self,
+        name: str,
+        rule: Rule,
+        rows: Sequence[str],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        """Make sure slot ``name`` exists on ``device`` with (at least) ``rows``; new rows start fresh."""
+        slot = self.slots.get(name)
+        if slot is None:
+            tensors = rule.init_state(len(rows), device, dtype)
+            self.slots[name] = Slot(rule, {r: i for i, r in enumerate(rows)}, tensors)
+            return
+        first = next(iter(slot.tensors.values()))
+        if first.device != device:
+            slot.tensors = {k: v.to(device) for k, v in slot.tensors.items()}
+            slot._index.clear()
+        missing = [r for r in rows if r not in slot.rows]
+        if missing:
+            fresh = rule.init_state(len(missing), device, dtype)
+            for key, value in slot.tensors.items():
+                shape = [max(a, b) for a, b in zip(value.shape[1:], fresh[key].shape[1:])]
+                slot.tensors[key] = torch.cat(
+                    [_pad_to(value, [value.shape[0], *shape]), _pad_to(fresh[key], [len(missing), *shape])]
+                )
+            for r in missing:
+                slot.rows[r] = len(slot.rows)
+            slot._index.clear()
+
+    def prune(self, keep: Mapping[str, Sequence[str]]) -> None:
+        """Drop the slots not in ``keep`` and the rows of layers a model no longer has."""
+        for name in [n for n in self.slots if n not in keep]:
+            del self.slots[name]
+        for name, rows in keep.items():
+            slot = self.slots.get(name)
+            if slot is None or set(slot.rows) <= set(rows):
+                continue
+            kept = [r for r in slot.rows if r in set(rows)]
+            index = torch.tensor([slot.rows[r] for r in kept], dtype=torch.long)
+            slot.tensors = {
+                k: v.index_select(0, index.to(v.device)) for k, v in slot.tensors.items()
+            }
+            slot.rows = {r: i for i, r in enumerate(kept)}
+            slot._index.clear()
+
+    def load(self, name: str, rows: Sequence[str]) -> State:
+        """The state rows ``rows`` of slot ``name``, as the rule should receive them."""
+        slot = self.slots[name]
+        index, whole = slot.index(rows)
+        if whole:
+            return dict(slot.tensors)
+        return {k: v.index_select(0, index) for k, v in slot.tensors.items()}
+
+    def store(
+        self, name: str, rows: Sequence[str], old: State, new: State, keep: torch.Tensor | None
+    ) -> State:
+        """Write ``new`` into rows ``rows`` of slot ``name``, except rows where ``keep`` is true.
+
+        Args:
+            old: what `load` returned for these rows this step.
+            new: what the rule returned.
+            keep: ``(R,)`` bool on the device: rows to leave as they were.
+
+        Returns:
+            The rows as written.
+        """
+        slot = self.slots[name]
+        if new.keys() != old.keys():
+            raise RuntimeError(
+                f"{slot.rule.describe()} returned state {sorted(new)} but was given "
+                f"{sorted(old)}: a rule returns the same state entries it is given"
             )
-    by_first_layer = {names[0]: (key, s, names) for key, s, names in _stateful_groups(engine)}
-    installs = []
-    for group in state_dict["groups"]:
-        names = list(group["layers"])
-        found = by_first_layer.get(names[0]) if names else None
-        if found is None or found[2] != names:
+        index, whole = slot.index(rows)
+        written: State = {}
+        for key, value in new.items():
+            stored = slot.tensors[key]
+            if value.shape[1:] != stored.shape[1:]:  # the rule grew a buffer
+                grown = [max(a, b) for a, b in zip(stored.shape[1:], value.shape[1:])]
+                stored = slot.tensors[key] = _pad_to(stored, [stored.shape[0], *grown])
+                value = _pad_to(value, [value.shape[0], *grown])
+                previous = _pad_to(old[key], [old[key].shape[0], *grown])
+            else:
+                previous = old[key]
+            if keep is not None:
+                mask = keep.view(-1, *([1] * (value.dim() - 1)))
+                value = torch.where(mask, previous, value.to(previous.dtype))
+            if whole:
+                stored.copy_(value)
+            else:
+                stored.index_copy_(0, index, value.to(stored.dtype))
+            written[key] = value
+        slot.steps += 1
+        return written
+
+    # -- saving ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Every slot, its rows by name, as CPU copies."""
+        rules: dict[str, Any] = {}
+        for name, slot in self.slots.items():
+            rows = {
+                row: {k: v[i].detach().to("cpu", copy=True) for k, v in slot.tensors.items()}
+                for row, i in slot.rows.items()
+            }
+            rules[name] = {"steps": slot.steps, "rows": rows}
+        return {"format": FORMAT, "version": VERSION, "rules": rules}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Check ``state_dict`` against the slots completely, then install it.
+
+        Raises:
+            ValueError: not a normalizer state dict, an unsupported version, or
+                one whose rules, layers or tensors differ from this normalizer's;
+                nothing is changed then.
+        """
+        if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
             raise ValueError(
-                f"the state dict has a rule state for layers {names} that no rule here owns"
+                "not a gradclip.GradientNormalizer state dict (its 'format' entry is missing "
+                "or different); pass what GradientNormalizer.state_dict() returned"
             )
-        key, strategy, _ = found
-        strategy.check_saved(group["state"])
-        installs.append((key, dict(group["state"])))
-    for key, saved in installs:
-        existing = engine.states.get(key)
-        if existing is None:
-            engine.states[key] = {_PENDING: saved}
-        else:  # the engine's plan holds this very dict: update it in place
-            existing.clear()
-            existing[_PENDING] = saved
+        version = state_dict.get("version")
+        if version != VERSION:
+            raise ValueError(
+                f"this state dict has format version {version!r}; this gradclip reads version "
+                f"{VERSION}. A version-1 state (gradclip 0.1) held the adaptive rules' "
+                "statistics by group position; restart those statistics (they re-learn within "
+                "their warm-up) rather than convert them"
+            )
+        saved = state_dict.get("rules")
+        if not isinstance(saved, Mapping):
+            raise ValueError("the state dict has no 'rules' mapping")
+        if set(saved) != set(self.slots):
+            raise ValueError(
+                "the state dict holds the state of rules "
+                f"{sorted(saved)}, this normalizer has stateful rules {sorted(self.slots)}: "
+                "it was saved for another configuration"
+            )
+        installs = [(self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()]
+        for slot, steps, rows in installs:
+            for row, tensors in rows.items():
+                i = slot.rows[row]
+                for key, value in tensors.items():
+                    stored = slot.tensors[key]
+                    if value.shape != stored.shape[1:]:
+                        grown = [max(a, b) for a, b in zip(stored.shape[1:], value.shape)]
+                        stored = slot.tensors[key] = _pad_to(stored, [stored.shape[0], *grown])
+                        slot._index.clear()
+                    stored[i].zero_()
+                    stored[i][tuple(slice(0, n) for n in value.shape)] = value
+            slot.steps = steps
+
+    def _check_slot(self, name: str, entry: Any) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+        slot = self.slots[name]
+        where = f"state of {name}"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("rows"), Mapping):
+            raise ValueError(f"{where}: expected a mapping with 'steps' and 'rows'")
+        steps = entry.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{where}: 'steps' must be an int >= 0, got {steps!r}")
+        rows = entry["rows"]
+        if set(rows) != set(slot.rows):
+            raise ValueError(
+                f"{where}: rows for layers {sorted(rows)}, this model has {sorted(slot.rows)}"
+            )
+        fresh = slot.rule.init_state(1, torch.device("cpu"), torch.float64)
+        growable = getattr(slot.rule, "growable_state", frozenset())
+        checked: dict[str, dict[str, torch.Tensor]] = {}
+        for row, tensors in rows.items():
+            if not isinstance(tensors, Mapping) or set(tensors) != set(fresh):
+                got = sorted(tensors) if isinstance(tensors, Mapping) else type(tensors).__name__
+                raise ValueError(f"{where}, row {row!r}: expected entries {sorted(fresh)}, got {got}")
+            for key, value in tensors.items():
+                want = fresh[key][0]
+                if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point != (
+                    want.dtype.is_floating_point
+                ):
+                    raise ValueError(f"{where}, row {row!r}, {key!r}: expected a tensor like {want.dtype}")
+                shape_ok = value.shape == want.shape or (
+                    key in growable
+                    and value.dim() == want.dim()
+                    and all(a >= b for a, b in zip(value.shape, want.shape))
+                )
+                if not shape_ok:
+                    raise ValueError(
+                        f"{where}, row {row!r}, {key!r}: shape {tuple(value.shape)}, expected "
+                        f"{tuple(want.shape)}"
+                    )
+            checked[str(row)] = dict(tensors)
+        return steps, checked

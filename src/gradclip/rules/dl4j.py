@@ -3,28 +3,29 @@
 ``g`` is a gradient tensor, ``t`` the threshold, ``‖·‖`` the L2 norm and
 ``‖layer‖ = sqrt(Σ_p ‖g_p‖²)`` the norm of all of a layer's gradients together.
 
-================================  ==============================================
-mode                              effect
-================================  ==============================================
-``None``                          nothing
-``RenormalizeL2PerLayer``         ``g_p ← g_p / ‖layer‖`` (``t`` ignored)
-``RenormalizeL2PerParamType``     ``g_p ← g_p / ‖g_p‖`` (``t`` ignored)
-``ClipElementWiseAbsoluteValue``  ``x ← clamp(x, -t, t)`` for every element
-``ClipL2PerLayer``                if ``‖layer‖ > t``: ``g_p ← g_p · t / ‖layer‖``
-``ClipL2PerParamType``            if ``‖g_p‖ > t``: ``g_p ← g_p · t / ‖g_p‖``
-================================  ==============================================
+| mode | effect |
+|---|---|
+| ``None`` | nothing |
+| ``RenormalizeL2PerLayer`` | ``g_p ← g_p / ‖layer‖`` (``t`` ignored) |
+| ``RenormalizeL2PerParamType`` | ``g_p ← g_p / ‖g_p‖`` (``t`` ignored) |
+| ``ClipElementWiseAbsoluteValue`` | ``x ← clamp(x, -t, t)`` for every element |
+| ``ClipL2PerLayer`` | if ``‖layer‖ > t``: ``g_p ← g_p · (t / ‖layer‖)`` |
+| ``ClipL2PerParamType`` | if ``‖g_p‖ > t``: ``g_p ← g_p / (‖g_p‖ / t)`` |
 
 Where DL4J leaves a tensor alone, so does gradclip, bit for bit: the
-coefficient it multiplies in is exactly ``1.0``. Where DL4J 1.0.0-beta would
-divide zero by zero (renormalizing an all-zero layer), gradclip leaves the zeros
-as they are instead of producing NaN. A norm that overflows float32 (a tensor
-whose L2 norm exceeds about 3.4e38 while every element is finite) reads
-``inf``; the coefficient is then ``t / inf = 0`` and the gradient becomes all
-zeros — never NaN, the same outcome as ``torch.nn.utils.clip_grad_norm_``.
+coefficient it multiplies in is exactly ``1.0``. DL4J's updater
+(``BaseMultiLayerUpdater.preApply``) replaces a zero norm by ``1e-5`` before
+renormalizing, so an all-zero layer stays all zero; gradclip leaves it as it
+is. The scale factors are formed in float64 and applied as one multiply per
+tensor, within one rounding of DL4J's division for ``ClipL2PerParamType``.
+Norms are accumulated in float32 or wider; torch squares float32 elements in
+float32, so a float32 tensor's norm reads ``inf`` from about 1.8e19; the
+coefficient is then ``t / inf = 0`` and the gradient becomes zeros, never NaN
+— the same outcome as ``torch.nn.utils.clip_grad_norm_``.
 
 References:
-    Deeplearning4j, ``org.deeplearning4j.nn.conf.GradientNormalization`` and
-    ``TestGradientNormalization``.
+    Deeplearning4j, ``org.deeplearning4j.nn.conf.GradientNormalization``,
+    ``BaseMultiLayerUpdater.preApply`` and ``TestGradientNormalization``.
     Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural
     networks", ICML 2013 (norm clipping).
 """
@@ -32,13 +33,21 @@ References:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from gradclip.core.kernels import clamp_abs_, plan_clamp
-from gradclip.core.rule import GroupView, Strategy
+from gradclip.core.kernels import ClampPlan, clamp_abs_, plan_clamp
+from gradclip.core.rule import (
+    GroupLayout,
+    InPlaceRule,
+    Measured,
+    Rule,
+    ScalingRule,
+    State,
+    set_fields,
+)
 from gradclip.core.validation import check_threshold
 
 __all__ = [
@@ -49,7 +58,7 @@ __all__ = [
     "NoNormalization",
     "RenormalizeL2PerLayer",
     "RenormalizeL2PerParamType",
-    "resolve_strategy",
+    "resolve_rule",
 ]
 
 
@@ -64,9 +73,11 @@ class GradientNormalization(str, enum.Enum):
     ``GradientNormalization("ClipL2PerLayer")``, ``GradientNormalization("clip_l2_per_layer")``
     and ``GradientNormalization.CLIP_L2_PER_LAYER`` are the same member.
 
-    Example:
+    Examples:
         >>> GradientNormalization("ClipL2PerLayer") is GradientNormalization.CLIP_L2_PER_LAYER
         True
+        >>> GradientNormalization.CLIP_L2_PER_LAYER.rule(0.5)
+        ClipL2PerLayer(threshold=0.5)
     """
 
     NONE = "None"
@@ -96,7 +107,7 @@ class GradientNormalization(str, enum.Enum):
             names = ", ".join(f"{m.value!r} / {m.name!r}" for m in cls)
             raise ValueError(
                 f"unknown gradient normalization mode {value!r}; valid modes (DL4J / Python "
-                f"spelling) are: {names}, or a gradclip.Strategy object"
+                f"spelling) are: {names}, or a gradclip rule object such as gradclip.ZClip()"
             ) from None
 
     @property
@@ -108,179 +119,179 @@ class GradientNormalization(str, enum.Enum):
             GradientNormalization.CLIP_L2_PER_PARAM_TYPE,
         )
 
-    def strategy(self, threshold: float = 1.0) -> Strategy:
-        """The strategy object that implements this mode."""
-        return _MODE_CLASSES[self](threshold)
+    def rule(self, threshold: float = 1.0) -> Rule:
+        """The rule that implements this mode (``threshold`` is ignored where DL4J ignores it)."""
+        cls = _MODE_RULES[self]
+        return cls(threshold) if self.uses_threshold else cls()  # type: ignore[call-arg]
+
+    strategy = rule  # the 0.1 name
 
     def __str__(self) -> str:
         return self.value
 
 
-class _DL4JStrategy(Strategy):
-    """Shared plumbing of the DL4J modes: one validated threshold, batchable."""
+@dataclass(frozen=True)
+class NoNormalization(InPlaceRule):
+    """DL4J ``None``: the gradients are left as they are (and not even read)."""
 
-    batchable = True
-    mode: ClassVar[GradientNormalization]
+    norm_type: ClassVar[float | None] = None
 
-    def __init__(self, threshold: float = 1.0) -> None:
-        self.threshold = check_threshold(threshold)
+    @property
+    def display_name(self) -> str:
+        return "None"
 
-    def config(self) -> Mapping[str, Any]:
-        if not self.mode.uses_threshold:
-            return {}
-        return {"threshold": self.threshold}
+    def transform_(self, m: Measured, state: State) -> tuple[torch.Tensor | None, State]:
+        return torch.zeros(len(m.layout.layer_names), dtype=torch.bool, device=m.layout.device), state
 
 
 def _renormalize(norms: torch.Tensor) -> torch.Tensor:
-    # 1/norm, but an all-zero tensor keeps coefficient 1 (DL4J 1.0.0-beta would
-    # produce 0/0 = NaN there). A NaN norm also gets 1, so NaN propagates as is.
-    return torch.where(norms > 0, norms.reciprocal(), torch.ones_like(norms))
+    # 1/norm, but an all-zero tensor keeps coefficient 1: DL4J divides by 1e-5
+    # there, and 0 / 1e-5 is 0 again. A NaN norm also gets 1, so NaN flows through.
+    return torch.where(norms > 0, norms.reciprocal(), 1.0)
 
 
 def _clip(norms: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     # Strictly greater, as DL4J: a norm at or under t gets exactly 1.0.
-    return torch.where(norms > thresholds, thresholds / norms, torch.ones_like(norms))
+    return torch.where(norms > thresholds, thresholds / norms, 1.0)
 
 
-class NoNormalization(_DL4JStrategy):
-    """DL4J ``None``: the gradients are left as they are (and not even read)."""
+@dataclass(frozen=True)
+class RenormalizeL2PerLayer(ScalingRule):
+    """DL4J ``RenormalizeL2PerLayer``: ``g_p ← g_p / ‖layer‖``; an all-zero layer stays zero.
 
-    mode = GradientNormalization.NONE
-    name = "None"
-    measures_norms = False
-    scales = False
-
-    def transform_(self, view: GroupView) -> None:
-        return None
-
-    def layer_changed(self, view: GroupView) -> torch.Tensor | None:
-        return torch.zeros(len(view.layer_names), dtype=torch.bool, device=view.device)
-
-
-class RenormalizeL2PerLayer(_DL4JStrategy):
-    """DL4J ``RenormalizeL2PerLayer``: ``g_p ← g_p / ‖layer‖``; the threshold is ignored.
-
-    An all-zero layer stays all zero.
-
-    Example:
+    Examples:
         >>> layer = torch.nn.Linear(3, 2)
         >>> layer(torch.randn(4, 3)).sum().backward()
-        >>> report = gradclip.normalize_(layer, RenormalizeL2PerLayer())
+        >>> report = gradclip.normalize_(layer, gradclip.RenormalizeL2PerLayer())
         >>> grads = torch.cat([p.grad.flatten() for p in layer.parameters()])
         >>> round(float(grads.norm()), 6)
         1.0
     """
 
-    mode = GradientNormalization.RENORMALIZE_L2_PER_LAYER
-    name = "RenormalizeL2PerLayer"
-
-    def scale(self, view: GroupView) -> torch.Tensor:
-        return _renormalize(view.layer_norm_per_tensor)
+    def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
+        assert m.layer_norms is not None
+        return _renormalize(m.per_tensor(m.layer_norms)), state
 
 
-class RenormalizeL2PerParamType(_DL4JStrategy):
-    """DL4J ``RenormalizeL2PerParamType``: ``g_p ← g_p / ‖g_p‖``; the threshold is ignored.
+@dataclass(frozen=True)
+class RenormalizeL2PerParamType(ScalingRule):
+    """DL4J ``RenormalizeL2PerParamType``: ``g_p ← g_p / ‖g_p‖``; an all-zero tensor stays zero."""
 
-    An all-zero tensor stays all zero.
+    def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
+        assert m.norms is not None
+        return _renormalize(m.norms), state
+
+
+@dataclass(frozen=True)
+class _Thresholded(Rule):
+    """A DL4J mode with a threshold; layers with different thresholds share one call."""
+
+    threshold: float = 1.0
+    per_layer_fields: ClassVar[tuple[str, ...]] = ("threshold",)
+
+    def __post_init__(self) -> None:
+        set_fields(self, threshold=check_threshold(self.threshold))
+
+
+@dataclass(frozen=True)
+class ClipL2PerLayer(_Thresholded, ScalingRule):
+    """DL4J ``ClipL2PerLayer``: if ``‖layer‖ > t``, ``g_p ← g_p · (t / ‖layer‖)``.
+
+    A layer at or under ``t`` is left bit-for-bit unchanged. On a model of a
+    single layer this is ``torch.nn.utils.clip_grad_norm_(max_norm=t)`` without
+    its ``1e-6``.
+
+    Examples:
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> layer.weight.grad = torch.full((2, 3), 4.0)
+        >>> layer.bias.grad = torch.full((2,), 4.0)
+        >>> report = gradclip.normalize_(layer, gradclip.ClipL2PerLayer(2.0))
+        >>> round(float(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()), 6)
+        2.0
     """
 
-    mode = GradientNormalization.RENORMALIZE_L2_PER_PARAM_TYPE
-    name = "RenormalizeL2PerParamType"
-
-    def scale(self, view: GroupView) -> torch.Tensor:
-        return _renormalize(view.norms())
+    def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
+        assert m.layer_norms is not None
+        return _clip(m.per_tensor(m.layer_norms), m.layout.tensor_values("threshold")), state
 
 
-class ClipL2PerLayer(_DL4JStrategy):
-    """DL4J ``ClipL2PerLayer``: if ``‖layer‖ > t``, ``g_p ← g_p · t / ‖layer‖``.
+@dataclass(frozen=True)
+class ClipL2PerParamType(_Thresholded, ScalingRule):
+    """DL4J ``ClipL2PerParamType``: per tensor, if ``‖g_p‖ > t``, ``g_p ← g_p / (‖g_p‖ / t)``."""
 
-    A layer whose norm is at or under ``t`` is left bit-for-bit unchanged. On a
-    model of a single layer this is ``torch.nn.utils.clip_grad_norm_(max_norm=t)``
-    without its ``1e-6`` epsilon.
-    """
-
-    mode = GradientNormalization.CLIP_L2_PER_LAYER
-    name = "ClipL2PerLayer"
-
-    def scale(self, view: GroupView) -> torch.Tensor:
-        return _clip(view.layer_norm_per_tensor, view.tensor_thresholds)
+    def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
+        assert m.norms is not None
+        return _clip(m.norms, m.layout.tensor_values("threshold")), state
 
 
-class ClipL2PerParamType(_DL4JStrategy):
-    """DL4J ``ClipL2PerParamType``: per tensor, if ``‖g_p‖ > t``, ``g_p ← g_p · t / ‖g_p‖``."""
-
-    mode = GradientNormalization.CLIP_L2_PER_PARAM_TYPE
-    name = "ClipL2PerParamType"
-
-    def scale(self, view: GroupView) -> torch.Tensor:
-        return _clip(view.norms(), view.tensor_thresholds)
-
-
-class ClipElementWiseAbsoluteValue(_DL4JStrategy):
+@dataclass(frozen=True)
+class ClipElementWiseAbsoluteValue(_Thresholded, InPlaceRule):
     """DL4J ``ClipElementWiseAbsoluteValue``: every element ``x ← clamp(x, -t, t)``.
 
-    One pass over memory: tensors large enough that a second pass would cost
-    more than a kernel launch are clamped one by one with ``clamp_``; the many
-    small ones are clamped with a constant number of ``_foreach`` launches.
-    Norms are not measured (that would be an extra read of every gradient), so
-    the report lists these layers as not measured unless the normalizer was
-    built with ``measure_all=True``.
+    One pass over memory: large tensors are clamped one by one with ``clamp_``;
+    the many small ones with a constant number of ``_foreach`` launches. A
+    threshold above a dtype's largest finite value leaves that dtype's tensors as
+    they are. Norms are not measured (that would be an extra read of every
+    gradient), and whether a layer changed is not known without one: the report
+    reads ``None`` for it unless the normalizer has ``measure_all=True``.
     """
 
-    mode = GradientNormalization.CLIP_ELEMENT_WISE_ABSOLUTE_VALUE
-    name = "ClipElementWiseAbsoluteValue"
-    measures_norms = False
-    scales = False
-    reports_changes = False
+    norm_type: ClassVar[float | None] = None
 
-    def transform_(self, view: GroupView) -> None:
-        plan = view.cache.get("clamp")
-        if plan is None:
-            plan = view.cache["clamp"] = plan_clamp(view.grads, view.host_thresholds)
-        clamp_abs_(view.grads, view.host_thresholds, plan)
+    def prepare(self, layout: GroupLayout) -> ClampPlan:
+        thresholds = [float(rule.threshold) for rule in layout.rules]  # type: ignore[attr-defined]
+        return plan_clamp(
+            layout.devices,
+            layout.dtypes,
+            [shape.numel() for shape in layout.shapes],
+            [thresholds[i] for i in layout.layer_of_tensor],
+        )
+
+    def transform_(self, m: Measured, state: State) -> tuple[torch.Tensor | None, State]:
+        clamp_abs_(m.grads, m.prepared)
+        return None, state
 
 
-_MODE_CLASSES: dict[GradientNormalization, type[_DL4JStrategy]] = {
-    cls.mode: cls
-    for cls in (
-        NoNormalization,
-        RenormalizeL2PerLayer,
-        RenormalizeL2PerParamType,
-        ClipElementWiseAbsoluteValue,
-        ClipL2PerLayer,
-        ClipL2PerParamType,
-    )
+_MODE_RULES: dict[GradientNormalization, type[Rule]] = {
+    GradientNormalization.NONE: NoNormalization,
+    GradientNormalization.RENORMALIZE_L2_PER_LAYER: RenormalizeL2PerLayer,
+    GradientNormalization.RENORMALIZE_L2_PER_PARAM_TYPE: RenormalizeL2PerParamType,
+    GradientNormalization.CLIP_ELEMENT_WISE_ABSOLUTE_VALUE: ClipElementWiseAbsoluteValue,
+    GradientNormalization.CLIP_L2_PER_LAYER: ClipL2PerLayer,
+    GradientNormalization.CLIP_L2_PER_PARAM_TYPE: ClipL2PerParamType,
 }
 
 
-def resolve_strategy(mode: object, threshold: Any = 1.0) -> Strategy:
-    """Turn what a user wrote for a mode into a `Strategy`.
+def resolve_rule(mode: object, threshold: Any = 1.0) -> Rule:
+    """Turn what a user wrote for a mode into a rule.
 
     Args:
         mode: a `GradientNormalization` member, its DL4J or Python name
             (``"ClipL2PerLayer"``, ``"clip_l2_per_layer"``), ``None`` for no
-            normalization, or a `Strategy` object (used as is; its own
-            hyper-parameters win over ``threshold``).
-        threshold: the threshold for a DL4J mode; must be a finite number > 0.
+            normalization, or a rule object (used as is: its own settings win
+            over ``threshold``).
+        threshold: the threshold of a DL4J mode; a finite number > 0.
 
     Returns:
-        The strategy.
+        The rule.
 
     Raises:
         ValueError: unknown mode name, or invalid threshold.
         TypeError: ``mode`` or ``threshold`` of the wrong type.
     """
-    if isinstance(mode, Strategy):
+    if isinstance(mode, Rule):
         return mode
-    if isinstance(mode, type) and issubclass(mode, Strategy):
+    if isinstance(mode, type) and issubclass(mode, Rule):
         raise TypeError(
-            f"mode must be a strategy object, got the class {mode.__name__}; "
+            f"mode must be a strategy object (a rule value), got the class {mode.__name__}; "
             f"write {mode.__name__}(...) with its arguments"
         )
     if mode is not None and not isinstance(mode, str | GradientNormalization):
         raise TypeError(
             "mode must be a GradientNormalization member, a mode name such as "
-            f"'ClipL2PerLayer', or a gradclip.Strategy object; got {type(mode).__name__}"
+            f"'ClipL2PerLayer', or a gradclip rule object; got {type(mode).__name__}"
         )
-    member = GradientNormalization.parse(mode)
-    return member.strategy(check_threshold(threshold))
+    return GradientNormalization.parse(mode).rule(check_threshold(threshold))
+
+
+resolve_strategy = resolve_rule  # the 0.1 name, used by configuration code

@@ -1,0 +1,146 @@
+"""Running a normalizer inside ``optimizer.step()``: what `GradientNormalizer.attach` installs.
+
+Without a closure the normalizer runs in a step pre-hook, on the gradients the
+last ``backward()`` left. With a closure (``LBFGS``, or any optimizer stepped
+as ``optimizer.step(closure)``) the gradients the update uses are the ones the
+closure computes inside ``step``, possibly several times: the pre-hook then
+wraps the closure so that every evaluation is normalized right after its
+backward pass, and nothing is normalized before ``step``.
+
+With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` unscales before it
+calls ``step``, so the normalizer sees unscaled gradients, and a step the
+scaler skips does not run the normalizer at all.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["AttachHandle", "attach_pre_hook", "attach_skipping"]
+
+
+def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any] | None:
+    closure = kwargs.get("closure", args[0] if args else None)
+    return closure if callable(closure) else None
+
+
+def _with_closure(
+    args: tuple[Any, ...], kwargs: dict[str, Any], closure: Callable[[], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure}
+    return (closure, *args[1:]), kwargs
+
+
+def _check_unscaled(optimizer: torch.optim.Optimizer) -> None:
+    if getattr(optimizer, "grad_scale", None) is not None:
+        # A fused optimizer stepped by GradScaler without unscale_: the gradients
+        # are still scaled, and normalizing them would be wrong.
+        raise RuntimeError(
+            "the optimizer's gradients are still scaled by GradScaler (fused optimizer): call "
+            "scaler.unscale_(optimizer) before scaler.step(optimizer) so that gradclip "
+            "normalizes the true gradients"
+        )
+
+
+class AttachHandle(RemovableHandle):
+    """What `GradientNormalizer.attach` returns; ``remove()`` detaches the normalizer.
+
+    Attributes:
+        skipped_steps: with ``nonfinite="skip"``, how many optimizer steps were
+            skipped for non-finite gradients.
+    """
+
+    def __init__(self, on_remove: Callable[[], None]) -> None:
+        self._hooks: OrderedDict[int, object] = OrderedDict()  # RemovableHandle needs one
+        super().__init__(self._hooks)
+        self._on_remove: Callable[[], None] | None = on_remove
+        self.skipped_steps = 0
+
+    def remove(self) -> None:
+        if self._on_remove is not None:
+            on_remove, self._on_remove = self._on_remove, None
+            on_remove()
+
+
+def attach_pre_hook(
+    optimizer: torch.optim.Optimizer, apply: Callable[[], object], forget: Callable[[], None]
+) -> AttachHandle:
+    """Run ``apply`` before every ``optimizer.step()``, or after each closure evaluation."""
+
+    def hook(
+        opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        _check_unscaled(opt)
+        closure = _closure_of(args, kwargs)
+        if closure is None:
+            apply()
+            return None
+
+        def normalized_closure() -> Any:
+            loss = closure()
+            apply()
+            return loss
+
+        return _with_closure(args, kwargs, normalized_closure)
+
+    registered = optimizer.register_step_pre_hook(hook)
+
+    def remove() -> None:
+        registered.remove()
+        forget()
+
+    return AttachHandle(remove)
+
+
+def attach_skipping(
+    optimizer: torch.optim.Optimizer, apply_and_check: Callable[[], bool], forget: Callable[[], None]
+) -> AttachHandle:
+    """Wrap ``optimizer.step``: normalize, and skip the step when ``apply_and_check()`` is false.
+
+    The step is wrapped on the instance (as a bound method, so that LR schedulers
+    created later can wrap it in turn). If something wrapped it after us,
+    ``remove`` cannot unwrap it and turns the wrapper into a pass-through instead.
+    """
+    owner = weakref.ref(optimizer)
+    original = optimizer.step
+    had_instance_step = "step" in optimizer.__dict__
+    active = [True]
+    handle: AttachHandle
+
+    def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if active[0]:
+            if _closure_of(args, kwargs) is not None:
+                raise RuntimeError(
+                    "nonfinite='skip' cannot skip a step whose gradients a closure computes "
+                    "inside optimizer.step(closure); use nonfinite='zero' (or 'error') with "
+                    "closure optimizers"
+                )
+            _check_unscaled(opt)
+            if not apply_and_check():
+                handle.skipped_steps += 1
+                return None
+        return original(*args, **kwargs)
+
+    wrapper = types.MethodType(step, optimizer)
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+    def remove() -> None:
+        active[0] = False
+        opt = owner()
+        if opt is not None and opt.__dict__.get("step") is wrapper:
+            if had_instance_step:
+                opt.step = original  # type: ignore[method-assign]
+            else:
+                del opt.step
+        forget()
+
+    handle = AttachHandle(remove)
+    return handle
