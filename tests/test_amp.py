@@ -9,7 +9,6 @@ exactly those, never the scaled ones, and must not run on a step the scaler skip
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch

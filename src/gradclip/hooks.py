@@ -101,7 +101,9 @@ def attach_pre_hook(
 
 
 def attach_skipping(
-    optimizer: torch.optim.Optimizer, apply_and_check: Callable[[], bool], forget: Callable[[], None]
+    optimizer: torch.optim.Optimizer,
+    apply_and_check: Callable[[], bool],
+    forget: Callable[[], None],
 ) -> AttachHandle:
     """Wrap ``optimizer.step``: normalize, and skip the step when ``apply_and_check()`` is false.
 

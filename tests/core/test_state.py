@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import subprocess
 import sys
 import textwrap
@@ -174,7 +173,7 @@ def test_state_dict_for_another_rule_is_rejected() -> None:
 
 def test_a_version_1_state_is_refused_with_the_reason() -> None:
     normalizer = gradclip.GradientNormalizer(_model(), gradclip.ZClip())
-    with pytest.raises(ValueError, match="version 1.*reads version 2"):
+    with pytest.raises(ValueError, match=r"version 1.*reads version 2"):
         normalizer.load_state_dict({"format": "gradclip.GradientNormalizer", "version": 1})
 
 

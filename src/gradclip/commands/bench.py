@@ -262,6 +262,7 @@ def _value_rows(
 
 def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
     from gradclip.commands.rule_names import RULE_FACTORIES as factories
+
     model = _linear_stack(24, 1024, device)
     params = _params(model)
     methods: dict[str, Method] = {

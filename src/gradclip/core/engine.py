@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,11 +89,15 @@ class Engine:
         self.measure_all = measure_all or self.nonfinite != "propagate"
         self.store = store if store is not None else StateStore()
         self.params = [p for layer in self.layers for p in layer.params]
-        self._names = [layer.qualified(k) for layer in self.layers for k in range(len(layer.params))]
+        self._names = [
+            layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
+        ]
         frozen_checks = [not layer.explicit for layer in self.layers for _ in layer.params]
         self._check_frozen: bool | list[bool] = (
-            frozen_checks[0] if len(set(frozen_checks)) == 1 else frozen_checks
-        ) if frozen_checks else True
+            (frozen_checks[0] if len(set(frozen_checks)) == 1 else frozen_checks)
+            if frozen_checks
+            else True
+        )
         owned = [
             (owner, key, p)
             for layer in self.layers
@@ -133,7 +138,7 @@ class Engine:
         Catches ``module._parameters[name] = new_param``, which no registration
         hook sees, at the cost of one dict lookup per parameter.
         """
-        current = map(dict.get, self._owner_dicts, self._owner_keys)
+        current = map(_entry, self._owner_dicts, self._owner_keys)
         return not all(map(operator.is_, current, self._owned))
 
     def gather(self) -> tuple[list[torch.Tensor | None], Signature]:
@@ -150,9 +155,7 @@ class Engine:
             grads = [
                 p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
             ]
-        signature: Signature = [
-            None if g is None else (g.device, g.dtype, g.layout) for g in grads
-        ]
+        signature: Signature = [None if g is None else (g.device, g.dtype, g.layout) for g in grads]
         if signature != self._signature:
             for name, g in zip(self._names, grads):
                 if g is not None:
@@ -308,6 +311,10 @@ class Engine:
         )
 
 
+def _entry(owner: Mapping[str, Any], key: str) -> Any:
+    return owner.get(key)
+
+
 def _select(values: torch.Tensor, group: Group) -> torch.Tensor:
     return values if group.covers_all else values.index_select(0, group.positions_t)
 
@@ -388,7 +395,7 @@ def _reduce(
             owners.append(("rule", gi))
     if local is None and not extras:
         return None, p_norms, {}
-    norms, out = plan.sharding.reduce(local, extras)
+    reduced_l2, out = plan.sharding.reduce(local, extras)
     p_global: dict[int, torch.Tensor] = {}
     reduced: dict[int, CrossRank] = {}
     for (kind, gi), values in zip(owners, out):
@@ -398,7 +405,7 @@ def _reduce(
             p_global[gi] = p_norms_from(values, norm_type)
         else:
             reduced[gi] = values
-    return norms, p_global, reduced
+    return reduced_l2, p_global, reduced
 
 
 def _judged_layer_norms(plan: Plan, measured: _Measurement) -> torch.Tensor:
@@ -427,4 +434,3 @@ def _keep_rows(
     if not stage.rule.per_layer_state:
         ok = ok.all().reshape(1)
     return ~ok
-

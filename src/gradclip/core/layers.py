@@ -95,7 +95,9 @@ def _layers_of_module(module: nn.Module) -> list[Layer]:
             params.append(param)
         if params:
             owners = tuple((submodule._parameters, n) for n in names)
-            layers.append(Layer(_clean_name(module_name), tuple(names), tuple(params), False, owners))
+            layers.append(
+                Layer(_clean_name(module_name), tuple(names), tuple(params), False, owners)
+            )
     return layers
 
 
@@ -180,8 +182,8 @@ def build_layers(target: Target) -> list[Layer]:
                 stacklevel=3,
             )
         if all(isinstance(item, torch.Tensor) for item in items):
-            names = tuple(str(i) for i in range(len(items)))
-            return _dedup([Layer("", names, tuple(items), True)])
+            flat = tuple(str(i) for i in range(len(items)))
+            return _dedup([Layer("", flat, tuple(items), True)])
         layers = []
         for i, item in enumerate(items):
             if isinstance(item, torch.Tensor):

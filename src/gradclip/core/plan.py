@@ -167,7 +167,9 @@ class Plan:
         )
         self.layer_measured_t = torch.tensor(self.layer_measured, dtype=torch.bool, device=dev)
 
-        self.sharding: Sharding | None = sharding_of(self.names, grads_in_order, dev, self.acc_dtype)
+        self.sharding: Sharding | None = sharding_of(
+            self.names, grads_in_order, dev, self.acc_dtype
+        )
         self.groups = self._make_groups(layers, rules, stages, keys, empty, store, local_shapes)
         self.rounds = self._make_rounds(keys, empty)
         self.has_state = any(s.slot is not None for g in self.groups for s in g.stages)
@@ -199,7 +201,7 @@ class Plan:
         for p, lid in enumerate(self.tensor_layer_ids):
             positions_of.setdefault(lid, []).append(p)
         dev = self.device
-        groups = []
+        groups: list[Group] = []
         for layer_ids in keyed.values():
             rule = rules[layer_ids[0]]
             positions = sorted(p for lid in layer_ids for p in positions_of[lid])
@@ -336,4 +338,3 @@ def _check_sharded_chain(group: Group) -> None:
             "chain('ClipL2PerLayer', ('ClipElementWiseAbsoluteValue', 0.5))); this one "
             f"is {group.rule.describe()}. Use overrides (one rule per layer) instead."
         )
-

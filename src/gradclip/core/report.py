@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from gradclip.core.engine import Plan
+    from gradclip.core.plan import Plan
 
 __all__ = ["NormReport"]
 

@@ -152,9 +152,7 @@ class Sharding:
     device: torch.device
     dtype: torch.dtype
 
-    def group_shards(
-        self, positions: Sequence[int]
-    ) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    def group_shards(self, positions: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """``(weights, split_dims)`` of the tensors at ``positions`` (once per plan)."""
         if self.weights is None:
             weights = torch.ones(len(positions), dtype=self.dtype, device=self.device)

@@ -76,7 +76,9 @@ def state_rows(rule: Rule, layer_names: Sequence[str]) -> list[str]:
     return list(layer_names) if rule.per_layer_state else [GROUP_ROW]
 
 
-def identity(names: Sequence[str], params: Sequence[str], rules: Sequence[str]) -> dict[str, list[str]]:
+def identity(
+    names: Sequence[str], params: Sequence[str], rules: Sequence[str]
+) -> dict[str, list[str]]:
     """What a state dict records of the model it was saved for, to refuse another model."""
     return {"layers": list(names), "params": list(params), "layer_rules": list(rules)}
 
@@ -145,7 +147,7 @@ class StateStore:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        """Make sure slot ``name`` exists on ``device`` with (at least) ``rows``; new rows start fresh."""
+        """Make sure slot ``name`` exists on ``device`` with ``rows``; new rows start fresh."""
         slot = self.slots.get(name)
         if slot is None:
             tensors = rule.init_state(len(rows), device, dtype)
@@ -161,7 +163,10 @@ class StateStore:
             for key, value in slot.tensors.items():
                 shape = [max(a, b) for a, b in zip(value.shape[1:], fresh[key].shape[1:])]
                 slot.tensors[key] = torch.cat(
-                    [_pad_to(value, [value.shape[0], *shape]), _pad_to(fresh[key], [len(missing), *shape])]
+                    [
+                        _pad_to(value, [value.shape[0], *shape]),
+                        _pad_to(fresh[key], [len(missing), *shape]),
+                    ]
                 )
             for r in missing:
                 slot.rows[r] = len(slot.rows)
@@ -274,7 +279,9 @@ class StateStore:
                 f"{sorted(saved)}, this normalizer has stateful rules {sorted(self.slots)}: "
                 "it was saved for another configuration"
             )
-        installs = [(self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()]
+        installs = [
+            (self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()
+        ]
         for slot, steps, rows in installs:
             for row, tensors in rows.items():
                 i = slot.rows[row]
@@ -302,18 +309,22 @@ class StateStore:
                 f"{where}: rows for layers {sorted(rows)}, this model has {sorted(slot.rows)}"
             )
         fresh = slot.rule.init_state(1, torch.device("cpu"), torch.float64)
-        growable = getattr(slot.rule, "growable_state", frozenset())
+        growable = slot.rule.growable_state
         checked: dict[str, dict[str, torch.Tensor]] = {}
         for row, tensors in rows.items():
             if not isinstance(tensors, Mapping) or set(tensors) != set(fresh):
                 got = sorted(tensors) if isinstance(tensors, Mapping) else type(tensors).__name__
-                raise ValueError(f"{where}, row {row!r}: expected entries {sorted(fresh)}, got {got}")
+                raise ValueError(
+                    f"{where}, row {row!r}: expected entries {sorted(fresh)}, got {got}"
+                )
             for key, value in tensors.items():
                 want = fresh[key][0]
                 if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point != (
                     want.dtype.is_floating_point
                 ):
-                    raise ValueError(f"{where}, row {row!r}, {key!r}: expected a tensor like {want.dtype}")
+                    raise ValueError(
+                        f"{where}, row {row!r}, {key!r}: expected a tensor like {want.dtype}"
+                    )
                 shape_ok = value.shape == want.shape or (
                     key in growable
                     and value.dim() == want.dim()

@@ -268,7 +268,9 @@ class ZClip(ScalingRule):
 
         std = var.sqrt()
         z = (norms - mean) / (std + self._EPS)
-        clipped = torch.where(z > self.z_thresh, mean + (self.z_thresh * std) / (z / self.z_thresh), norms)
+        clipped = torch.where(
+            z > self.z_thresh, mean + (self.z_thresh * std) / (z / self.z_thresh), norms
+        )
         bound = clipped if self.max_grad_norm is None else clipped.clamp(max=self.max_grad_norm)
         coef = torch.where(norms > bound, (bound / (norms + TORCH_CLIP_EPS)).clamp(max=1.0), 1.0)
         ema_mean = self.alpha * mean + (1.0 - self.alpha) * clipped

@@ -226,7 +226,9 @@ class AdaptiveGradClip(InPlaceRule):
         if all(run.split is None for run in runs):
             return None  # every unit whole on this rank (rows of Shard(0) weights)
         assert m.shards is not None
-        local, grad_parts, weight_parts = [], [], []
+        local: list[tuple[torch.Tensor, torch.Tensor]] = []
+        grad_parts: list[torch.Tensor] = []
+        weight_parts: list[torch.Tensor] = []
         for run in runs:
             grad_norms = _unit_norms(m.grads[run.start : run.stop], run)
             weight_norms = _unit_norms(m.params[run.start : run.stop], run)
@@ -272,4 +274,3 @@ class AdaptiveGradClip(InPlaceRule):
             flags = (coef != 1).to(torch.int32).to(layout.device)
             changed.index_add_(0, run.unit_layer, flags)
         return changed > 0, state
-

@@ -69,9 +69,9 @@ def chain(*rules: Any) -> Chain:
         ValueError: no rule given.
 
     Examples:
-        >>> clip = gradclip.chain(("ClipElementWiseAbsoluteValue", 0.5), gradclip.ClipGlobalNorm(1.0))
-        >>> clip.describe()
-        'chain(ClipElementWiseAbsoluteValue(threshold=0.5), ClipGlobalNorm(max_norm=1.0, norm_type=2.0))'
+        >>> clip = gradclip.chain(("ClipElementWiseAbsoluteValue", 0.5), "ClipL2PerLayer")
+        >>> print(clip.describe())
+        chain(ClipElementWiseAbsoluteValue(threshold=0.5), ClipL2PerLayer(threshold=1.0))
     """
     if not rules:
         raise ValueError("chain() needs at least one rule")

@@ -141,7 +141,9 @@ class NoNormalization(InPlaceRule):
         return "None"
 
     def transform_(self, m: Measured, state: State) -> tuple[torch.Tensor | None, State]:
-        return torch.zeros(len(m.layout.layer_names), dtype=torch.bool, device=m.layout.device), state
+        return torch.zeros(
+            len(m.layout.layer_names), dtype=torch.bool, device=m.layout.device
+        ), state
 
 
 def _renormalize(norms: torch.Tensor) -> torch.Tensor:
