@@ -40,7 +40,7 @@ from gradclip.core.nonfinite import (
 from gradclip.core.plan import Group, Plan, Signature, Stage, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rule import CrossRank, Measured, Rule, ScalingRule, Shards, stages_of
-from gradclip.core.sharding import local_tensors, p_norm_parts, p_norms_from
+from gradclip.core.sharding import is_dtensor, local_tensors, p_norm_parts, p_norms_from
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -108,9 +108,31 @@ class Engine:
         self._owned = [p for _, _, p in owned]
         self._plan: Plan | None = None
         self._signature: Signature | None = None
+        self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
         self._init_state()
+        self._predict_plan()
+
+    def _predict_plan(self) -> None:
+        """Build the plan of the usual step now: every trainable parameter with a gradient.
+
+        So that the first step of a compiled ``apply`` finds its plan cached
+        instead of tracing the plan's construction. Sharded models are planned at
+        their first step, where the gradients' placements are known.
+        """
+        check = self._check_frozen
+        flags = [check] * len(self.params) if isinstance(check, bool) else check
+        guess: list[torch.Tensor | None] = [
+            p if (p.requires_grad or not c) else None for p, c in zip(self.params, flags)
+        ]
+        if not self.params or any(is_dtensor(p) for p in self.params):
+            return
+        signature: Signature = [None if p is None else (p.device, p.dtype, p.layout) for p in guess]
+        try:
+            self.plan(signature, guess)
+        except Exception:  # the real step will raise it, with the real gradients
+            self.invalidate()
 
     def _init_state(self) -> None:
         """Give every stateful rule its slot and rows now, before any step (for checkpoints)."""
@@ -156,16 +178,22 @@ class Engine:
                 p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
             ]
         signature: Signature = [None if g is None else (g.device, g.dtype, g.layout) for g in grads]
-        if signature != self._signature:
+        if signature != self._checked:
             for name, g in zip(self._names, grads):
                 if g is not None:
                     check_gradient(name, g)
+            self._checked = signature
         return grads, signature
 
     def plan(self, signature: Signature, grads: Sequence[torch.Tensor | None]) -> Plan:
         """The cached plan for this signature, rebuilt when the gradients' layout changed."""
-        if self._plan is None or signature != self._signature:
-            self._plan = Plan(
+        plan = self._plan
+        if (
+            plan is None
+            or plan.store_generation != self.store.generation
+            or signature != self._signature
+        ):
+            plan = self._plan = Plan(
                 self.layers,
                 self.rules,
                 signature,
@@ -175,7 +203,7 @@ class Engine:
                 store=self.store,
             )
             self._signature = signature
-        return self._plan
+        return plan
 
     def invalidate(self) -> None:
         """Forget the cached plan (after the state store changed shape)."""
@@ -231,7 +259,7 @@ class Engine:
             coefficients: torch.Tensor | None = None
             for group, stage in round_.stages:
                 m = self._measured(plan, group, stage, grads, measured, k, zeroed)
-                state = self.store.load(stage.slot, stage.rows) if stage.slot else {}
+                state = self._load(stage)
                 rule = stage.rule
                 if isinstance(rule, ScalingRule):
                     coef, new_state = rule.scale(m, state)
@@ -256,7 +284,10 @@ class Engine:
                         changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
                 if stage.slot is not None:
                     keep = _keep_rows(stage, group, m, finite)
-                    new_state = self.store.store(stage.slot, stage.rows, state, new_state, keep)
+                    assert stage.row_index is not None
+                    new_state = self.store.store(
+                        stage.slot, stage.row_index, stage.whole_rows, state, new_state, keep
+                    )
                 shown = rule.stats(m, new_state)
                 if shown:
                     stats.append((list(stage.layout.layer_names), dict(shown)))
@@ -266,6 +297,12 @@ class Engine:
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, known)
+
+    def _load(self, stage: Stage) -> dict[str, torch.Tensor]:
+        if stage.slot is None:
+            return {}
+        assert stage.row_index is not None
+        return self.store.load(stage.slot, stage.row_index, stage.whole_rows)
 
     def _measured(
         self,
@@ -306,9 +343,17 @@ class Engine:
             layer_norms=layer_norms,
             layout=stage.layout,
             prepared=stage.prepared,
-            step=self.store.slots[stage.slot].steps if stage.slot else 0,
+            step=_host_steps(self.store, stage),
             shards=shards,
         )
+
+
+def _host_steps(store: StateStore, stage: Stage) -> int:
+    # read only where the rule sizes a buffer by it: a changing Python int read
+    # in a compiled step would recompile it
+    if stage.slot is None or not stage.rule.growable_state:
+        return 0
+    return store.slots[stage.slot].steps
 
 
 def _entry(owner: Mapping[str, Any], key: str) -> Any:

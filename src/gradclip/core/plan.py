@@ -56,6 +56,8 @@ class Stage:
     prepared: Any
     slot: str | None  # state slot, None for a stateless rule
     rows: list[str]  # state rows this step reads and writes
+    row_index: torch.Tensor | None  # their indices in the slot
+    whole_rows: bool  # they are all of the slot's rows, in order
     norm_runs: Runs | None  # re-measures the group's norms (rounds > 0, and p != 2)
     coefficient_index: torch.Tensor | None  # positions in the round's coefficient vector
 
@@ -173,6 +175,12 @@ class Plan:
         self.groups = self._make_groups(layers, rules, stages, keys, empty, store, local_shapes)
         self.rounds = self._make_rounds(keys, empty)
         self.has_state = any(s.slot is not None for g in self.groups for s in g.stages)
+        # row indices are taken once every slot has every row this plan needs
+        for group in self.groups:
+            for stage in group.stages:
+                if stage.slot is not None:
+                    stage.row_index, stage.whole_rows = store.slots[stage.slot].index(stage.rows)
+        self.store_generation = store.generation
 
     def select(self, grads_by_param: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """The step's gradients in the plan's order (``grads_by_param`` indexed like the params)."""
@@ -241,6 +249,10 @@ class Plan:
                     dtype=self.acc_dtype,
                     split_dims=tuple(group.split_dims or ()),
                 )
+                # filled now, not inside a (possibly compiled) step
+                for name in stage_rule.per_layer_fields:
+                    layout.tensor_values(name)
+                _ = layout.numel
                 group.stages.append(
                     self._make_stage(group, k, stage_rule, layout, many, keys, empty, store)
                 )
@@ -280,6 +292,8 @@ class Plan:
             prepared=rule.prepare(layout),
             slot=slot,
             rows=rows,
+            row_index=None,
+            whole_rows=False,
             norm_runs=Runs(group.positions, keys, empty) if remeasure else None,
             coefficient_index=None,
         )

@@ -229,12 +229,16 @@ class Rule:
 
     norm_type: ClassVar[float | None] = 2.0
     per_layer_fields: ClassVar[tuple[str, ...]] = ()
-    growable_state: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def per_layer_state(self) -> bool:
         """Whether the state has one row per layer (else one row for the group)."""
         return False
+
+    @property
+    def growable_state(self) -> frozenset[str]:
+        """State entries the rule may grow along their non-row dims (none by default)."""
+        return frozenset()
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         """A fresh state of ``rows`` rows (every tensor's dim 0 is ``rows``); none by default."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -119,18 +119,20 @@ class Slot:
     rule: Rule
     rows: dict[str, int]
     tensors: State
-    steps: int = 0  # steps this rule has run, counted on the host
-    _index: dict[tuple[str, ...], tuple[torch.Tensor, bool]] = field(default_factory=dict)
+    # Steps this rule has taken, counted on the host for rules that grow a buffer
+    # (`Rule.growable_state`) and must size it without reading the device; not
+    # counted for others, so that a compiled step reads no changing Python int.
+    steps: int = 0
 
     def index(self, rows: Sequence[str]) -> tuple[torch.Tensor, bool]:
-        """The row indices of ``rows`` on the state's device, and whether they are all rows."""
-        key = tuple(rows)
-        if key not in self._index:
-            ids = [self.rows[r] for r in rows]
-            device = next(iter(self.tensors.values())).device
-            whole = ids == list(range(len(self.rows)))
-            self._index[key] = (torch.tensor(ids, dtype=torch.long, device=device), whole)
-        return self._index[key]
+        """The row indices of ``rows`` on the state's device, and whether they are all rows.
+
+        Called when a plan is built; the plan keeps the result.
+        """
+        ids = [self.rows[r] for r in rows]
+        device = next(iter(self.tensors.values())).device
+        whole = ids == list(range(len(self.rows)))
+        return torch.tensor(ids, dtype=torch.long, device=device), whole
 
 
 class StateStore:
@@ -138,6 +140,9 @@ class StateStore:
 
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
+        #: bumped whenever a slot's rows or devices change: plans holding row
+        #: indices from before are then rebuilt
+        self.generation = 0
 
     def ensure(
         self,
@@ -152,11 +157,12 @@ class StateStore:
         if slot is None:
             tensors = rule.init_state(len(rows), device, dtype)
             self.slots[name] = Slot(rule, {r: i for i, r in enumerate(rows)}, tensors)
+            self.generation += 1
             return
         first = next(iter(slot.tensors.values()))
         if first.device != device:
             slot.tensors = {k: v.to(device) for k, v in slot.tensors.items()}
-            slot._index.clear()
+            self.generation += 1
         missing = [r for r in rows if r not in slot.rows]
         if missing:
             fresh = rule.init_state(len(missing), device, dtype)
@@ -170,7 +176,7 @@ class StateStore:
                 )
             for r in missing:
                 slot.rows[r] = len(slot.rows)
-            slot._index.clear()
+            self.generation += 1
 
     def prune(self, keep: Mapping[str, Sequence[str]]) -> None:
         """Drop the slots not in ``keep`` and the rows of layers a model no longer has."""
@@ -186,22 +192,28 @@ class StateStore:
                 k: v.index_select(0, index.to(v.device)) for k, v in slot.tensors.items()
             }
             slot.rows = {r: i for i, r in enumerate(kept)}
-            slot._index.clear()
+            self.generation += 1
 
-    def load(self, name: str, rows: Sequence[str]) -> State:
-        """The state rows ``rows`` of slot ``name``, as the rule should receive them."""
+    def load(self, name: str, index: torch.Tensor, whole: bool) -> State:
+        """The rows at ``index`` of slot ``name`` (all of them, in order, if ``whole``)."""
         slot = self.slots[name]
-        index, whole = slot.index(rows)
         if whole:
             return dict(slot.tensors)
         return {k: v.index_select(0, index) for k, v in slot.tensors.items()}
 
     def store(
-        self, name: str, rows: Sequence[str], old: State, new: State, keep: torch.Tensor | None
+        self,
+        name: str,
+        index: torch.Tensor,
+        whole: bool,
+        old: State,
+        new: State,
+        keep: torch.Tensor | None,
     ) -> State:
-        """Write ``new`` into rows ``rows`` of slot ``name``, except rows where ``keep`` is true.
+        """Write ``new`` into the rows at ``index`` of slot ``name``, except where ``keep`` is true.
 
         Args:
+            index: the rows, as for `load`; ``whole``: they are all rows, in order.
             old: what `load` returned for these rows this step.
             new: what the rule returned.
             keep: ``(R,)`` bool on the device: rows to leave as they were.
@@ -215,7 +227,6 @@ class StateStore:
                 f"{slot.rule.describe()} returned state {sorted(new)} but was given "
                 f"{sorted(old)}: a rule returns the same state entries it is given"
             )
-        index, whole = slot.index(rows)
         written: State = {}
         for key, value in new.items():
             stored = slot.tensors[key]
@@ -234,7 +245,8 @@ class StateStore:
             else:
                 stored.index_copy_(0, index, value.to(stored.dtype))
             written[key] = value
-        slot.steps += 1
+        if slot.rule.growable_state:
+            slot.steps += 1
         return written
 
     # -- saving ---------------------------------------------------------------------------
@@ -290,7 +302,7 @@ class StateStore:
                     if value.shape != stored.shape[1:]:
                         grown = [max(a, b) for a, b in zip(stored.shape[1:], value.shape)]
                         stored = slot.tensors[key] = _pad_to(stored, [stored.shape[0], *grown])
-                        slot._index.clear()
+                        self.generation += 1
                     stored[i].zero_()
                     stored[i][tuple(slice(0, n) for n in value.shape)] = value
             slot.steps = steps

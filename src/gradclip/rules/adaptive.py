@@ -117,7 +117,6 @@ class AutoClip(ScalingRule):
     percentile: float = 10.0
     history_size: int | None = None
     scope: Scope = "global"
-    growable_state: ClassVar[frozenset[str]] = frozenset({"history"})
     _INITIAL_CAPACITY: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
@@ -134,6 +133,11 @@ class AutoClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    @property
+    def growable_state(self) -> frozenset[str]:
+        # the whole history: a buffer that doubles as the run goes on
+        return frozenset() if self.history_size is not None else frozenset({"history"})
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         capacity = self.history_size or self._INITIAL_CAPACITY
