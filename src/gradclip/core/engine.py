@@ -255,48 +255,80 @@ class Engine:
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
         known = [True] * plan.num_layers
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
-        for k, round_ in enumerate(plan.rounds):
-            coefficients: torch.Tensor | None = None
-            for group, stage in round_.stages:
-                m = self._measured(plan, group, stage, grads, measured, k, zeroed)
-                state = self._load(stage)
-                rule = stage.rule
-                if isinstance(rule, ScalingRule):
-                    coef, new_state = rule.scale(m, state)
-                    coef = coef.to(plan.acc_dtype)
-                    if round_.single:
-                        coefficients = coef
-                    else:
-                        if coefficients is None:
-                            assert round_.scaled is not None
-                            coefficients = torch.empty(
-                                len(round_.scaled), dtype=plan.acc_dtype, device=plan.device
-                            )
-                        assert stage.coefficient_index is not None
-                        coefficients.index_copy_(0, stage.coefficient_index, coef)
-                    changed.index_add_(0, group.tensor_layer_ids_t, (coef != 1).to(torch.int32))
-                else:
-                    flags, new_state = rule.transform_(m, state)  # type: ignore[attr-defined]
-                    if flags is None:
-                        for lid in group.layer_ids:
-                            known[lid] = False
-                    else:
-                        changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
-                if stage.slot is not None:
-                    keep = _keep_rows(stage, group, m, finite)
-                    assert stage.row_index is not None
-                    new_state = self.store.store(
-                        stage.slot, stage.row_index, stage.whole_rows, state, new_state, keep
-                    )
-                shown = rule.stats(m, new_state)
-                if shown:
-                    stats.append((list(stage.layout.layer_names), dict(shown)))
-            if coefficients is not None:
-                assert round_.scaled is not None
-                round_.scaled.scale_(grads, coefficients)
+        seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
+        for k in range(len(plan.rounds)):
+            self._run_round(plan, k, grads, measured, zeroed, finite, changed, known, stats, seen)
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, known)
+
+    def _run_round(
+        self,
+        plan: Plan,
+        k: int,
+        grads: list[torch.Tensor],
+        measured: _Measurement,
+        zeroed: torch.Tensor | None,
+        finite: torch.Tensor | None,
+        changed: torch.Tensor,
+        known: list[bool],
+        stats: list[tuple[list[str], dict[str, torch.Tensor]]],
+        seen: dict[int, set[str]],
+    ) -> None:
+        """Round ``k``: every rule computes, then states are written and coefficients multiplied.
+
+        Scaling rules run before in-place ones (the plan orders them so), and nothing
+        is written before every rule of the round has returned: a rule that raises
+        leaves the round's state and the gradients of every scaling rule untouched.
+        """
+        round_ = plan.rounds[k]
+        coefficients: torch.Tensor | None = None
+        done = []
+        for group, stage in round_.stages:
+            m = self._measured(plan, group, stage, grads, measured, k, zeroed)
+            state = self._load(stage)
+            rule = stage.rule
+            if isinstance(rule, ScalingRule):
+                coef, new_state = rule.scale(m, state)
+                coef = coef.to(plan.acc_dtype)
+                if round_.single:
+                    coefficients = coef
+                else:
+                    if coefficients is None:
+                        assert round_.scaled is not None
+                        coefficients = torch.empty(
+                            len(round_.scaled), dtype=plan.acc_dtype, device=plan.device
+                        )
+                    assert stage.coefficient_index is not None
+                    coefficients.index_copy_(0, stage.coefficient_index, coef)
+                flags: torch.Tensor | None = coef
+            else:
+                flags, new_state = rule.transform_(m, state)  # type: ignore[attr-defined]
+            done.append((group, stage, m, state, new_state, flags))
+        for group, stage, m, state, new_state, flags in done:
+            if isinstance(stage.rule, ScalingRule):
+                assert flags is not None
+                changed.index_add_(0, group.tensor_layer_ids_t, (flags != 1).to(torch.int32))
+            elif flags is None:
+                for lid in group.layer_ids:
+                    known[lid] = False
+            else:
+                changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
+            if stage.slot is not None:
+                assert stage.row_index is not None
+                keep = _keep_rows(stage, group, m, finite)
+                new_state = self.store.store(
+                    stage.slot, stage.row_index, stage.whole_rows, state, new_state, keep
+                )
+            shown = stage.rule.stats(m, new_state)
+            if shown:
+                keys = seen.setdefault(group.index, set())
+                named = {(f"{k}.{key}" if key in keys else key): v for key, v in shown.items()}
+                keys.update(named)
+                stats.append((list(stage.layout.layer_names), named))
+        if coefficients is not None:
+            assert round_.scaled is not None
+            round_.scaled.scale_(grads, coefficients)
 
     def _load(self, stage: Stage) -> dict[str, torch.Tensor]:
         if stage.slot is None:

@@ -304,6 +304,8 @@ class Plan:
         rounds = []
         for k in range(max((len(g.stages) for g in self.groups), default=0)):
             members = [(g, g.stages[k]) for g in self.groups if len(g.stages) > k]
+            # scaling rules first: the engine calls them before any in-place rule
+            members.sort(key=lambda gs: not isinstance(gs[1].rule, ScalingRule))
             scaling = [(g, s) for g, s in members if isinstance(s.rule, ScalingRule)]
             positions = sorted(p for g, _ in scaling for p in g.positions)
             index = {p: i for i, p in enumerate(positions)}
