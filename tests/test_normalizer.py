@@ -403,3 +403,104 @@ def test_model_without_parameters() -> None:
     report = normalizer.apply()
     assert report.layer_names == [] and report.to_dict()["param_norms"] == {}
     assert "layer" in normalizer.describe()
+
+
+# -- copies, pickling, threads ----------------------------------------------------------------
+def test_deep_copy_of_model_and_normalizer_drives_the_copy() -> None:
+    import copy
+
+    model = mlp(2)
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip(warmup_steps=2))
+    fill_grads(model)
+    normalizer.apply()
+    bundle = copy.deepcopy({"model": model, "normalizer": normalizer})
+    twin, twin_normalizer = bundle["model"], bundle["normalizer"]
+    fill_grads(model, seed=1)
+    original = [p.grad.clone() for p in model.parameters()]
+    fill_grads(twin, seed=1)
+    twin_normalizer.apply()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), original))  # untouched
+    normalizer.apply()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+    # the normalizer alone, copied, brings its own copy of the model
+    alone = copy.deepcopy(normalizer)
+    assert all(p is not q for p, q in zip(alone.layers[0].params, normalizer.layers[0].params))
+
+
+def test_a_normalizer_pickles_with_its_model_and_state() -> None:
+    import pickle
+
+    model = mlp(2)
+    normalizer = gradclip.GradientNormalizer(model, gradclip.AutoClip(50.0, history_size=4))
+    for seed in range(3):
+        fill_grads(model, seed=seed)
+        normalizer.apply()
+    restored = pickle.loads(pickle.dumps(normalizer))
+    twin = restored._module()
+    assert twin is not None and twin is not model
+    fill_grads(model, seed=7)
+    fill_grads(twin, seed=7)
+    normalizer.apply()
+    restored.apply()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_steps_from_several_threads_are_not_lost() -> None:
+    import threading
+
+    model = mlp(2)
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip(warmup_steps=1000))
+    fill_grads(model)
+    threads = [
+        threading.Thread(target=lambda: [normalizer.apply() for _ in range(25)]) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (slot,) = normalizer.state_dict()["rules"].values()
+    assert int(slot["rows"]["*"]["count"]) == 100
+
+
+# -- configuration details ----------------------------------------------------------------------
+def test_explicit_default_threshold_reaches_overrides_under_a_rule_default() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    normalizer = gradclip.GradientNormalizer(
+        model, gradclip.AdaptiveGradClip(0.01), threshold=5.0, overrides={"1": "ClipL2PerLayer"}
+    )
+    assert normalizer.rules["1"] == gradclip.ClipL2PerLayer(5.0)
+    assert normalizer.rules["0"] == gradclip.AdaptiveGradClip(0.01)
+
+
+def test_a_parameter_replaced_behind_the_hooks_is_normalized() -> None:
+    model = mlp(2)
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerParamType", 0.5)
+    fill_grads(model)
+    normalizer.apply()
+    model[1]._parameters["weight"] = nn.Parameter(torch.randn(8, 8))  # no hook sees this
+    fill_grads(model, seed=2)
+    normalizer.apply()
+    assert float(model[1].weight.grad.norm()) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_an_exhausted_generator_warns_as_torch_does() -> None:
+    model = mlp(2)
+    fill_grads(model)
+    params = model.parameters()
+    list(params)
+    with pytest.warns(UserWarning, match="empty iterable"):
+        gradclip.normalize_(params, "ClipL2PerLayer")
+
+
+def test_explicitly_listed_tensors_are_clipped_even_without_requires_grad() -> None:
+    # as torch.nn.utils.clip_grad_norm_ does; a module walk still skips frozen parameters
+    t = torch.ones(4, requires_grad=False)
+    t.grad = torch.full((4,), 10.0)
+    gradclip.normalize_([t], gradclip.ClipGlobalNorm(1.0))
+    assert float(t.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+    model = mlp(2)
+    model[0].weight.requires_grad_(False)
+    fill_grads(model)
+    frozen = model[0].weight.grad.clone()
+    gradclip.normalize_(model, "ClipL2PerParamType", 0.1)
+    assert torch.equal(model[0].weight.grad, frozen)

@@ -26,17 +26,29 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["AttachHandle", "attach_pre_hook", "attach_skipping"]
 
 
-def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any] | None:
-    closure = kwargs.get("closure", args[0] if args else None)
+def _first(args: tuple[Any, ...], optimizer: torch.optim.Optimizer) -> int:
+    # step pre-hooks receive step's arguments with the optimizer itself first
+    return 1 if args and args[0] is optimizer else 0
+
+
+def _closure_of(
+    optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any] | None:
+    at = _first(args, optimizer)
+    closure = kwargs.get("closure", args[at] if len(args) > at else None)
     return closure if callable(closure) else None
 
 
 def _with_closure(
-    args: tuple[Any, ...], kwargs: dict[str, Any], closure: Callable[[], Any]
+    optimizer: torch.optim.Optimizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    closure: Callable[[], Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if "closure" in kwargs:
         return args, {**kwargs, "closure": closure}
-    return (closure, *args[1:]), kwargs
+    at = _first(args, optimizer)
+    return (*args[:at], closure, *args[at + 1 :]), kwargs
 
 
 def _check_unscaled(optimizer: torch.optim.Optimizer) -> None:
@@ -79,7 +91,7 @@ def attach_pre_hook(
         opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         _check_unscaled(opt)
-        closure = _closure_of(args, kwargs)
+        closure = _closure_of(opt, args, kwargs)
         if closure is None:
             apply()
             return None
@@ -89,7 +101,7 @@ def attach_pre_hook(
             apply()
             return loss
 
-        return _with_closure(args, kwargs, normalized_closure)
+        return _with_closure(opt, args, kwargs, normalized_closure)
 
     registered = optimizer.register_step_pre_hook(hook)
 
@@ -119,7 +131,7 @@ def attach_skipping(
 
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         if active[0]:
-            if _closure_of(args, kwargs) is not None:
+            if _closure_of(opt, args, kwargs) is not None:
                 raise RuntimeError(
                     "nonfinite='skip' cannot skip a step whose gradients a closure computes "
                     "inside optimizer.step(closure); use nonfinite='zero' (or 'error') with "

@@ -324,8 +324,8 @@ class GradientNormalizer:
             self._refresh()
             if isinstance(state_dict, Mapping) and state_dict.get("version") == VERSION:
                 check_identity(state_dict, self._identity())
+            # values are copied into the existing tensors: the cached plans stay valid
             self._engine.store.load_state_dict(state_dict)
-            self._engine.invalidate()
 
     def _identity(self) -> dict[str, list[str]]:
         engine = self._engine
@@ -384,6 +384,7 @@ class GradientNormalizer:
         state["_model_ref"] = None
         del state["_lock"]
         state["_attached"] = None  # attachments belong to the original's optimizers
+        state["last_report"] = None  # it refers to the original's plan
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,64 @@ def test_load_into_a_running_normalizer_rewinds_it() -> None:
     normalizer.load_state_dict(state)
     _step(model, normalizer, 1)
     assert all(torch.equal(a, p.grad) for a, p in zip(after_one, model.parameters()))
+
+
+# -- non-finite steps never enter the statistics --------------------------------------------
+STATEFUL = [
+    gradclip.AutoClip(30.0),
+    gradclip.AutoClip(30.0, history_size=5, scope="layer"),
+    gradclip.ZClip(warmup_steps=4),
+    gradclip.ZClip(warmup_steps=4, max_grad_norm=50.0, scope="layer"),
+    gradclip.chain(("ClipElementWiseAbsoluteValue", 100.0), gradclip.ZClip(warmup_steps=4)),
+]
+
+
+def _sequence(steps: int) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 3), (4,), (2, 4), (2,)]
+    return [
+        [
+            torch.randn(s, generator=gen, dtype=torch.float64) * (1 + 40 * (i == steps - 2))
+            for s in shapes
+        ]
+        for i in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("rule", STATEFUL, ids=lambda r: r.describe()[:40])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("at", [2, 8])  # in the warm-up, and after it
+def test_a_nonfinite_step_leaves_the_statistics_as_if_it_never_happened(
+    rule: gradclip.Rule, bad: float, at: int
+) -> None:
+    per_layer = "layer" in rule.describe()
+    steps = _sequence(14)
+
+    def run(poison: bool) -> list[list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+        normalizer = gradclip.GradientNormalizer(model, rule)
+        out = []
+        for i, grads in enumerate(steps):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            if i == at:
+                if not poison and not per_layer:
+                    continue  # the reference run never sees this step
+                if poison:
+                    model[0].weight.grad[0, 0] = bad
+                else:  # per layer: layer "0" has no gradient at that step, "1" does
+                    model[0].weight.grad = model[0].bias.grad = None
+            normalizer.apply()
+            out.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        return out
+
+    poisoned, reference = run(True), run(False)
+    if not per_layer:
+        del poisoned[at]
+    for i, (a, b) in enumerate(zip(poisoned, reference)):
+        if per_layer and i == at:
+            assert all(torch.equal(x, y) for x, y in zip(a[2:], b))  # layer "1" went on
+            continue
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), i
+    assert all(torch.isfinite(g).all() for g in poisoned[-1])

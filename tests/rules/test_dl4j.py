@@ -10,6 +10,7 @@ DL4J asserts "no change", gradclip is held to bit equality.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -144,3 +145,29 @@ def test_l2_clipping_per_param_type() -> None:
     assert torch.equal(w_copy, w.grad)  # weight norm2 < threshold -> no change
     assert not torch.equal(b_copy, b.grad)  # bias norm2 > threshold -> rescaled
     assert_nd4j_equals(b_copy * (threshold / bias_l2), b.grad)
+
+
+# -- thresholds against the gradients' dtype -------------------------------------------------
+def test_value_clip_above_the_dtype_range_leaves_finite_values_alone() -> None:
+    # 1e5 is beyond float16's largest finite value (65504): nothing to clamp there
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].to(torch.bfloat16)
+    model[1].to(torch.float16)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape) * 6e4).to(p.dtype)
+    p16 = [p.grad.clone() for p in model[1].parameters()]
+    gradclip.normalize_(model, "ClipElementWiseAbsoluteValue", 1e5)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model[1].parameters(), p16))
+    bf = torch.cat([p.grad.float().flatten() for p in model[0].parameters()])
+    assert float(bf.abs().max()) <= 1e5
+
+
+def test_chain_with_a_value_clip_beyond_float16_runs_to_the_end() -> None:
+    layer = torch.nn.Linear(4, 4).to(torch.float16)
+    for p in layer.parameters():
+        p.grad = torch.full(p.shape, 100.0, dtype=torch.float16)
+    gradclip.normalize_(
+        layer, gradclip.chain(("ClipL2PerLayer", 1.0), ("ClipElementWiseAbsoluteValue", 1e5))
+    )
+    total = torch.cat([p.grad.float().flatten() for p in layer.parameters()]).norm()
+    assert float(total) == pytest.approx(1.0, rel=1e-3)

@@ -265,3 +265,41 @@ def test_no_host_sync_in_apply(strategy: gradclip.Strategy, nonfinite: str) -> N
             normalizer.apply()
         assert counter.syncs == 0, {op: n for op, n in counter.ops.items() if op in SYNC_OPS}
         assert sum(reads.calls.values()) == 0, reads.calls
+
+
+# -- compatibility with torch.nn.utils.clip_grad_norm_ ---------------------------------------
+def test_norm_type_accepts_the_string_inf_as_torch_does() -> None:
+    assert gradclip.ClipGlobalNorm(1.0, "inf") == gradclip.ClipGlobalNorm(1.0, math.inf)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="norm_type"):
+        gradclip.ClipGlobalNorm(1.0, 0.5)
+
+
+@pytest.mark.parametrize("in_chain", [False, True])
+def test_inf_norm_with_an_empty_parameter(in_chain: bool) -> None:
+    empty = nn.Parameter(torch.zeros(0))
+    full = nn.Parameter(torch.zeros(3))
+    empty.grad, full.grad = torch.zeros(0), torch.tensor([3.0, -4.0, 1.0])
+    rule: gradclip.Rule = gradclip.ClipGlobalNorm(1.0, math.inf)
+    if in_chain:
+        rule = gradclip.chain("ClipL2PerLayer", rule)
+    gradclip.normalize_([empty, full], rule)
+    expected = torch.tensor([3.0, -4.0, 1.0]) * (1.0 / (4.0 + 1e-6))
+    if in_chain:
+        expected = torch.tensor([3.0, -4.0, 1.0]) / math.sqrt(26)
+        expected = expected * min(1.0, 1.0 / (float(expected.abs().max()) + 1e-6))
+    assert torch.allclose(full.grad, expected)
+
+
+def test_nonfinite_error_judges_the_norm_the_rule_uses() -> None:
+    # finite float64 gradients whose squares overflow: torch's p=1 clip has no
+    # trouble with them, and neither does nonfinite="error" under a p=1 rule
+    p = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    p.grad = torch.full((4,), 2e200, dtype=torch.float64)
+    twin = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    twin.grad = p.grad.clone()
+    torch.nn.utils.clip_grad_norm_([twin], 1.0, norm_type=1.0, error_if_nonfinite=True)
+    gradclip.normalize_([p], gradclip.ClipGlobalNorm(1.0, 1.0), nonfinite="error")
+    assert torch.allclose(p.grad, twin.grad)
+    p.grad = torch.full((4,), 2e200, dtype=torch.float64)
+    with pytest.raises(gradclip.NonFiniteGradientError):  # the L2 norm does overflow
+        gradclip.normalize_([p], "ClipL2PerLayer", nonfinite="error")

@@ -130,9 +130,14 @@ class Engine:
             return
         signature: Signature = [None if p is None else (p.device, p.dtype, p.layout) for p in guess]
         try:
+            for name, p in zip(self._names, guess):
+                if p is not None:
+                    check_gradient(name, p)  # a gradient shares its parameter's dtype and layout
             self.plan(signature, guess)
         except Exception:  # the real step will raise it, with the real gradients
             self.invalidate()
+            return
+        self._checked = signature
 
     def _init_state(self) -> None:
         """Give every stateful rule its slot and rows now, before any step (for checkpoints)."""
@@ -204,6 +209,16 @@ class Engine:
             )
             self._signature = signature
         return plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a plan holds closures and device buffers: a copy plans again
+        state = dict(self.__dict__)
+        state.update(_plan=None, _signature=None, _checked=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._predict_plan()
 
     def invalidate(self) -> None:
         """Forget the cached plan (after the state store changed shape)."""

@@ -73,7 +73,14 @@ def _picker(positions: Sequence[int]) -> Callable[[list[torch.Tensor]], list[tor
     if len(positions) == 1:
         return lambda tensors: [tensors[first]]
     get = itemgetter(*positions)
-    return lambda tensors: list(get(tensors))
+    chosen = list(positions)
+
+    def pick(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if torch.compiler.is_compiling():  # Dynamo cannot trace itemgetter
+            return [tensors[i] for i in chosen]
+        return list(get(tensors))
+
+    return pick
 
 
 @dataclass(eq=False)

@@ -186,7 +186,7 @@ class Plan:
         """The step's gradients in the plan's order (``grads_by_param`` indexed like the params)."""
         if self._identity:
             return grads_by_param  # type: ignore[return-value]
-        if self._pick is None:  # zero or one gradient
+        if self._pick is None or torch.compiler.is_compiling():  # Dynamo cannot trace itemgetter
             return [grads_by_param[i] for i in self.order]  # type: ignore[misc]
         return list(self._pick(grads_by_param))
 
