@@ -95,3 +95,16 @@ def fill_grads(model: nn.Module, scale: float = 10.0, seed: int = 0) -> list[tor
 
 def grads_of(model: nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def grad_params(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int, scale: float
+) -> list[nn.Parameter]:
+    """Parameters of these shapes with random values and gradients (``scale`` times N(0, 1))."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+        p.grad = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        params.append(p)
+    return params

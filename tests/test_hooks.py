@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import fill_grads, mlp
 from torch import nn
 
 import gradclip
@@ -160,3 +162,54 @@ def test_two_normalizers_on_one_optimizer_both_run() -> None:
     optimizer.step()
     assert all(torch.allclose(a, b) for a, b in zip(model.parameters(), expected))
     assert first.last_report is not None and second.last_report is not None
+
+
+def test_attach_applies_before_every_step_and_detaches() -> None:
+    model = mlp(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    normalizer = gradclip.GradientNormalizer(model, "RenormalizeL2PerLayer")
+    handle = normalizer.attach(optimizer)
+    fill_grads(model)
+    optimizer.step()
+    assert normalizer.last_report is not None
+    assert float(
+        model[0].weight.grad.norm() ** 2 + model[0].bias.grad.norm() ** 2
+    ) == pytest.approx(1.0, rel=1e-5)
+    handle.remove()
+    grads = fill_grads(model)
+    optimizer.step()
+    assert torch.equal(model[0].weight.grad, grads[0])
+
+
+def test_attach_with_grad_scaler_sees_unscaled_gradients() -> None:
+    model = mlp(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
+    normalizer.attach(optimizer)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    scaler.scale(model(x).pow(2).sum() * 100).backward()
+    unscaled = [p.grad / 1024.0 for p in model.parameters()]
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    reported = normalizer.last_report.to_dict()["layer_norms"]
+    expected = math.sqrt(sum(float(g.double().norm()) ** 2 for g in unscaled[:2]))
+    assert reported["0"] == pytest.approx(expected, rel=1e-5)
+    assert float(
+        torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm()
+    ) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_attach_refuses_gradients_still_scaled_for_a_fused_optimizer() -> None:
+    model = mlp(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    gradclip.GradientNormalizer(model, "ClipL2PerLayer").attach(optimizer)
+    grads = fill_grads(model)
+    optimizer.grad_scale = torch.tensor(1024.0)  # what GradScaler sets for fused optimizers
+    with pytest.raises(RuntimeError, match="unscale_"):
+        optimizer.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    del optimizer.grad_scale
+    optimizer.step()
