@@ -24,7 +24,8 @@ from gradclip.core.rule import (
     ScalingRule,
     State,
 )
-from gradclip.normalizer import GradientNormalizer, normalize_
+from gradclip.normalize import normalize_
+from gradclip.normalizer import GradientNormalizer
 from gradclip.rules.adaptive import AutoClip, ZClip
 from gradclip.rules.agc import AdaptiveGradClip
 from gradclip.rules.chain import Chain, chain

@@ -1,7 +1,7 @@
 """DL4J-style configuration: a default rule for the network, overridable per layer.
 
-``GradientNormalizer`` is the object users configure once; ``normalize_`` is
-the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
+``GradientNormalizer`` is the object users configure once; `gradclip.normalize_`
+is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import operator
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +16,14 @@ import torch
 from torch import nn
 
 from gradclip.core.engine import Engine
-from gradclip.core.layers import Layer, Target, build_layers, match_overrides
+from gradclip.core.layers import (
+    Layer,
+    Target,
+    build_layers,
+    match_overrides,
+    structure_version,
+    watch_module_structure,
+)
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
@@ -26,28 +32,9 @@ from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 
-__all__ = ["GradientNormalizer", "Mode", "normalize_"]
+__all__ = ["GradientNormalizer", "Mode"]
 
 Mode = GradientNormalization | str | Rule | None
-
-# Bumped whenever any module registers a parameter or a submodule, so that a
-# normalizer notices `model.head = nn.Linear(...)` without walking the model on
-# every step.
-_structure_version = 0
-_hooks_installed = False
-
-
-def _bump(*_: Any) -> None:
-    global _structure_version
-    _structure_version += 1
-
-
-def _watch_module_structure() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        nn.modules.module.register_module_parameter_registration_hook(_bump)
-        nn.modules.module.register_module_module_registration_hook(_bump)
-        _hooks_installed = True
 
 
 def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
@@ -133,8 +120,8 @@ class GradientNormalizer:
         self._model_ref: weakref.ref[nn.Module] | None = None
         self._target = None if isinstance(model, nn.Module) else model
         if self._model is not None:
-            _watch_module_structure()
-        self._version = _structure_version
+            watch_module_structure()
+        self._version = structure_version()
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
@@ -186,10 +173,10 @@ class GradientNormalizer:
         model = self._module()
         if model is None:
             return False
-        stale = force or self._version != _structure_version or self._engine.swapped()
+        stale = force or self._version != structure_version() or self._engine.swapped()
         if not stale:
             return False
-        self._version = _structure_version
+        self._version = structure_version()
         layers = build_layers(model)
         old = self._engine.layers
         same = len(layers) == len(old) and all(
@@ -391,72 +378,3 @@ class GradientNormalizer:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._attached = weakref.WeakKeyDictionary()
-
-
-# normalize_ keeps a few normalizers per module so that calling it every step
-# reuses the cached layout, and the state of adaptive rules, across calls.
-_CACHE_PER_MODULE = 8
-_cache: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Any, GradientNormalizer]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def normalize_(
-    target: Target, mode: Mode, threshold: float = 1.0, *, nonfinite: str = "propagate"
-) -> NormReport:
-    """Normalize the gradients of ``target`` in place with one DL4J mode (or rule).
-
-    The one-call form of `GradientNormalizer`, in the style of
-    ``torch.nn.utils.clip_grad_norm_``: call it between ``loss.backward()`` and
-    ``optimizer.step()``. For a module, the layout and the state of adaptive
-    rules are kept across calls, per (module, rule, ``nonfinite``): the inline
-    ``normalize_(model, gradclip.ZClip())`` keeps learning from step to step.
-
-    Args:
-        target: an ``nn.Module`` (one layer per module owning parameters), a
-            mapping ``{layer_name: params}``, a list of parameter lists, or a flat
-            iterable of parameters (one layer).
-        mode: a `GradientNormalization`, a DL4J name such as ``"ClipL2PerLayer"``,
-            ``None``, or a rule object.
-        threshold: a finite number > 0; ignored by the renormalize modes.
-        nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, see
-            `gradclip.core.nonfinite` (``"skip"`` needs an optimizer: use
-            ``GradientNormalizer(..., nonfinite="skip").attach(optimizer)``).
-
-    Returns:
-        The `NormReport` of norms measured before normalization.
-
-    Examples:
-        >>> net = torch.nn.Linear(4, 2)
-        >>> (100 * net(torch.ones(3, 4)).sum()).backward()
-        >>> report = gradclip.normalize_(net, "ClipL2PerLayer", threshold=1.0)
-        >>> round(float(report.layer_norms[""]), 1), report.changed_layers()
-        (692.8, [''])
-
-    References:
-        Deeplearning4j, ``GradientNormalization``; Pascanu et al., ICML 2013.
-    """
-    if check_nonfinite(nonfinite) == "skip":
-        raise ValueError(
-            "nonfinite='skip' skips an optimizer step, so it needs an optimizer: use "
-            "GradientNormalizer(model, mode, nonfinite='skip').attach(optimizer)"
-        )
-    rule = resolve_rule(mode, threshold)
-    if not isinstance(target, nn.Module):
-        return GradientNormalizer(target, rule, nonfinite=nonfinite).apply()
-    try:
-        key: Any = (rule, nonfinite)
-        hash(key)
-    except TypeError:  # a rule that is not a frozen dataclass: one state per object
-        key = (id(rule), nonfinite)
-    per_module = _cache.setdefault(target, OrderedDict())
-    normalizer = per_module.get(key)
-    if normalizer is None:
-        normalizer = GradientNormalizer(target, rule, nonfinite=nonfinite)
-        normalizer._hold_weakly()
-        per_module[key] = normalizer
-        if len(per_module) > _CACHE_PER_MODULE:
-            per_module.popitem(last=False)
-    else:
-        per_module.move_to_end(key)
-    return normalizer.apply()

@@ -22,7 +22,15 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-__all__ = ["Layer", "Target", "build_layers", "match_overrides", "unwrap_module"]
+__all__ = [
+    "Layer",
+    "Target",
+    "build_layers",
+    "match_overrides",
+    "structure_version",
+    "unwrap_module",
+    "watch_module_structure",
+]
 
 Target: TypeAlias = (
     nn.Module
@@ -247,3 +255,29 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
                 f"such as 'blocks.*.attn'); the layers are: {shown}{more}"
             )
     return {name: score[3] for name, score in best.items()}
+
+
+# Bumped whenever any module registers a parameter or a submodule, so that a
+# normalizer notices `model.head = nn.Linear(...)` without walking the model on
+# every step.
+_structure_version = 0
+_hooks_installed = False
+
+
+def _bump(*_: Any) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+def watch_module_structure() -> None:
+    """Install (once) the global hooks that count parameter and submodule registrations."""
+    global _hooks_installed
+    if not _hooks_installed:
+        nn.modules.module.register_module_parameter_registration_hook(_bump)
+        nn.modules.module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+def structure_version() -> int:
+    """How many parameters and submodules have been registered anywhere so far."""
+    return _structure_version
