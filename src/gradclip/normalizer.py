@@ -91,10 +91,10 @@ class GradientNormalizer:
         ...     net, mode="ClipL2PerLayer", threshold=1.0,
         ...     overrides={"2": ("ClipElementWiseAbsoluteValue", 0.5)})
         >>> print(normalizer)
-        layer  parameters                   mode
-        ------------------------------------------------------------------------------------
-        0      weight (8, 4), bias (8,)     ClipL2PerLayer(threshold=1.0)
-        2      weight (2, 8), bias (2,)     ClipElementWiseAbsoluteValue(threshold=0.5)
+        layer  parameters                mode
+        ----------------------------------------------------------------------------
+        0      weight (8, 4), bias (8,)  ClipL2PerLayer(threshold=1.0)
+        2      weight (2, 8), bias (2,)  ClipElementWiseAbsoluteValue(threshold=0.5)
 
     Raises:
         ValueError / TypeError: an invalid mode or threshold.

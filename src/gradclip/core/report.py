@@ -29,11 +29,20 @@ class NormReport:
             (indexed like the normalizer's layers; NaN where not measured).
         changed_vector: ``(L,)`` bool, whether normalization changed the layer.
 
-    Example:
-        >>> report = gradclip.normalize_(model, "ClipL2PerLayer", threshold=1.0)
-        >>> report.layer_norms["fc"]          # a 0-d tensor on the device
-        >>> report.to_dict()["changed"]      # one device-to-host read
-        >>> print(report)                    # a table
+    Examples:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 1))
+        >>> for p in net.parameters():
+        ...     p.grad = torch.full_like(p, 0.5)
+        >>> report = gradclip.normalize_(net, "ClipL2PerLayer", threshold=1.0)
+        >>> report.layer_norms["0"]                 # a 0-d tensor on the gradients' device
+        tensor(1.5811)
+        >>> report.to_dict()["changed"]             # everything, read with one transfer
+        {'0': True, '1': False}
+        >>> print(report)
+        layer   norm  changed  param norms
+        ------------------------------------------------
+        0      1.581  yes      weight=1.414, bias=0.7071
+        1      0.866  no       weight=0.7071, bias=0.5
     """
 
     def __init__(
