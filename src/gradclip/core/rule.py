@@ -281,14 +281,9 @@ class Rule:
     def describe(self) -> str:
         """``Name(field=value, ...)``: the rule as shown in tables and state dicts."""
         if not dataclasses.is_dataclass(self):
-            return self.display_name
+            return type(self).__name__
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
-        return f"{self.display_name}({args})"
-
-    @property
-    def display_name(self) -> str:
-        """The rule's name in tables (its class name unless it says otherwise)."""
-        return type(self).__name__
+        return f"{type(self).__name__}({args})"
 
 
 class Composite(Rule):

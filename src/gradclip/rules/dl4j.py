@@ -136,9 +136,8 @@ class NoNormalization(InPlaceRule):
 
     norm_type: ClassVar[float | None] = None
 
-    @property
-    def display_name(self) -> str:
-        return "None"
+    def describe(self) -> str:
+        return "None()"  # DL4J's name of the mode
 
     def transform_(self, m: Measured, state: State) -> tuple[torch.Tensor | None, State]:
         return torch.zeros(
