@@ -36,8 +36,7 @@ RULES: dict[str, Any] = {
 
 def _save_result(directory: str, name: str, model: nn.Module, callback: Any) -> None:
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state = callback.state_dict() if hasattr(callback, "state_dict") else None
-    torch.save({"params": params, "state": state}, os.path.join(directory, name))
+    torch.save({"params": params, "state": callback.state_dict()}, os.path.join(directory, name))
 
 
 # -- Lightning ---------------------------------------------------------------------------------

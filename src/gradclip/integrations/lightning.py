@@ -24,7 +24,8 @@ a second ``fit()`` on the same trainer continues it.
 
 Per-layer norms (measured before normalization) are logged with
 ``pl_module.log_dict`` as ``grad_norm/<layer>`` on the steps Lightning logs
-(``log_every_n_steps``), read from the device with one transfer per logged step.
+(``log_every_n_steps``), read from the device with one transfer per optimizer that
+stepped, on logged steps only.
 
 Example:
     >>> from gradclip.integrations.lightning import GradientNormalizationCallback
