@@ -201,10 +201,12 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         """
         if self._placed:
             return
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
+        try:
+            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        except ImportError:  # pragma: no cover - a transformers that moved it
+            INTEGRATION_TO_CALLBACK = {}
         reporters = tuple(c for c in INTEGRATION_TO_CALLBACK.values() if isinstance(c, type))
-        handler = _calling_handler(self)
+        handler = _calling_handler(self) if reporters else None
         if handler is not None:
             callbacks = handler.callbacks
             mine = next(i for i, cb in enumerate(callbacks) if cb is self)
