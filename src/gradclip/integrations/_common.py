@@ -116,9 +116,7 @@ def norms_for_logging(report: NormReport, prefix: str) -> dict[str, float]:
     return out
 
 
-def resolve_override_keys(
-    model: nn.Module, overrides: Mapping[str, Any]
-) -> tuple[list[str], dict[str, Any]]:
+def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Check override keys against ``model``'s layers; a tied module's name becomes its layer's.
 
     A module whose parameters all belong to an earlier layer (GPT-2's
@@ -127,7 +125,7 @@ def resolve_override_keys(
     shared tensors.
 
     Returns:
-        The model's layer names and the overrides with tied names replaced.
+        The overrides, with the names of tied modules replaced by their layers'.
 
     Raises:
         KeyError: a key matches no layer (the message names the closest one).
@@ -156,7 +154,7 @@ def resolve_override_keys(
         if target != key:
             renamed.setdefault(target, key)
     match_overrides(names, resolved)
-    return names, resolved
+    return resolved
 
 
 class CallbackSettings:

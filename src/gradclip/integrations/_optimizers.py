@@ -78,7 +78,7 @@ class PerOptimizer:
         Raises:
             KeyError: an override key names no layer of the model.
         """
-        _names, resolved = resolve_override_keys(model, overrides)
+        resolved = resolve_override_keys(model, overrides)
         if model is not self.model:
             self.cancel()
             self.entries = []

@@ -125,7 +125,7 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
             raise RuntimeError("the Trainer passed no model to GradientNormalizationCallback")
         model = unwrap_module(model)
         if self._applier is None or self._model is not model:
-            _names, overrides = resolve_override_keys(model, self.overrides)
+            overrides = resolve_override_keys(model, self.overrides)
             self.normalizer = GradientNormalizer(model, self.mode, self.threshold, overrides)
             self._applier = StepApplier(self.normalizer, self._record)
             self._model = model
