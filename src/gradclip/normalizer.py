@@ -21,6 +21,7 @@ from gradclip.core.layers import (
     Target,
     build_layers,
     match_overrides,
+    resolve_override_keys,
     structure_version,
     watch_module_structure,
 )
@@ -148,11 +149,13 @@ class GradientNormalizer:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
         layers = build_layers(target)
         names = [layer.name for layer in layers]
+        overrides = self.overrides
+        if isinstance(target, nn.Module):  # a tied module's name names its layer
+            overrides = resolve_override_keys(target, overrides)
         resolved = {
-            key: _resolve_override(value, self.threshold, key)
-            for key, value in self.overrides.items()
+            key: _resolve_override(value, self.threshold, key) for key, value in overrides.items()
         }
-        chosen = match_overrides(names, self.overrides)
+        chosen = match_overrides(names, overrides)
         rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
         return Engine(
             layers,

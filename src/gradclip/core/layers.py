@@ -13,6 +13,7 @@ parameters, or a list of parameter lists.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,9 @@ __all__ = [
     "Target",
     "build_layers",
     "match_overrides",
+    "resolve_override_keys",
     "structure_version",
+    "tied_layers",
     "unwrap_module",
     "watch_module_structure",
 ]
@@ -83,10 +86,14 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             return module
 
 
+# Name components that wrappers insert between a module and its children:
+# torch.compile's OptimizedModule (`_orig_mod`), FSDP1 and activation checkpointing.
+_WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def _clean_name(name: str) -> str:
-    # torch.compile wraps a module as OptimizedModule whose child is `_orig_mod`:
-    # a compiled submodule must keep the names of the module the user wrote.
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    # A wrapped submodule keeps the name of the module the user wrote, at any depth.
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def _layers_of_module(module: nn.Module) -> list[Layer]:
@@ -107,6 +114,78 @@ def _layers_of_module(module: nn.Module) -> list[Layer]:
                 Layer(_clean_name(module_name), tuple(names), tuple(params), False, owners)
             )
     return layers
+
+
+def tied_layers(module: nn.Module) -> dict[str, str]:
+    """Modules that are no layer of their own because all their parameters are another's.
+
+    A parameter shared by several modules belongs to the first that owns it
+    (see the module docstring), so a module whose parameters are all shared —
+    GPT-2's ``lm_head``, tied to ``transformer.wte`` — or a module registered
+    under a second name is not a layer. Its name still means that layer to a
+    user.
+
+    Returns:
+        ``{module name: the name of the layer that owns its parameters}``.
+
+    Examples:
+        >>> emb = torch.nn.Embedding(10, 4)
+        >>> head = torch.nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> tied_layers(torch.nn.ModuleDict({"wte": emb, "lm_head": head}))
+        {'lm_head': 'wte'}
+    """
+    owner = {id(p): layer.name for layer in _layers_of_module(module) for p in layer.params}
+    layer_names = set(owner.values())
+    tied: dict[str, str] = {}
+    for raw, submodule in unwrap_module(module).named_modules(remove_duplicate=False):
+        name = _clean_name(raw)
+        owners = {owner.get(id(p)) for p in submodule._parameters.values() if p is not None}
+        if name in layer_names or name in tied or len(owners) != 1 or None in owners:
+            continue
+        (tied[name],) = owners  # type: ignore[assignment]
+    return tied
+
+
+def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Check override keys against ``model``'s layers; a tied module's name becomes its layer's.
+
+    A module whose parameters all belong to an earlier layer (GPT-2's
+    ``lm_head``, tied to ``transformer.wte``) is no layer of its own: its name
+    is taken as the name of that layer, since any rule for it is a rule for the
+    shared tensors.
+
+    Returns:
+        The overrides, with the names of tied modules replaced by their layers'.
+
+    Raises:
+        KeyError: a key matches no layer (the message names the closest one).
+        ValueError: a tied module and the layer it is tied to are both overridden,
+            differently.
+    """
+    names = [layer.name for layer in build_layers(model)]
+    tied = tied_layers(model)
+    resolved: dict[str, Any] = {}
+    renamed: dict[str, str] = {}
+    for key, value in overrides.items():
+        target = key
+        if key in tied:
+            try:
+                match_overrides(names, {key: value})
+            except KeyError:
+                target = tied[key]
+        if target in resolved and resolved[target] != value:
+            first = renamed.get(target, target)
+            raise ValueError(
+                f"override keys {first!r} and {key!r} both name layer {target!r} "
+                f"({', '.join(sorted(k for k, t in tied.items() if t == target))} shares its "
+                "parameters, which are normalized once) with different rules; keep one"
+            )
+        resolved[target] = value
+        if target != key:
+            renamed.setdefault(target, key)
+    match_overrides(names, resolved)
+    return resolved
 
 
 def _named_tensors(value: Any, where: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -220,39 +299,59 @@ def _specificity(key: str, layer_name: str) -> int:
     return 0
 
 
+def _closest(key: str, layer_names: list[str]) -> str:
+    """A hint naming the layer closest to a key that matched none ("" if none is close)."""
+    close = difflib.get_close_matches(key, layer_names, n=1, cutoff=0.6)
+    if not close:  # the last components often say more than the full path
+        tails = {name.rsplit(".", 1)[-1]: name for name in layer_names}
+        hits = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.75)
+        close = [tails[hit] for hit in hits]
+    return f" The closest layer is {close[0]!r}." if close else ""
+
+
 def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Assign each layer the override that names it most specifically.
 
     A key matches a layer if it is the layer's name (most specific), the name of
     a module containing it (``"encoder"`` covers ``"encoder.0"``; a longer prefix
     is more specific), or a glob pattern (``"blocks.*.attn"``). Among equally
-    specific keys the later one wins.
+    specific keys the later one wins. Wrapper components in a key
+    (``"body._orig_mod.2"`` of a ``torch.compile``-d ``body``) are ignored, as
+    they are in layer names.
 
     Returns:
         ``{layer_name: key}``: the winning key of each layer some key matched.
 
     Raises:
-        KeyError: a key matches no layer; the message lists the layer names.
+        KeyError: a key matches no layer; the message names the closest layer
+            and lists the layer names.
+
+    Examples:
+        >>> match_overrides(["body.0", "body.2", "head"], {"body": "None", "body.2": "None"})
+        {'body.0': 'body', 'body.2': 'body.2'}
     """
     best: dict[str, tuple[int, int, int, str]] = {}
     for order, key in enumerate(overrides):
         if not isinstance(key, str):
             raise TypeError(f"override keys must be layer names or patterns, got {key!r}")
+        clean = _clean_name(key)
         matched = False
         for name in layer_names:
-            rank = _specificity(key, name)
+            rank = _specificity(clean, name)
             if rank == 0:
                 continue
             matched = True
-            score = (rank, len(key), order, key)
+            score = (rank, len(clean), order, key)
             if name not in best or score[:3] > best[name][:3]:
                 best[name] = score
         if not matched:
             shown = ", ".join(repr(n) for n in layer_names[:50])
             more = f" and {len(layer_names) - 50} more" if len(layer_names) > 50 else ""
             raise KeyError(
-                f"override key {key!r} matches no layer. Keys are module names (or glob patterns "
-                f"such as 'blocks.*.attn'); the layers are: {shown}{more}"
+                f"override key {key!r} matches no layer.{_closest(clean, layer_names)} Keys are "
+                "module names (or glob patterns such as 'blocks.*.attn'); a module whose "
+                "parameters are all shared with an earlier one (tied weights) is part of that "
+                f"earlier layer. The layers are: {shown}{more}"
             )
     return {name: score[3] for name, score in best.items()}
 

@@ -1,8 +1,8 @@
-"""What the callbacks share: apply now, or at the optimizer's step when a GradScaler may skip it."""
+"""What the callbacks share: settings, names, the moment a normalizer runs, logging."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip.core.report import NormReport
 from gradclip.normalizer import GradientNormalizer, Mode
+from gradclip.rules.dl4j import resolve_rule
 
 __all__ = [
     "CallbackSettings",
@@ -55,15 +56,26 @@ class StepApplier:
     optimizer: ``scaler.step`` unscales (if nobody did) and calls
     ``optimizer.step()`` only for a finite step, so a skipped step never runs
     the normalizer and leaves the state of adaptive strategies untouched.
+
+    Args:
+        normalizer: what to run.
+        on_report: called with each step's report (the callback's ``last_report``).
     """
 
-    def __init__(self, normalizer: GradientNormalizer) -> None:
+    def __init__(
+        self,
+        normalizer: GradientNormalizer,
+        on_report: Callable[[NormReport], None] | None = None,
+    ) -> None:
         self.normalizer = normalizer
         self.pending: NormReport | None = None
+        self._on_report = on_report
         self._handle: RemovableHandle | None = None
 
     def _run(self) -> None:
-        self.pending = self.normalizer.apply()
+        self.pending = report = self.normalizer.apply()
+        if self._on_report is not None:
+            self._on_report(report)
 
     def step(self, optimizer: Any, scaler: Any) -> None:
         """Normalize now, or at ``optimizer``'s next step when ``scaler`` is active."""
@@ -104,8 +116,6 @@ def norms_for_logging(report: NormReport, prefix: str) -> dict[str, float]:
 class CallbackSettings:
     """The configuration both trainer callbacks take, validated when the callback is made."""
 
-    normalizer: GradientNormalizer | None
-
     def _init_settings(
         self,
         mode: Mode,
@@ -119,17 +129,20 @@ class CallbackSettings:
         self.overrides = dict(overrides or {})
         self.log_norms = log_norms
         self.log_prefix = log_prefix
-        self.normalizer = None
-        self._applier: StepApplier | None = None
+        self._last_report: NormReport | None = None
         # Validate the mode and threshold now, not when training starts.
+        self._default = resolve_rule(mode, threshold)
         GradientNormalizer(torch.nn.Linear(1, 1), mode, threshold)
 
-    def _make_normalizer(self, model: torch.nn.Module) -> StepApplier:
-        self.normalizer = GradientNormalizer(model, self.mode, self.threshold, self.overrides)
-        self._applier = StepApplier(self.normalizer)
-        return self._applier
+    def _settings_key(self) -> str:
+        """The configuration, as text that names the callback's entry in a checkpoint."""
+        overrides = sorted((key, repr(value)) for key, value in self.overrides.items())
+        return f"mode={self._default.describe()}, overrides={overrides}"
+
+    def _record(self, report: NormReport) -> None:
+        self._last_report = report
 
     @property
     def last_report(self) -> NormReport | None:
-        """The report of the latest step the normalizer ran on."""
-        return None if self.normalizer is None else self.normalizer.last_report
+        """The report of the latest step a normalizer ran on."""
+        return self._last_report

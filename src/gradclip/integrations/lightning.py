@@ -13,9 +13,19 @@ calls the hooks, then Lightning's own ``gradient_clip_val`` clipping, then
   step for inf/NaN gradients, so adaptive strategies never see a skipped step.
   Lightning's own clipping, if configured, then runs before it.
 
+Several optimizers. Each optimizer of the module (``trainer.optimizers``) has a
+normalizer of its own over that optimizer's parameters, with its own rule
+state: a GAN's generator step normalizes the generator's gradients only, under
+manual optimization too, with or without ``toggle_optimizer``.
+
+Checkpoints. The rules' state is the callback's state (``state_dict``), saved
+in Lightning's checkpoints and restored by ``trainer.fit(..., ckpt_path=...)``;
+a second ``fit()`` on the same trainer continues it.
+
 Per-layer norms (measured before normalization) are logged with
 ``pl_module.log_dict`` as ``grad_norm/<layer>`` on the steps Lightning logs
-(``log_every_n_steps``), read from the device with one transfer per logged step.
+(``log_every_n_steps``), read from the device with one transfer per optimizer that
+stepped, on logged steps only.
 
 Example:
     >>> from gradclip.integrations.lightning import GradientNormalizationCallback
@@ -44,8 +54,9 @@ except ImportError:  # pragma: no cover - the standalone package
             "gradclip.integrations.lightning needs Lightning: pip install 'gradclip[lightning]'"
         ) from error
 
-from gradclip.integrations._common import CallbackSettings, norms_for_logging
-from gradclip.normalizer import Mode
+from gradclip.integrations._common import CallbackSettings
+from gradclip.integrations._optimizers import PerOptimizer
+from gradclip.normalizer import GradientNormalizer, Mode
 
 __all__ = ["GradientNormalizationCallback"]
 
@@ -53,9 +64,13 @@ __all__ = ["GradientNormalizationCallback"]
 class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore[misc]
     """Normalize gradients per layer before every optimizer step of a Lightning ``Trainer``.
 
-    The normalizer is a `GradientNormalizer` over the
-    ``LightningModule`` itself, so layer names and override keys are the
-    module's attribute paths (``"encoder.0"``, ``"head"``).
+    Layer names and override keys are the ``LightningModule``'s attribute paths
+    (``"encoder.0"``, ``"head"``), also through ``torch.compile``-d submodules
+    (``self.body = torch.compile(net)`` has layers ``"body.0"``, ...). Each
+    optimizer gets a `GradientNormalizer` over the layers restricted to its
+    parameters, built when fitting starts; an override may name a layer of any
+    optimizer, and a key that names no layer of the module raises ``KeyError``
+    (naming the closest layer) before the first step.
 
     Args:
         mode: the default mode: a `GradientNormalization`, a
@@ -67,12 +82,16 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         log_prefix: the prefix of the logged names.
 
     Attributes:
-        normalizer: the `GradientNormalizer`, built when fitting starts.
+        normalizers: one `GradientNormalizer` per optimizer, in
+            ``trainer.optimizers`` order, built when fitting starts.
+        normalizer: the normalizer of the only optimizer (``None`` before fitting).
         last_report: the `NormReport` of the latest step that ran.
 
     Example:
-        >>> callback = GradientNormalizationCallback("ClipL2PerLayer", threshold=0.5)
-        >>> Trainer(precision="16-mixed", callbacks=[callback]).fit(model, data)
+        >>> callback = GradientNormalizationCallback(gradclip.ZClip(), threshold=1.0)
+        >>> trainer = Trainer(callbacks=[callback, ModelCheckpoint(every_n_epochs=1)])
+        >>> trainer.fit(model, data)                     # the ZClip state is in the checkpoints
+        >>> trainer.fit(model, data, ckpt_path="last")   # and restored from them
 
     Note:
         Using Lightning's ``gradient_clip_val`` as well clips twice; a warning says so.
@@ -89,11 +108,54 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
     ) -> None:
         super().__init__()
         self._init_settings(mode, threshold, overrides, log_norms, log_prefix)
+        self._optimizers = PerOptimizer(mode, threshold, self._record)
+        self._state_missing: str | None = None
 
+    # -- what the callback holds -------------------------------------------------------------
+    @property
+    def normalizers(self) -> list[GradientNormalizer]:
+        """One normalizer per optimizer, in ``trainer.optimizers`` order."""
+        return [entry.normalizer for entry in self._optimizers.entries]
+
+    @property
+    def normalizer(self) -> GradientNormalizer | None:
+        """The normalizer of the only optimizer; ``None`` before fitting starts.
+
+        Raises:
+            RuntimeError: the module has several optimizers (see `normalizers`).
+        """
+        normalizers = self.normalizers
+        if len(normalizers) > 1:
+            raise RuntimeError(
+                f"the module has {len(normalizers)} optimizers, each with its own normalizer: "
+                "use callback.normalizers[i]"
+            )
+        return normalizers[0] if normalizers else None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(gradclip=self._settings_key())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rules' state: per optimizer, the normalizer's `state_dict`."""
+        return self._optimizers.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore `state_dict` (or a `GradientNormalizer.state_dict`, for one optimizer).
+
+        Before fitting starts it is kept and installed when the normalizers are
+        built; so a state can be restored by hand before ``trainer.fit``.
+
+        Raises:
+            ValueError: a state of another configuration, model or number of optimizers.
+        """
+        self._optimizers.load_state_dict(state_dict)
+        self._state_missing = None
+
+    # -- Lightning's hooks -------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._make_normalizer(pl_module)
         clip = getattr(trainer, "gradient_clip_val", None)
         if clip:
             warnings.warn(
@@ -105,29 +167,59 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
                 stacklevel=2,
             )
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After configure_model and configure_optimizers: the parameters are final.
+        self._optimizers.bind(pl_module, self.overrides)
+        self._optimizers.sync(trainer.optimizers)
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get("callbacks") or {}
+        if self.state_key in saved:
+            return
+        others = [k for k in saved if isinstance(k, str) and k.startswith(type(self).__qualname__)]
+        self._state_missing = (
+            f"it holds gradclip state for another configuration: {others}"
+            if others
+            else "it holds no gradclip state"
+        )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        missing, self._state_missing = self._state_missing, None
+        if missing is not None and self._optimizers.has_state():
+            warnings.warn(
+                f"resuming from a checkpoint, but {missing}: gradclip's adaptive rules start "
+                f"afresh (this callback's state key is {self.state_key!r})",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._applier is None:
-            raise RuntimeError("GradientNormalizationCallback was not set up for fitting")
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._applier.step(optimizer, scaler)
+        self._optimizers.applier(optimizer).step(optimizer, scaler)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._applier is None:
+        reports = self._optimizers.reports()
+        if not reports or not self.log_norms or not _should_log(trainer):
             return
-        report = self._applier.take_report()
-        if report is None or not self.log_norms or not _should_log(trainer):
-            return
-        norms = norms_for_logging(report, self.log_prefix)
+        shared = self._optimizers.shared_layers() if len(reports) > 1 else set()
+        norms: dict[str, float] = {}
+        for index, report in reports:
+            for layer, value in report.to_dict()["layer_norms"].items():
+                if value is None:
+                    continue
+                suffix = f"/optimizer_{index}" if layer in shared else ""
+                norms[f"{self.log_prefix}{layer or 'root'}{suffix}"] = value
         if norms:
             pl_module.log_dict(norms, on_step=True, on_epoch=False, batch_size=1)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._applier is not None:
-            self._applier.cancel()
+        self._optimizers.cancel()
 
 
 def _should_log(trainer: Trainer) -> bool:

@@ -18,13 +18,17 @@ so when training starts; pass ``max_grad_norm=0`` to let gradclip alone
 normalize (the Trainer still logs ``grad_norm``, the global norm measured before
 gradclip ran).
 
+Checkpoints. Each checkpoint the Trainer saves gets a file ``gradclip_state.pt``
+(the rules' state, `STATE_FILE`) next to the optimizer's; ``trainer.train(
+resume_from_checkpoint=...)`` reads it back from ``<output_dir>/checkpoint-<step>``
+(or ``TrainingArguments.resume_from_checkpoint``). A checkpoint elsewhere:
+``callback.load_checkpoint(directory)`` before ``train``.
+
 Logging. Per-layer norms (before normalization) are read once per logging step
-(``logging_steps``) and added to the ``logs`` of ``on_log`` as
-``grad_norm/<layer>``: they land in ``trainer.state.log_history`` and reach the
-reporting callbacks that come after this one. The ``report_to`` reporters are
-created before user callbacks; to send the norms to TensorBoard, pass
-``report_to="none"`` and list the reporter after this callback, e.g.
-``callbacks=[GradientNormalizationCallback(...), TensorBoardCallback()]``.
+(``logging_steps``) and added to the logs as ``grad_norm/<layer>``: they land in
+``trainer.state.log_history`` and in every reporter of ``report_to``
+(TensorBoard's ``train/grad_norm/<layer>``): the callback places itself before
+the reporters when the Trainer is made.
 
 Example:
     >>> from gradclip.integrations.transformers import GradientNormalizationCallback
@@ -35,6 +39,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -43,27 +49,35 @@ import torch
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler
 except ImportError as error:  # pragma: no cover
     raise ImportError(
         "gradclip.integrations.transformers needs transformers: "
         "pip install 'gradclip[transformers]'"
     ) from error
 
-from gradclip.core.layers import unwrap_module
+from gradclip.core.layers import resolve_override_keys, unwrap_module
 from gradclip.integrations._common import CallbackSettings, StepApplier, norms_for_logging
-from gradclip.normalizer import Mode
+from gradclip.integrations._state import pack, unpack
+from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import NoNormalization
 
-__all__ = ["GradientNormalizationCallback"]
+__all__ = ["STATE_FILE", "GradientNormalizationCallback"]
+
+#: the file in each ``checkpoint-*`` directory that holds gradclip's state
+STATE_FILE = "gradclip_state.pt"
 
 
 class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type: ignore[misc]
     """Normalize gradients per layer before every optimizer step of a ``transformers.Trainer``.
 
-    The normalizer is a `GradientNormalizer` over the Trainer's
-    model (unwrapped from DDP), built when training starts; layer names and
-    override keys are the model's module names (``"transformer.h.0.attn.c_attn"``,
-    globs such as ``"transformer.h.*.mlp.*"``).
+    The normalizer is a `GradientNormalizer` over the Trainer's model
+    (unwrapped from DDP and ``torch.compile``); layer names and override keys
+    are the model's module names (``"transformer.h.0.attn.c_attn"``, globs such
+    as ``"transformer.h.*.mlp.*"``). A module whose weights are all tied to an
+    earlier layer names that layer: GPT-2's ``lm_head`` is ``transformer.wte``.
+    Override keys are checked when the ``Trainer`` is made; a key that names
+    no layer raises ``KeyError`` naming the closest one.
 
     Args:
         mode: the default mode: a `GradientNormalization`, a
@@ -74,7 +88,7 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         log_prefix: the prefix of the logged names.
 
     Attributes:
-        normalizer: the `GradientNormalizer` (``None`` before training).
+        normalizer: the `GradientNormalizer` (``None`` before the Trainer is made).
 
     Example:
         >>> callback = GradientNormalizationCallback(
@@ -92,17 +106,134 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         log_prefix: str = "grad_norm/",
     ) -> None:
         self._init_settings(mode, threshold, overrides, log_norms, log_prefix)
+        self.normalizer: GradientNormalizer | None = None
+        self._applier: StepApplier | None = None
         self._model: torch.nn.Module | None = None
+        self._pending: list[dict[str, Any]] | None = None
         self._to_log: dict[str, float] | None = None
+        self._placed = False
+        self._warned: set[str] = set()
 
+    # -- the normalizer and its state ---------------------------------------------------------
     def _ensure(self, model: torch.nn.Module | None) -> StepApplier:
         if model is None:
             raise RuntimeError("the Trainer passed no model to GradientNormalizationCallback")
         model = unwrap_module(model)
         if self._applier is None or self._model is not model:
+            overrides = resolve_override_keys(model, self.overrides)
+            self.normalizer = GradientNormalizer(model, self.mode, self.threshold, overrides)
+            self._applier = StepApplier(self.normalizer, self._record)
             self._model = model
-            return self._make_normalizer(model)
         return self._applier
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rules' state (the normalizer's `state_dict`, in the callbacks' envelope)."""
+        if self.normalizer is not None:
+            return pack([self.normalizer.state_dict()])
+        return pack(self._pending) if self._pending is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore `state_dict` (or a `GradientNormalizer.state_dict`).
+
+        Before training it is kept and installed when training starts, in
+        place of the state of the checkpoint resumed from.
+
+        Raises:
+            ValueError: a state of another configuration or model.
+        """
+        states = unpack(state_dict)
+        if len(states) != 1:
+            raise ValueError(f"the Trainer has one optimizer; this state has {len(states)}")
+        self._pending = states
+
+    def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
+        """Restore the state saved in a ``checkpoint-*`` directory (`STATE_FILE`).
+
+        For a checkpoint outside ``output_dir``: call before
+        ``trainer.train(resume_from_checkpoint=directory)``.
+        """
+        saved = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+        self.load_state_dict(saved["callback"])
+
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        """At the start of training: the state given by hand, or the checkpoint's."""
+        assert self.normalizer is not None
+        states, self._pending = self._pending, None
+        if states is None and state.global_step > 0:
+            found = self._saved_state(args, state)
+            if found is None:
+                if self.normalizer.state_dict()["rules"]:
+                    warnings.warn(
+                        f"training resumes at step {state.global_step}, but no checkpoint of that "
+                        f"step next to output_dir has {STATE_FILE}: gradclip's adaptive rules "
+                        "start afresh. For a checkpoint elsewhere, call "
+                        "callback.load_checkpoint(directory) before trainer.train()",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                return
+            states = unpack(found)
+        if states is not None:
+            self.normalizer.load_state_dict(states[0])
+
+    def _saved_state(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any] | None:
+        for directory in _checkpoint_dirs(args, state, resuming=True):
+            path = os.path.join(directory, STATE_FILE)
+            if not os.path.isfile(path):
+                continue
+            saved = torch.load(path, weights_only=True)
+            if saved.get("global_step") == state.global_step:
+                return dict(saved["callback"])
+        return None
+
+    # -- where the callback sits ------------------------------------------------------------
+    def _place_before_reporters(self, args: TrainingArguments) -> None:
+        """Move this callback before the ``report_to`` reporters, so that they log the norms.
+
+        The Trainer lists its reporters before the user's callbacks and gives a
+        callback no handle on that list but the handler's own call frame; if
+        that is not found, a warning (once) says how to get the norms.
+        """
+        if self._placed:
+            return
+        try:
+            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        except ImportError:  # pragma: no cover - a transformers that moved it
+            INTEGRATION_TO_CALLBACK = {}
+        reporters = tuple(c for c in INTEGRATION_TO_CALLBACK.values() if isinstance(c, type))
+        handler = _calling_handler(self) if reporters else None
+        if handler is not None:
+            callbacks = handler.callbacks
+            mine = next(i for i, cb in enumerate(callbacks) if cb is self)
+            first = next((i for i, cb in enumerate(callbacks) if isinstance(cb, reporters)), mine)
+            if first < mine:
+                callbacks.insert(first, callbacks.pop(mine))
+            self._placed = True
+            return
+        report_to = [r for r in (args.report_to or []) if r != "none"]
+        if report_to and self.log_norms and "report_to" not in self._warned:
+            self._warned.add("report_to")
+            warnings.warn(
+                f"gradclip's per-layer norms reach trainer.state.log_history, but the report_to "
+                f"reporters {report_to} may run before this callback and miss them: pass "
+                "report_to='none' and list the reporters after this callback, e.g. "
+                "callbacks=[GradientNormalizationCallback(...), TensorBoardCallback()]",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # -- the Trainer's events ---------------------------------------------------------------
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._place_before_reporters(args)
+        if model is not None:
+            self._ensure(model)  # override keys are checked when the Trainer is made
 
     def on_train_begin(
         self,
@@ -112,7 +243,9 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         model: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        self._place_before_reporters(args)
         self._ensure(model)
+        self._resume(args, state)
         normalizer = self.normalizer
         assert normalizer is not None
         clips = any(not isinstance(s, NoNormalization) for s in normalizer.strategies.values())
@@ -162,8 +295,60 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
             state.log_history[-1].update(self._to_log)
         self._to_log = None
 
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.normalizer is None or not args.should_save:
+            return
+        for directory in _checkpoint_dirs(args, state, resuming=False):
+            if os.path.isdir(directory):
+                saved = {"global_step": state.global_step, "callback": self.state_dict()}
+                torch.save(saved, os.path.join(directory, STATE_FILE))
+                return
+        if "save" not in self._warned:
+            self._warned.add("save")
+            warnings.warn(
+                f"gradclip found no checkpoint-{state.global_step} directory in "
+                f"{args.output_dir}: its state is not saved with this checkpoint",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self._applier is not None:
             self._applier.cancel()
+
+
+def _checkpoint_dirs(args: TrainingArguments, state: TrainerState, *, resuming: bool) -> list[str]:
+    """Where the Trainer keeps the checkpoint of ``state.global_step``."""
+    name = f"checkpoint-{state.global_step}"
+    output = str(args.output_dir)
+    dirs = []
+    explicit = getattr(args, "resume_from_checkpoint", None)
+    if resuming and isinstance(explicit, str):
+        dirs.append(explicit)
+    if state.trial_name:
+        dirs.append(os.path.join(output, state.trial_name, name))
+    dirs.append(os.path.join(output, name))
+    return dirs
+
+
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose event is calling ``callback`` now, if any."""
+    frame = inspect.currentframe()
+    try:
+        caller = frame.f_back if frame is not None else None
+        for _ in range(4):  # this helper, the callback's method, the handler's call_event
+            if caller is None:
+                return None
+            handler = caller.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and any(
+                cb is callback for cb in handler.callbacks
+            ):
+                return handler
+            caller = caller.f_back
+        return None
+    finally:
+        del frame
