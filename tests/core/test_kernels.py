@@ -91,8 +91,39 @@ def test_forced_triton_refuses_other_devices_and_dtypes(monkeypatch: pytest.Monk
         kernels.kernel_path(torch.device("cpu"), torch.float8_e4m3fn, "triton")
 
 
+def test_a_kernel_that_cannot_be_built_is_refused_or_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from gradclip.core import triton_scale
+
+    monkeypatch.setattr(triton_scale, "compile_error", lambda device, dtype: "no toolchain")
+    cpu = torch.device("cpu")
+    keys = [(cpu, torch.float32)] * 3
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    with pytest.raises(RuntimeError, match=r"could not be built for torch\.float32 .*no toolchain"):
+        kernels.Runs([0, 1, 2], keys, [False] * 3, scaled=True)
+    # under auto (here: as if the tensors were on CUDA) the run keeps _foreach_mul_
+    monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
+    monkeypatch.setattr(kernels, "kernel_path", lambda device, dtype, mode=None: "triton")
+    with pytest.warns(RuntimeWarning, match="multiplying with _foreach_mul_"):
+        runs = kernels.Runs([0, 1, 2], keys, [False] * 3, scaled=True)
+    assert runs.runs[0].kernel is None
+    tensors = [torch.ones(2) for _ in range(3)]
+    runs.scale_(tensors, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert [t.tolist() for t in tensors] == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+
+
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(kernels, raise_on_error=True).attempted > 0
+
+
+@needs_triton
+def test_kernel_docstring_examples_run(kernel_device: torch.device) -> None:
+    from gradclip.core import triton_scale
+
+    assert doctest.testmod(triton_scale, raise_on_error=True).attempted > 0
 
 
 # -- the kernel ------------------------------------------------------------------------------
@@ -177,7 +208,7 @@ def test_table_is_rebuilt_only_when_the_tensors_move(kernel_device: torch.device
 def test_every_scaling_rule_gives_the_foreach_results(
     kernel_device: torch.device, rule: str
 ) -> None:
-    """Hundreds of tensors of every dtype, 0-d, empty, transposed and strided, over 3 steps.
+    """Hundreds of tensors of every dtype, 0-d, empty, transposed and strided, over 2-3 steps.
 
     A chain measures its later rules' norms on what the earlier ones left, so a
     1-ulp difference in a 16-bit tensor moves every later coefficient: on the
@@ -195,7 +226,7 @@ def test_every_scaling_rule_gives_the_foreach_results(
         with kernels_env(path):
             normalizers[path] = gradclip.GradientNormalizer(model, **kwargs)
     changed = 0
-    for step in range(3):
+    for step in range(3 if rule in ("AutoClip", "ZClip") else 2):  # stateful rules: a history
         for model in models.values():
             set_grads(model, seed=step)
         before = [p.grad.clone() for p in models["foreach"].parameters()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -135,6 +136,24 @@ def kernel_path(device: torch.device, dtype: torch.dtype, mode: str | None = Non
     return "triton"
 
 
+def _triton_kernel(device: torch.device, dtype: torch.dtype, mode: str) -> TritonScale | None:
+    """The Triton multiply for a run, compiled now; ``None`` (and a warning) if it cannot be
+    built under ``auto``, an error under ``triton``."""
+    try:
+        from gradclip.core import triton_scale
+
+        error = triton_scale.compile_error(device, dtype)
+    except Exception as failure:  # a broken Triton installation
+        error = f"{type(failure).__name__}: {failure}"
+    if error is None:
+        return triton_scale.TritonScale(device, dtype)
+    message = f"the Triton multiply could not be built for {dtype} tensors on {device}: {error}"
+    if mode == "triton":
+        raise RuntimeError(f"{KERNELS_ENV}=triton, but {message}")
+    warnings.warn(f"gradclip: {message}; multiplying with _foreach_mul_", RuntimeWarning, 2)
+    return None
+
+
 def foreach_norms(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """``(n,)`` p-norm of each tensor of one (device, dtype) run: one ``_foreach_norm``.
 
@@ -189,7 +208,8 @@ class Runs:
     Raises:
         ValueError, RuntimeError: from `kernel_mode` and `kernel_path`, when
             ``scaled``: an unknown ``GRADCLIP_KERNELS`` value, or ``triton`` forced
-            where it cannot run.
+            where it cannot run or its kernel cannot be compiled (under ``auto``
+            such a run keeps ``_foreach_mul_``, with a warning).
     """
 
     def __init__(
@@ -224,9 +244,7 @@ class Runs:
                 )
                 run.views = run.coefficients.unbind(0)
                 if kernel_path(key[0], key[1], mode) == "triton":
-                    from gradclip.core.triton_scale import TritonScale
-
-                    run.kernel = TritonScale(key[0], key[1])
+                    run.kernel = _triton_kernel(key[0], key[1], mode)
             self.runs.append(run)
             start = stop
 

@@ -33,13 +33,14 @@ through Triton's interpreter (slowly; used by the tests).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK", "CHUNK", "TritonScale", "is_dense"]
+__all__ = ["BLOCK", "CHUNK", "TritonScale", "compile_error", "is_dense"]
 
 BLOCK = 1024  # elements per tile of a program
 CHUNK = 16 * BLOCK  # elements per program: 64 KiB of float32
@@ -82,6 +83,42 @@ def _scale_kernel(  # type: ignore[no-untyped-def]
         tl.store(x_ptr + offsets, (x.to(COMPUTE) * c).to(DTYPE), mask=mask)
 
 
+_compiled: dict[tuple[torch.device, torch.dtype], str | None] = {}
+
+
+def compile_error(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Compile the kernel for ``device`` and ``dtype`` without launching it: the error, or None.
+
+    Once per process and (device, dtype): called when a plan is built, so that a
+    kernel that cannot be built here is found before any gradient is touched. On
+    CPU tensors (Triton's interpreter) there is nothing to compile.
+    """
+    key = (device, dtype)
+    if key not in _compiled:
+        try:
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    table = torch.zeros(5, dtype=torch.int64, device=device)
+                    c = torch.ones(1, dtype=torch.float64, device=device)
+                    _scale_kernel.warmup(
+                        table,
+                        c,
+                        0,
+                        1,
+                        1,
+                        DTYPE=_TL_DTYPES[dtype],
+                        COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                        BLOCK=BLOCK,
+                        CHUNK=CHUNK,
+                        num_warps=4,
+                        grid=(1,),
+                    )
+            _compiled[key] = None
+        except Exception as error:  # any failure of the toolchain: reported, not raised
+            _compiled[key] = f"{type(error).__name__}: {error}"
+    return _compiled[key]
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill ``[data_ptr, data_ptr + numel)`` exactly once.
 
@@ -101,6 +138,9 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+_nothing = contextlib.nullcontext()
+
+
 class TritonScale:
     """The kernel and its cached table for one (device, dtype) run of tensors.
 
@@ -110,12 +150,12 @@ class TritonScale:
 
     Examples:
         >>> import os
-        >>> if os.environ.get("TRITON_INTERPRET") == "1":  # CPU needs the interpreter
-        ...     xs = [torch.ones(3), torch.ones(2, 2).t()]
-        ...     TritonScale(torch.device("cpu"), torch.float32).scale_(
-        ...         xs, torch.tensor([0.5, 2.0]), 0
-        ...     )
-        ...     assert xs[0].tolist() == [0.5] * 3 and xs[1].sum().item() == 8.0
+        >>> cpu = torch.device("cpu")  # on the CPU through Triton's interpreter only
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     xs = [torch.ones(3), torch.ones(2, 2).t(), torch.ones(4)[::2]]
+        ...     rest = TritonScale(cpu, torch.float32).scale_(xs, torch.tensor([0.5, 2.0, 3.0]), 0)
+        ...     assert rest == (2,)  # not dense: left to the caller
+        ...     assert xs[0].tolist() == [0.5] * 3 and xs[1].sum() == 8 and xs[2].sum() == 2
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -153,7 +193,11 @@ class TritonScale:
             dense, which this call left unchanged.
         """
         self._refresh_if_changed(tensors)
-        if self._blocks:
+        if not self._blocks:
+            return self.rest
+        # Triton launches on the current device: make it the tensors'
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else _nothing
+        with guard:
             _scale_kernel[(self._blocks,)](
                 self._meta,
                 c,
