@@ -47,6 +47,7 @@ __all__ = [
 KERNELS_ENV = "GRADCLIP_KERNELS"
 _MODES = ("auto", "triton", "foreach")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRUE = ("1", "true", "yes", "on", "y")
 
 # A tensor this large is clamped on its own with one `clamp_` (one pass over its
 # memory) rather than with the two `_foreach_clamp_{min,max}_` launches (two
@@ -92,7 +93,8 @@ def _triton_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in _TRITON_DTYPES:
         return f"it has no kernel for {dtype}"
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        # the values Triton itself reads as true
+        if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in _TRUE:
             return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
     elif device.type != "cuda":
         return f"it runs on CUDA devices, not {device.type}"

@@ -12,15 +12,16 @@ and covers any number of tensors in one launch::
 It addresses the tensors through a table of their ``data_ptr()`` s, as apex's
 ``multi_tensor_apply`` and Triton's grouped GEMM do. The table (pointers,
 element counts, coefficient indices, block → tensor and block → chunk maps) is
-built on the host when the tensors' data pointers change, sent with one
+built on the host when the tensors' data pointers, sizes or layouts change, sent with one
 non-blocking host → device copy from pinned memory, and reused by every step
 until they change again: a steady step costs one launch and no copy.
 
 Arithmetic: ``x`` is widened to float32 (float64 for float64 tensors), multiplied
 by the coefficient rounded to that type, and rounded to nearest-even back into
 the tensor's dtype, as the eager ``mul_`` by a float32 (float64) 0-d tensor
-does. A coefficient equal to 1 after that rounding leaves its tensor untouched:
-the program loads and stores nothing.
+does on the CPU (on CUDA the eager ``mul_`` first rounds such a coefficient to a
+float16 or bfloat16 gradient's dtype). A coefficient equal to 1 after that
+rounding leaves its tensor untouched: the program loads and stores nothing.
 
 Only dense tensors (contiguous in some order of their dimensions, without
 overlap) are addressed this way; `TritonScale.scale_` returns the positions of
