@@ -17,16 +17,23 @@ scenario's reference, measured in the same run:
   2048)`` and on 1000 x ``nn.Linear(64, 64)``.
 * ``strategies`` — each strategy beyond DL4J against ``clip_grad_norm_`` on the
   same gradients.
+* ``small2000`` — 1000 x ``nn.Linear(8, 8)``, 2000 tensors of 8 or 64 elements:
+  where the host's time per tensor is the whole cost. Per-layer and global
+  clipping against ``clip_grad_norm_(foreach=True)``, element-wise against
+  ``clip_grad_value_(foreach=True)``; on CUDA also the per-layer rule with the
+  ``_foreach_mul_`` multiply (``GRADCLIP_KERNELS=foreach``) beside the Triton one.
 
-Extra memory is measured as the peak of bytes allocated during one call
-(CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events).
+Besides the wall time of a call, each row has its host time, on CUDA its GPU
+time (CUDA events), and what one call launches (`bench_timing`). Extra memory
+is measured as the peak of bytes allocated during one call (CUDA:
+``max_memory_allocated``; CPU: the profiler's allocation events).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -34,6 +41,13 @@ import torch
 from torch import nn
 
 import gradclip
+from gradclip.commands.bench_timing import (
+    Launches,
+    count_launches,
+    peak_extra_bytes,
+    time_methods,
+)
+from gradclip.core.kernels import KERNELS_ENV, kernel_mode, kernel_path
 
 __all__ = ["Row", "add_arguments", "run", "run_benchmarks"]
 
@@ -51,6 +65,9 @@ class Row:
     reference: str
     target: float | None  # the ratio the project promises, if any
     extra_bytes: int | None = None
+    host_ms: float | None = None  # time for the call to return
+    gpu_ms: float | None = None  # CUDA events around the call
+    launches: Launches | None = None  # per call, from the profiler
 
     @property
     def meets_target(self) -> bool | None:
@@ -105,52 +122,6 @@ def _gpt2(device: torch.device, blocks: int) -> nn.Module:
     return _with_grads(shapes.to_empty(device=device))
 
 
-# -- timing -----------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(methods: Mapping[str, Method], device: torch.device, reps: int) -> dict[str, float]:
-    """Median milliseconds of each method, interleaved repetition by repetition."""
-    samples: dict[str, list[float]] = {name: [] for name in methods}
-    for method in methods.values():  # warm-up: plans, caches, allocator
-        method()
-        method()
-    _sync(device)
-    for _ in range(reps):
-        for name, method in methods.items():
-            start = time.perf_counter()
-            method()
-            _sync(device)
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def peak_extra_bytes(method: Method, device: torch.device) -> int:
-    """Peak bytes allocated during one call of ``method`` beyond what was live before."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        method()
-        _sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        method()
-    # Each op's own allocations (and frees) in time order; "self" so that an op's
-    # children are not counted twice.
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return int(peak)
-
-
 # -- scenarios --------------------------------------------------------------------------
 
 
@@ -177,12 +148,25 @@ def _scenario(
     reps: int,
     measure_memory: set[str],
 ) -> list[Row]:
-    medians = _time(methods, device, reps)
+    timings = time_methods(methods, device, reps)
     rows = []
-    for method, ms in medians.items():
+    for method, timing in timings.items():
         extra = peak_extra_bytes(methods[method], device) if method in measure_memory else None
-        ratio = None if method == reference else ms / medians[reference]
-        rows.append(Row(name, method, ms, ratio, reference, targets.get(method), extra))
+        ratio = None if method == reference else timing.wall_ms / timings[reference].wall_ms
+        rows.append(
+            Row(
+                name,
+                method,
+                timing.wall_ms,
+                ratio,
+                reference,
+                targets.get(method),
+                extra,
+                timing.host_ms,
+                timing.gpu_ms,
+                count_launches(methods[method], device),
+            )
+        )
     return rows
 
 
@@ -287,7 +271,53 @@ def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
     )
 
 
-SCENARIOS = ("gpt2", "linear1000", "value_large", "value_small", "strategies")
+@contextlib.contextmanager
+def _kernels(value: str) -> Iterator[None]:
+    """``GRADCLIP_KERNELS=value`` while normalizers are built (their plans read it)."""
+    old = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[KERNELS_ENV]
+        else:
+            os.environ[KERNELS_ENV] = old
+
+
+def _small2000_rows(device: torch.device, reps: int) -> list[Row]:
+    model = _linear_stack(1000, 8, device)
+    params = _params(model)
+    methods: dict[str, Method] = {
+        "torch clip_grad_norm_ (global)": lambda: nn.utils.clip_grad_norm_(
+            params, 1.0, foreach=True
+        ),
+        "gradclip ClipGlobalNorm": gradclip.GradientNormalizer(
+            model, gradclip.ClipGlobalNorm(1.0)
+        ).apply,
+        "gradclip ClipL2PerLayer": gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply,
+    }
+    if kernel_path(device, torch.float32) == "triton":
+        with _kernels("foreach"):
+            methods["gradclip ClipL2PerLayer (foreach multiply)"] = gradclip.GradientNormalizer(
+                model, "ClipL2PerLayer"
+            ).apply
+    methods["torch clip_grad_value_"] = lambda: nn.utils.clip_grad_value_(params, 1.0, foreach=True)
+    methods["gradclip ClipElementWiseAbsoluteValue"] = gradclip.GradientNormalizer(
+        model, "ClipElementWiseAbsoluteValue"
+    ).apply
+    return _scenario(
+        "small2000",
+        methods,
+        "torch clip_grad_norm_ (global)",
+        {"gradclip ClipL2PerLayer": 1.0, "gradclip ClipGlobalNorm": 1.0},
+        device,
+        reps,
+        set(),
+    )
+
+
+SCENARIOS = ("gpt2", "linear1000", "value_large", "value_small", "strategies", "small2000")
 
 
 def run_benchmarks(
@@ -314,15 +344,24 @@ def run_benchmarks(
             )
         elif scenario == "strategies":
             yield from _strategy_rows(device, reps)
+        elif scenario == "small2000":
+            yield from _small2000_rows(device, reps * 5)
         else:
             raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
 
 
 def format_table(rows: list[Row]) -> str:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table.
+
+    Columns: the median wall time of a call, its host time and (CUDA) GPU time,
+    what it launches (CUDA: kernels, and ``+N H2D`` host-to-device copies; CPU:
+    top-level aten ops), the ratio of wall times to the scenario's reference,
+    the project's target for that ratio, and the peak extra memory of a call.
+    """
     lines = [
-        "| scenario | method | median ms | ratio | vs | target | peak extra bytes |",
-        "|---|---|---:|---:|---|---|---:|",
+        "| scenario | method | median ms | host ms | GPU ms | launches | ratio | vs | target "
+        "| peak extra bytes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for row in rows:
         ratio = "1 (ref)" if row.ratio is None else f"{row.ratio:.2f}x"
@@ -333,9 +372,16 @@ def format_table(rows: list[Row]) -> str:
         )
         extra = "" if row.extra_bytes is None else f"{row.extra_bytes:,}"
         vs = "" if row.ratio is None else row.reference
+        host = "" if row.host_ms is None else f"{row.host_ms:.3f}"
+        gpu = "" if row.gpu_ms is None else f"{row.gpu_ms:.3f}"
+        launches = ""
+        if row.launches is not None:
+            launches = str(row.launches.kernels)
+            if row.launches.copies_to_device:
+                launches += f" +{row.launches.copies_to_device} H2D"
         lines.append(
-            f"| {row.scenario} | {row.method} | {row.median_ms:.3f} | {ratio} | {vs} | {target} "
-            f"| {extra} |"
+            f"| {row.scenario} | {row.method} | {row.median_ms:.3f} | {host} | {gpu} | {launches} "
+            f"| {ratio} | {vs} | {target} | {extra} |"
         )
     return "\n".join(lines)
 
@@ -370,6 +416,11 @@ def run(args: argparse.Namespace) -> int:
     scenarios = tuple(args.scenario) if args.scenario else SCENARIOS
     threads = torch.get_num_threads()
     print(f"gradclip {gradclip.__version__}, torch {torch.__version__}, {threads} threads")
+    where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if where.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(where)}")
+    multiply = kernel_path(where, torch.float32)
+    print(f"multiply of float32 gradients: {multiply} ({KERNELS_ENV}={kernel_mode()})")
     rows = []
     for row in run_benchmarks(
         scenarios, device=device, reps=reps, gpt2_blocks=2 if args.quick else 12

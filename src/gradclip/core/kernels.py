@@ -5,26 +5,49 @@ function here issues one grouped launch per run, so the number of launches
 depends on how many devices and dtypes the model mixes, never on how many
 tensors or layers it has. The one deliberate exception, large tensors clamped
 one by one, is explained in `clamp_abs_`.
+
+The multiply of `Runs.scale_` has two implementations, chosen per run when the
+`Runs` is built (see `kernel_path`): ``_foreach_mul_`` by 0-d coefficients
+(``"foreach"``), which PyTorch runs as one loop on the CPU but as one kernel per
+tensor on CUDA, and the Triton kernel of `gradclip.core.triton_scale`
+(``"triton"``), one launch per run on CUDA whatever the number of tensors.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from gradclip.core.triton_scale import TritonScale
+
 __all__ = [
+    "KERNELS_ENV",
     "ClampPlan",
     "Runs",
     "accumulation_dtype",
     "clamp_abs_",
     "foreach_norms",
+    "kernel_mode",
+    "kernel_path",
     "large_tensor_elements",
     "plan_clamp",
 ]
+
+#: Environment variable choosing the multiply of `Runs.scale_`: ``auto`` (default),
+#: ``triton`` or ``foreach``; read when a `Runs` is built (once per plan).
+KERNELS_ENV = "GRADCLIP_KERNELS"
+_MODES = ("auto", "triton", "foreach")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRUE = ("1", "true", "yes", "on", "y")
 
 # A tensor this large is clamped on its own with one `clamp_` (one pass over its
 # memory) rather than with the two `_foreach_clamp_{min,max}_` launches (two
@@ -51,6 +74,86 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     applied to half-precision gradients in float32.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_mode() -> str:
+    """``GRADCLIP_KERNELS``: ``"auto"`` (also when unset or empty), ``"triton"`` or ``"foreach"``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{KERNELS_ENV}={mode!r}; expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def _triton_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernel cannot scale tensors of this device and dtype, or ``None``."""
+    if dtype not in _TRITON_DTYPES:
+        return f"it has no kernel for {dtype}"
+    if device.type == "cpu":
+        # the values Triton itself reads as true
+        if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in _TRUE:
+            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+    elif device.type != "cuda":
+        return f"it runs on CUDA devices, not {device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def kernel_path(device: torch.device, dtype: torch.dtype, mode: str | None = None) -> str:
+    """``"triton"`` or ``"foreach"``: how `Runs.scale_` multiplies a run of this device and dtype.
+
+    ``mode`` (default: `kernel_mode`) ``"auto"`` picks the Triton kernel for
+    CUDA tensors when Triton is installed, ``_foreach_mul_`` otherwise;
+    ``"foreach"`` always picks ``_foreach_mul_``; ``"triton"`` always the kernel,
+    on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, slow: for
+    tests).
+
+    Raises:
+        RuntimeError: ``"triton"`` was asked for where the kernel cannot run.
+
+    Examples:
+        >>> kernel_path(torch.device("cpu"), torch.float32, "auto")
+        'foreach'
+        >>> kernel_path(torch.device("cpu"), torch.float16, "foreach")
+        'foreach'
+    """
+    mode = kernel_mode() if mode is None else mode
+    if mode == "foreach":
+        return "foreach"
+    if mode == "auto":
+        if device.type != "cuda":
+            return "foreach"
+        return "foreach" if _triton_unusable(device, dtype) else "triton"
+    reason = _triton_unusable(device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"{KERNELS_ENV}=triton, but the Triton kernel cannot scale {dtype} tensors on "
+            f"{device}: {reason}. Unset {KERNELS_ENV} (or set it to auto) to use it where "
+            "it can run."
+        )
+    return "triton"
+
+
+def _triton_kernel(device: torch.device, dtype: torch.dtype, mode: str) -> TritonScale | None:
+    """The Triton multiply for a run, compiled now; ``None`` (and a warning) if it cannot be
+    built under ``auto``, an error under ``triton``."""
+    try:
+        from gradclip.core import triton_scale
+
+        error = triton_scale.compile_error(device, dtype)
+    except Exception as failure:  # a broken Triton installation
+        error = f"{type(failure).__name__}: {failure}"
+    if error is None:
+        return triton_scale.TritonScale(device, dtype)
+    message = f"the Triton multiply could not be built for {dtype} tensors on {device}: {error}"
+    if mode == "triton":
+        raise RuntimeError(f"{KERNELS_ENV}=triton, but {message}")
+    warnings.warn(f"gradclip: {message}; multiplying with _foreach_mul_", RuntimeWarning, 2)
+    return None
 
 
 def foreach_norms(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
@@ -93,6 +196,7 @@ class _Run:
     empty: tuple[int, ...]  # run-local indices of empty tensors
     coefficients: torch.Tensor | None = None  # reused buffer of the multiply
     views: tuple[torch.Tensor, ...] = ()  # its 0-d views, made once
+    kernel: TritonScale | None = None  # the Triton multiply, where chosen
 
 
 class Runs:
@@ -106,7 +210,15 @@ class Runs:
         positions: the selected tensors, in order.
         keys: ``(device, dtype)`` of every tensor of the step.
         empty: whether each tensor of the step has no elements.
-        scaled: keep a coefficient buffer per run for `scale_`.
+        scaled: prepare `scale_`: a coefficient buffer per run, and the Triton
+            kernel for the runs `kernel_path` gives it (``GRADCLIP_KERNELS`` is read
+            here, once).
+
+    Raises:
+        ValueError, RuntimeError: from `kernel_mode` and `kernel_path`, when
+            ``scaled``: an unknown ``GRADCLIP_KERNELS`` value, or ``triton`` forced
+            where it cannot run or its kernel cannot be compiled (under ``auto``
+            such a run keeps ``_foreach_mul_``, with a warning).
     """
 
     def __init__(
@@ -119,6 +231,7 @@ class Runs:
     ) -> None:
         self.positions = list(positions)
         self.runs: list[_Run] = []
+        mode = kernel_mode() if scaled else "foreach"
         start = 0
         while start < len(self.positions):
             key = keys[self.positions[start]]
@@ -139,6 +252,8 @@ class Runs:
                     stop - start, dtype=accumulation_dtype(key[1]), device=key[0]
                 )
                 run.views = run.coefficients.unbind(0)
+                if kernel_path(key[0], key[1], mode) == "triton":
+                    run.kernel = _triton_kernel(key[0], key[1], mode)
             self.runs.append(run)
             start = stop
 
@@ -172,15 +287,33 @@ class Runs:
     def scale_(self, tensors: list[torch.Tensor], coefficients: torch.Tensor) -> None:
         """``tensors[p] *= coefficients[i]`` for the ``i``-th selected position ``p``.
 
-        One ``_foreach_mul_`` per run. The coefficients are copied into a buffer
-        kept per run whose 0-d views were made once, so a step creates no
-        per-tensor Python objects; a coefficient of exactly 1.0 leaves its tensor
-        bit-for-bit unchanged.
+        Per run, either one launch of the Triton kernel, reading the coefficients
+        where they are (tensors that are not dense, if any, then take the path
+        below), or a copy of the coefficients into a buffer kept per run whose
+        0-d views were made once, and one ``_foreach_mul_``. Both compute in
+        float32 (float64 for float64 tensors) and round to nearest-even; a
+        coefficient of exactly 1.0 leaves its tensor bit-for-bit unchanged. Under
+        ``torch.compile`` the ``_foreach_mul_`` path is traced (the compiler
+        fuses it itself).
         """
+        compiling = torch.compiler.is_compiling()
         for run in self.runs:
             assert run.coefficients is not None, "Runs built without scaled=True"
-            run.coefficients.copy_(coefficients[run.start : run.stop], non_blocking=True)
-            torch._foreach_mul_(run.pick(tensors), run.views)
+            chunk = run.pick(tensors)
+            if run.kernel is None or compiling:
+                run.coefficients.copy_(coefficients[run.start : run.stop], non_blocking=True)
+                torch._foreach_mul_(chunk, run.views)
+                continue
+            copied = coefficients.device != run.device  # a model over several devices
+            if copied:
+                run.coefficients.copy_(coefficients[run.start : run.stop], non_blocking=True)
+                rest = run.kernel.scale_(chunk, run.coefficients, 0)
+            else:
+                rest = run.kernel.scale_(chunk, coefficients, run.start)
+            if rest:  # tensors the kernel cannot address (not dense): their own multiply
+                if not copied:
+                    run.coefficients.copy_(coefficients[run.start : run.stop], non_blocking=True)
+                torch._foreach_mul_([chunk[i] for i in rest], [run.views[i] for i in rest])
 
 
 @dataclass(frozen=True)

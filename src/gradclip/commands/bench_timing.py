@@ -1,0 +1,164 @@
+"""How ``python -m gradclip bench`` times a method: wall, host and device time, launches.
+
+For each repetition of a method:
+
+* *wall* ms: from the call to the end of its device work (``torch.cuda.synchronize``);
+* *host* ms: from the call to its return, the time the host spends issuing the
+  work; on the CPU, where the work is done during the call, the same as wall;
+* *GPU* ms (CUDA): the span between two CUDA events recorded on the current
+  stream before and after the call: the device's time for the call, including
+  any wait for the host to launch the next kernel.
+
+One further call runs under ``torch.profiler`` to count what a step launches:
+on CUDA the device kernels (memsets and memcpys counted apart, host→device
+copies among them), on the CPU the top-level aten ops (each one pass of the
+CPU over its operands, the CPU's equivalent of a launch).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch._C._autograd import DeviceType
+
+__all__ = [
+    "Launches",
+    "Timing",
+    "count_launches",
+    "peak_extra_bytes",
+    "sync",
+    "time_methods",
+]
+
+Method = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Medians over the repetitions of one method, in milliseconds."""
+
+    wall_ms: float
+    host_ms: float
+    gpu_ms: float | None  # CUDA events; None on other devices
+
+
+@dataclass(frozen=True)
+class Launches:
+    """What one call launches, from the profiler."""
+
+    kernels: int  # CUDA: device kernels; CPU: top-level aten ops
+    copies_to_device: int  # CUDA: host → device memcpys; CPU: 0
+    kernel_ms: float | None  # CUDA: the kernels' summed durations
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_methods(
+    methods: Mapping[str, Method], device: torch.device, reps: int
+) -> dict[str, Timing]:
+    """`Timing` of each method, interleaved repetition by repetition.
+
+    Interleaving makes a slow moment of the machine hurt every method alike.
+    Each method runs twice first (plans, caches, the allocator, compilation of
+    Triton kernels).
+    """
+    cuda = device.type == "cuda"
+    wall: dict[str, list[float]] = {name: [] for name in methods}
+    host: dict[str, list[float]] = {name: [] for name in methods}
+    gpu: dict[str, list[float]] = {name: [] for name in methods}
+    for method in methods.values():
+        method()
+        method()
+    sync(device)
+    for _ in range(reps):
+        for name, method in methods.items():
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                start.record()
+            t0 = time.perf_counter()
+            method()
+            t1 = time.perf_counter()
+            if cuda:
+                end.record()
+            sync(device)
+            t2 = time.perf_counter()
+            wall[name].append((t2 - t0) * 1e3)
+            host[name].append((t1 - t0) * 1e3)
+            if cuda:
+                gpu[name].append(start.elapsed_time(end))
+    return {
+        name: Timing(
+            statistics.median(wall[name]),
+            statistics.median(host[name]),
+            statistics.median(gpu[name]) if cuda else None,
+        )
+        for name in methods
+    }
+
+
+def count_launches(method: Method, device: torch.device, steps: int = 3) -> Launches:
+    """Launches per call of ``method`` (already warmed up), averaged over ``steps`` calls."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            method()
+        sync(device)
+    events = prof.profiler.kineto_results.events()
+    if device.type != "cuda":
+        # top-level aten ops: those not inside another aten op (by time; one thread)
+        ops = sorted(  # an op before the ops it calls, which start when it does or later
+            (e.start_ns(), -e.end_ns())
+            for e in events
+            if e.device_type() == DeviceType.CPU and e.name().startswith("aten::")
+        )
+        top, end = 0, -1
+        for start, neg_stop in ops:
+            if start >= end:
+                top, end = top + 1, -neg_stop
+        return Launches(round(top / steps), 0, None)
+    kernels = copies = 0
+    busy_ns = 0
+    for event in events:
+        if event.device_type() != DeviceType.CUDA:
+            continue
+        name = event.name()
+        if name.startswith("Memcpy HtoD"):
+            copies += 1
+        elif not name.startswith(("Memcpy", "Memset")):
+            kernels += 1
+            busy_ns += event.duration_ns()
+    return Launches(round(kernels / steps), round(copies / steps), busy_ns / steps / 1e6)
+
+
+def peak_extra_bytes(method: Method, device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``method`` beyond what was live before."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        method()
+        sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        method()
+    # Each op's own allocations (and frees) in time order; "self" so that an op's
+    # children are not counted twice.
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return int(peak)

@@ -1,0 +1,47 @@
+"""The benchmark's measuring parts, on the CPU (its CUDA parts need a GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from gradclip.commands import bench
+from gradclip.commands.bench_timing import Launches, count_launches, time_methods
+
+CPU = torch.device("cpu")
+
+
+def test_count_launches_counts_top_level_ops_on_the_cpu() -> None:
+    x = torch.ones(4)
+
+    def three_ops() -> None:
+        (x + 1).sum().neg()  # aten::add, aten::sum, aten::neg; nested ops not counted
+
+    launches = count_launches(three_ops, CPU, steps=2)
+    assert launches == Launches(kernels=3, copies_to_device=0, kernel_ms=None)
+
+
+def test_time_methods_reports_host_time_and_no_gpu_time_on_the_cpu() -> None:
+    x = torch.ones(1000)
+    timings = time_methods({"a": lambda: x.mul(2), "b": lambda: x.add(1)}, CPU, reps=3)
+    assert set(timings) == {"a", "b"}
+    for timing in timings.values():
+        assert timing.gpu_ms is None
+        assert 0 < timing.host_ms <= timing.wall_ms
+
+
+def test_small2000_compares_gradclip_with_torch_on_2000_tensors() -> None:
+    rows = bench._small2000_rows(CPU, reps=1)
+    methods = {row.method: row for row in rows}
+    assert set(methods) >= {
+        "torch clip_grad_norm_ (global)",
+        "gradclip ClipL2PerLayer",
+        "gradclip ClipGlobalNorm",
+        "torch clip_grad_value_",
+        "gradclip ClipElementWiseAbsoluteValue",
+    }
+    for row in rows:
+        assert row.host_ms is not None and row.launches is not None and row.gpu_ms is None
+    # gradclip's per-layer step: a few dozen ops however many tensors
+    assert methods["gradclip ClipL2PerLayer"].launches.kernels < 60  # type: ignore[union-attr]
+    table = bench.format_table(rows)
+    assert "| host ms | GPU ms | launches |" in table and table.count("| small2000 |") == len(rows)
