@@ -259,7 +259,7 @@ class Engine:
             # the rules see the zeroed layers as they now are: norm 0
             measured = _Measurement(
                 measured.tensor_norms.masked_fill(zeroed, 0.0),
-                measured.layer_norms,
+                measured.layer_norms.masked_fill(bad, 0.0),
                 {
                     gi: norms.masked_fill(_select(zeroed, plan.groups[gi]), 0.0)
                     for gi, norms in measured.p_norms.items()
@@ -373,9 +373,17 @@ class Engine:
                 norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
             elif index in measured.p_norms:
                 norms = measured.p_norms[index]
-            else:
+            else:  # the step's L2 norms, tensors' and layers' both measured already
                 norms = _select(measured.tensor_norms, group)
-            layer_norms = _layer_norms(norms, stage.layout.tensor_layer, len(group.layer_ids), p)
+                layer_norms = (
+                    measured.layer_norms
+                    if group.covers_all
+                    else measured.layer_norms.index_select(0, group.layer_ids_t)
+                )
+            if layer_norms is None:
+                layer_norms = _layer_norms(
+                    norms, stage.layout.tensor_layer, len(group.layer_ids), p
+                )
         shards = None
         if group.shard_weights is not None:
             shards = Shards(
