@@ -21,15 +21,17 @@ vectors, built once per `Plan`.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gradclip.core.collective import ShardedModel, sharded_model
 from gradclip.core.layers import Layer
+from gradclip.core.measure import Measurement as _Measurement
+from gradclip.core.measure import finish, measure, measure_local
+from gradclip.core.measure import layer_norms as _layer_norms
 from gradclip.core.nonfinite import (
     NonFiniteGradientError,
     bad_layers,
@@ -39,22 +41,14 @@ from gradclip.core.nonfinite import (
 )
 from gradclip.core.plan import Group, Plan, Signature, Stage, accumulation_dtype_of
 from gradclip.core.report import NormReport
-from gradclip.core.rule import CrossRank, Measured, Rule, ScalingRule, Shards, stages_of
-from gradclip.core.sharding import is_dtensor, local_tensors, p_norm_parts, p_norms_from
+from gradclip.core.rule import Measured, Rule, ScalingRule, Shards, stages_of
+from gradclip.core.sharding import is_dtensor, local_tensors
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
 __all__ = ["Engine"]
 
-
-@dataclass(eq=False)
-class _Measurement:
-    """The norms of a step, measured once before any rule runs."""
-
-    tensor_norms: torch.Tensor  # (T,) L2, NaN where not measured
-    layer_norms: torch.Tensor  # (L,) L2, NaN where not measured
-    p_norms: dict[int, torch.Tensor]  # group index -> (T_g,) norms of its rule's order p != 2
-    reduced: dict[int, CrossRank]  # group index -> its rule's reduced cross-rank quantities
+_UNKNOWN: Any = object()  # the sharded model's collective, before the first step sizes it
 
 
 class Engine:
@@ -111,6 +105,7 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        self._sharded: ShardedModel | None = _UNKNOWN
         self._init_state()
         self._predict_plan()
 
@@ -218,14 +213,10 @@ class Engine:
         Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
         with ``create_graph=True`` are rescaled without recording autograd history.
         """
-        grads_by_param, signature = self.gather()
-        plan = self.plan(signature, grads_by_param)
-        grads = plan.select(grads_by_param)
-        if plan.sharding is not None:
-            grads = local_tensors(grads)
-        if not grads:
-            return NormReport.empty(plan)
-        measured = _measure(plan, grads)
+        prepared = self._prepare()
+        if isinstance(prepared, NormReport):  # no gradient at all
+            return prepared
+        plan, grads, measured = prepared
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = _judged_layer_norms(plan, measured)
         bad: torch.Tensor | None = None
@@ -298,6 +289,67 @@ class Engine:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, known)
 
+    def _prepare(self) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
+        """Gather, plan and measure the step: on a sharded model, with its one collective.
+
+        Every rank of a sharded model takes part in the collective, with or
+        without gradients, and raises the same error if the ranks disagree (see
+        `gradclip.core.collective`), before anything is modified. Returns the
+        report of a step without any gradient instead of measuring.
+        """
+        if self._sharded is _UNKNOWN:
+            self._sharded = sharded_model(
+                self.layers,
+                self.rules,
+                self.params,
+                self._names,
+                trainable=self._trainable(),
+                measure_all=self.measure_all,
+                store=self.store,
+            )
+        sharded = self._sharded
+        collective = None if sharded is None else sharded.collective
+        if collective is None:  # plain tensors, or a configuration that reduces nothing
+            grads_by_param, signature = self.gather()
+            plan = self.plan(signature, grads_by_param)
+            plan.changes_group = None if sharded is None else sharded.changes
+            grads = plan.select(grads_by_param)
+            if plan.sharding is not None:
+                grads = local_tensors(grads)
+            if not grads:
+                return NormReport.empty(plan)
+            return plan, grads, measure(plan, grads)
+        body = None
+        try:
+            grads_by_param, signature = self.gather()
+            plan = self.plan(signature, grads_by_param)
+            grads = local_tensors(plan.select(grads_by_param))
+            parts = measure_local(plan, grads)
+            if plan.sharding is not None:
+                body = plan.sharding.pack(parts.norms, parts.extras, collective.capacity)
+            fingerprint = collective.cached(plan)
+            if fingerprint is None:
+                dtypes = [None if sig is None else sig[1] for sig in signature]
+                fingerprint = collective.fingerprint(dtypes, key=plan)
+        except Exception as error:  # still take part, so that no rank waits for this one
+            raw = [p.grad if t else None for p, t in zip(self.params, self._trainable())]
+            dtypes = [None if g is None else g.dtype for g in raw]
+            collective.exchange(collective.fingerprint(dtypes), True, None)
+            raise error
+        reduced = collective.exchange(fingerprint, False, body)
+        plan.changes_group = sharded.changes  # type: ignore[union-attr]
+        if not grads:
+            return NormReport.empty(plan)
+        if plan.sharding is None:  # no DTensor gradient on any rank: nothing to reduce
+            return plan, grads, finish(plan, parts)
+        values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
+        return plan, grads, finish(plan, parts, values)
+
+    def _trainable(self) -> list[bool]:
+        check = self._check_frozen
+        flags = [check] * len(self.params) if isinstance(check, bool) else check
+        return [p.requires_grad or not c for p, c in zip(self.params, flags)]
+
     def _load(self, stage: Stage) -> dict[str, torch.Tensor]:
         if stage.slot is None:
             return {}
@@ -362,95 +414,6 @@ def _entry(owner: Mapping[str, Any], key: str) -> Any:
 
 def _select(values: torch.Tensor, group: Group) -> torch.Tensor:
     return values if group.covers_all else values.index_select(0, group.positions_t)
-
-
-def _layer_norms(
-    norms: torch.Tensor, tensor_layer: torch.Tensor, num_layers: int, norm_type: float
-) -> torch.Tensor:
-    """``(L,)`` p-norm of each layer's tensors from their ``(T,)`` p-norms."""
-    if math.isinf(norm_type):
-        out = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
-        return out.scatter_reduce_(0, tensor_layer, norms, "amax")
-    powers = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
-    if norm_type == 2.0:
-        return powers.index_add_(0, tensor_layer, norms.square()).sqrt_()
-    return powers.index_add_(0, tensor_layer, norms.pow(norm_type)).pow_(1.0 / norm_type)
-
-
-def _measure(plan: Plan, grads: list[torch.Tensor]) -> _Measurement:
-    """The step's L2 norms, the p-norms some rules read, and (sharded) their reduction."""
-    dev, acc = plan.device, plan.acc_dtype
-    local = plan.measured.norms(grads, 2.0, dev, acc) if plan.any_measured else None
-    p_norms: dict[int, torch.Tensor] = {}
-    for gi, group in enumerate(plan.groups):
-        stage = group.stages[0]
-        if stage.norm_runs is not None and stage.rule.norm_type is not None:
-            p_norms[gi] = stage.norm_runs.norms(grads, stage.rule.norm_type, dev, acc)
-    reduced: dict[int, CrossRank] = {}
-    if plan.sharding is not None:
-        local, p_norms, reduced = _reduce(plan, grads, local, p_norms)
-    if local is None:
-        tensor_norms = torch.full((plan.num_tensors,), math.nan, dtype=acc, device=dev)
-        layer_norms = torch.full((plan.num_layers,), math.nan, dtype=acc, device=dev)
-        return _Measurement(tensor_norms, layer_norms, p_norms, reduced)
-    if plan.all_measured:
-        tensor_norms = local
-        measured = local
-    else:
-        tensor_norms = torch.full((plan.num_tensors,), math.nan, dtype=acc, device=dev)
-        tensor_norms.index_copy_(0, plan.measured_positions_t, local)
-        measured = local
-    layer_norms = _layer_norms(measured, plan.measured_layer_t, plan.num_layers, 2.0)
-    if not all(plan.layer_measured):
-        layer_norms = torch.where(plan.layer_measured_t, layer_norms, math.nan)
-    return _Measurement(tensor_norms, layer_norms, p_norms, reduced)
-
-
-def _reduce(
-    plan: Plan,
-    grads: list[torch.Tensor],
-    local: torch.Tensor | None,
-    p_norms: dict[int, torch.Tensor],
-) -> tuple[torch.Tensor | None, dict[int, torch.Tensor], dict[int, CrossRank]]:
-    """Sum the step's local quantities over ranks in one collective."""
-    assert plan.sharding is not None
-    extras: list[CrossRank] = []
-    owners: list[tuple[str, int]] = []
-    for gi, norms in p_norms.items():
-        group = plan.groups[gi]
-        assert group.shard_weights is not None and group.stages[0].rule.norm_type is not None
-        extras.append(p_norm_parts(norms, group.stages[0].rule.norm_type, group.shard_weights))
-        owners.append(("p", gi))
-    for gi, group in enumerate(plan.groups):
-        if not group.asks_cross_rank:
-            continue
-        stage = group.stages[0]
-        m = Measured(
-            grads=[grads[p] for p in group.positions],
-            params=local_tensors(group.params),
-            norms=None,
-            layer_norms=None,
-            layout=stage.layout,
-            prepared=stage.prepared,
-            shards=Shards(group.shard_weights),  # type: ignore[arg-type]
-        )
-        extra = stage.rule.cross_rank(m)
-        if extra is not None:
-            extras.append(extra)
-            owners.append(("rule", gi))
-    if local is None and not extras:
-        return None, p_norms, {}
-    reduced_l2, out = plan.sharding.reduce(local, extras)
-    p_global: dict[int, torch.Tensor] = {}
-    reduced: dict[int, CrossRank] = {}
-    for (kind, gi), values in zip(owners, out):
-        if kind == "p":
-            norm_type = plan.groups[gi].stages[0].rule.norm_type
-            assert norm_type is not None
-            p_global[gi] = p_norms_from(values, norm_type)
-        else:
-            reduced[gi] = values
-    return reduced_l2, p_global, reduced
 
 
 def _judged_layer_norms(plan: Plan, measured: _Measurement) -> torch.Tensor:

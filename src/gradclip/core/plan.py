@@ -31,7 +31,13 @@ import torch
 from gradclip.core.kernels import Runs
 from gradclip.core.layers import Layer
 from gradclip.core.rule import GroupLayout, InPlaceRule, Rule, ScalingRule, stages_of
-from gradclip.core.sharding import Sharding, local_tensors, sharding_of
+from gradclip.core.sharding import (
+    RankGroup,
+    Sharding,
+    check_not_replaced,
+    local_tensors,
+    sharding_of,
+)
 from gradclip.core.state import StateStore, is_stateful, state_rows, state_slot
 
 __all__ = ["Group", "Plan", "Round", "Signature", "Stage", "accumulation_dtype_of"]
@@ -116,6 +122,7 @@ class Plan:
     ) -> None:
         flat_layer = [lid for lid, layer in enumerate(layers) for _ in layer.params]
         names = [layer.qualified(k) for layer in layers for k in range(len(layer.params))]
+        check_not_replaced(names, params)
         _check_layer_devices(layers, signature, flat_layer, names)
         stages = [stages_of(rule) for rule in rules]
 
@@ -172,6 +179,9 @@ class Plan:
         self.sharding: Sharding | None = sharding_of(
             self.names, grads_in_order, dev, self.acc_dtype
         )
+        #: on a sharded model with in-place rules, the group over which
+        #: `NormReport.across_ranks` combines their per-rank ``changed`` flags
+        self.changes_group: RankGroup | None = None
         self.groups = self._make_groups(layers, rules, stages, keys, empty, store, local_shapes)
         self.rounds = self._make_rounds(keys, empty)
         self.has_state = any(s.slot is not None for g in self.groups for s in g.stages)
