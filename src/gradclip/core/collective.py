@@ -239,7 +239,7 @@ class StepCollective:
             )
         if bad:
             parts.append(
-                "the ranks disagree on which parameters have a gradient, or on its dtype: "
+                "ranks disagree on which parameters have a gradient, or on its dtype: "
                 + ", ".join(described)
                 + more
                 + ". Every rank must call apply() with the same parameters having "
@@ -247,8 +247,9 @@ class StepCollective:
                 "unused on some ranks can be given a zero gradient there (e.g. add "
                 "0.0 * p.sum() to the loss)"
             )
+        message = "; ".join(parts) + ". No gradient or state was modified, on any rank."
         raise RankMismatchError(
-            "; ".join(parts) + ". No gradient or state was modified, on any rank.",
+            message[0].upper() + message[1:],
             params,
             failures,
         )

@@ -356,14 +356,19 @@ class StateStore:
             (self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()
         ]
         for slot, steps, rows in installs:
+            # a growable buffer takes the loaded length (every row of the slot is loaded),
+            # so that state_dict() right after gives back exactly what was loaded
+            for key in slot.rule.growable_state & slot.tensors.keys():
+                shapes = [tuple(tensors[key].shape) for tensors in rows.values()]
+                length = [max(dims) for dims in zip(*shapes)] if shapes else []
+                stored = slot.tensors[key]
+                if shapes and list(stored.shape[1:]) != length:
+                    slot.tensors[key] = stored.new_zeros([stored.shape[0], *length])
+                    self.generation += 1
             for row, tensors in rows.items():
                 i = slot.rows[row]
                 for key, value in tensors.items():
                     stored = slot.tensors[key]
-                    if value.shape != stored.shape[1:]:
-                        grown = [max(a, b) for a, b in zip(stored.shape[1:], value.shape)]
-                        stored = slot.tensors[key] = _pad_to(stored, [stored.shape[0], *grown])
-                        self.generation += 1
                     stored[i].zero_()
                     stored[i][tuple(slice(0, n) for n in value.shape)] = value
             slot.steps = steps
