@@ -180,9 +180,14 @@ def _case_no_gradients_anywhere(rank: int, out: dict[str, Any]) -> None:
     """Ranks that agree on having no gradient: an empty report, still one collective."""
     model = _sharded_two_heads()
     normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 0.1, _rules())
-    report, n = _counted(normalizer)
-    assert report.layer_names == [] and n == 1, (report.layer_names, n)
-    out["agreement:no-gradients-anywhere"] = {"ok": True, "collectives": n}
+    counter = CollectiveCounter()
+    with counter:
+        report = normalizer.apply()
+    assert report.layer_names == [] and len(counter.ops) == 1, (report.layer_names, counter.ops)
+    # what one step sends: 8 fingerprint floats (one per parameter), the failure
+    # count, and the 8 squared norms (zeros here): the same with gradients or without
+    assert counter.elements == [8 + 1 + 8], counter.elements
+    out["agreement:no-gradients-anywhere"] = {"ok": True, "collectives": 1}
 
 
 def _hand_made(rank: int, dtype_c: torch.dtype, partial_b: bool) -> dict[str, nn.Parameter]:

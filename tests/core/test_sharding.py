@@ -460,8 +460,8 @@ def _case_counter_can_count(rank: int, out: dict[str, Any]) -> None:
     counter = CollectiveCounter()
     with counter:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        dist.all_reduce(torch.ones(1))
-    assert len(counter.ops) >= 2, counter.ops
+        dist.all_reduce(torch.ones(3))
+    assert len(counter.ops) >= 2 and counter.elements[-1] == 3, (counter.ops, counter.elements)
     out["counter-sees-collectives"] = {"ok": True, "collectives": len(counter.ops)}
 
 

@@ -18,9 +18,19 @@ import torch
 
 from gradclip.core.plan import Plan
 from gradclip.core.rule import CrossRank, Measured, Shards
-from gradclip.core.sharding import Capacity, local_tensors, p_norm_parts, p_norms_from
+from gradclip.core.sharding import Capacity, local_tensors
 
-__all__ = ["LocalParts", "Measurement", "capacity_of", "finish", "layer_norms", "measure"]
+__all__ = [
+    "LocalParts",
+    "Measurement",
+    "capacity_of",
+    "finish",
+    "layer_norms",
+    "measure",
+    "measure_local",
+    "p_norm_parts",
+    "p_norms_from",
+]
 
 
 @dataclass(eq=False)
@@ -58,6 +68,26 @@ def layer_norms(
     if norm_type == 2.0:
         return powers.index_add_(0, tensor_layer, norms.square()).sqrt_()
     return powers.index_add_(0, tensor_layer, norms.pow(norm_type)).pow_(1.0 / norm_type)
+
+
+def p_norm_parts(norms: torch.Tensor, norm_type: float, weights: torch.Tensor) -> CrossRank:
+    """This rank's part of per-tensor p-norms: ``w·‖g_local‖_p^p`` summed, or ``max|g|`` maximized.
+
+    ``weights`` are ``1 / replicas`` of each piece, so a replicated piece is
+    counted once; a maximum needs no weight.
+    """
+    if math.isinf(norm_type):
+        return CrossRank(maxima=norms)
+    return CrossRank(sums=norms.pow(norm_type).mul_(weights))
+
+
+def p_norms_from(reduced: CrossRank, norm_type: float) -> torch.Tensor:
+    """The full tensors' p-norms from the reduced `p_norm_parts`."""
+    if math.isinf(norm_type):
+        assert reduced.maxima is not None
+        return reduced.maxima
+    assert reduced.sums is not None
+    return reduced.sums.pow(1.0 / norm_type)
 
 
 def measure_local(plan: Plan, grads: list[torch.Tensor]) -> LocalParts:

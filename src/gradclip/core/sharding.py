@@ -29,7 +29,9 @@ leaves every rank's values intact (``x + 0 = x`` exactly, inf and NaN
 included), and the maximum over the slots is taken locally.
 
 The bytes sent per step are one float per gradient tensor, whatever the model's
-size, plus the few quantities strategies declare (`CrossRank`).
+size, plus the few quantities strategies declare (`CrossRank`), after a
+fingerprint of one float per parameter with which the ranks check that they
+agree on the step's gradients (`gradclip.core.collective`).
 Element-wise clipping and ``None`` measure nothing, so a step with only those
 modes sends nothing. Under DDP gradients are plain tensors, already
 averaged (identical on every rank): the engine needs no communication at all and
@@ -44,9 +46,9 @@ Example:
     >>> for block in model.blocks:
     ...     fully_shard(block)
     >>> fully_shard(model)
-    >>> normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)  # after fully_shard
+    >>> normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
     >>> loss.backward()
-    >>> normalizer.apply()            # one all_reduce of len(parameters) floats
+    >>> normalizer.apply()            # one all_reduce of 2 · len(parameters) + 1 floats
 
 References:
     Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data
@@ -55,7 +57,6 @@ References:
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,12 +73,9 @@ __all__ = [
     "Capacity",
     "RankGroup",
     "Sharding",
-    "check_not_replaced",
     "is_dtensor",
     "local_tensor",
     "local_tensors",
-    "p_norm_parts",
-    "p_norms_from",
     "sharding_of",
 ]
 
@@ -99,29 +97,6 @@ def is_dtensor(tensor: object) -> bool:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (without importing it)."""
     cls = _dtensor_type()
     return cls is not None and isinstance(tensor, cls)
-
-
-def check_not_replaced(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
-    """Refuse parameters that FSDP2's ``fully_shard`` replaced after they were collected.
-
-    ``fully_shard`` puts a new ``DTensor`` parameter in the module and marks the
-    one it replaced (``_fsdp_orig_uid``); the replaced one never gets a gradient
-    again, so a normalizer still holding it would skip its layer forever. A
-    normalizer built on a module follows the swap before planning; one built
-    on tensors (a custom grouping) cannot, and is refused here.
-
-    Raises:
-        RuntimeError: naming the replaced parameters.
-    """
-    stale = [name for name, p in zip(names, params) if hasattr(p, "_fsdp_orig_uid")]
-    if stale:
-        shown = ", ".join(map(repr, stale[:10])) + (" ..." if len(stale) > 10 else "")
-        raise RuntimeError(
-            f"parameter(s) {shown} were replaced by fully_shard (FSDP2) after they were given "
-            "to this normalizer: they will never have a gradient again, and their layers would "
-            "never be normalized. A normalizer built on a module follows the swap; one built on "
-            "tensors cannot: build it after fully_shard, from the module's new parameters."
-        )
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -348,26 +323,6 @@ class Capacity:
         )
 
 
-def p_norm_parts(norms: torch.Tensor, norm_type: float, weights: torch.Tensor) -> CrossRank:
-    """This rank's part of per-tensor p-norms: ``w·‖g_local‖_p^p`` summed, or ``max|g|`` maximized.
-
-    ``weights`` are ``1 / replicas`` of each piece, so a replicated piece is
-    counted once; a maximum needs no weight.
-    """
-    if math.isinf(norm_type):
-        return CrossRank(maxima=norms)
-    return CrossRank(sums=norms.pow(norm_type).mul_(weights))
-
-
-def p_norms_from(reduced: CrossRank, norm_type: float) -> torch.Tensor:
-    """The full tensors' p-norms from the reduced `p_norm_parts`."""
-    if math.isinf(norm_type):
-        assert reduced.maxima is not None
-        return reduced.maxima
-    assert reduced.sums is not None
-    return reduced.sums.pow(1.0 / norm_type)
-
-
 def _replicas(mesh: Any, placements: Sequence[Any], name: str) -> int:
     replicas = 1
     for dim, placement in enumerate(placements):
@@ -409,7 +364,8 @@ def sharding_of(
     """Describe the sharding of one plan's gradients, or ``None`` if none is a ``DTensor``.
 
     Every rank must build the same plan (the same tensors, in the same order):
-    the reduced vector is indexed by tensor. Plain tensors among ``DTensor`` s are
+    the reduced vector is indexed by tensor. A model's steps check it in the
+    collective itself (`gradclip.core.collective`). Plain tensors among ``DTensor`` s are
     taken to be replicated on every rank of the group (identical values, as after
     DDP's all-reduce) and weighted ``1 / group_size``.
 
