@@ -6,13 +6,15 @@ sharded), runs one backward pass, then times on every rank, with the ranks
 lined up by a barrier before each call (the barrier is not timed):
 
 * ``gradclip`` — ``GradientNormalizer(model, mode).apply()``: per-layer norms, one
-  ``all_reduce`` of one float per gradient tensor;
+  ``all_reduce`` of one float per gradient tensor, after the ranks' agreement
+  fingerprint (one float per parameter, and one more);
 * ``torch.nn.utils.clip_grad_norm_`` on the same sharded parameters: one global
   norm (torch's DTensor path);
 * the naive per-layer alternative, ``clip_grad_norm_`` called once per layer,
   which costs one collective per layer.
 
-The collectives of one call of each are counted with `CollectiveCounter`.
+The collectives of one call of each, and the elements they send, are counted
+with `CollectiveCounter`.
 Medians over ``repeats`` calls, from rank 0. The first call of each method is
 not timed (it builds the cached plan).
 

@@ -205,12 +205,14 @@ class StepCollective:
         vector = torch.cat([fingerprint, flag, body])
         dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)
         n = fingerprint.numel()
+        if failed:
+            return vector[n + 1 :]  # the caller raises this rank's own error
         s1, s2 = self._sums(vector[:n])
         mismatch = s1 * s1 != s2 * self.world
         failures = vector[n]
-        # the one host read of the step (free on the CPU): identical on every rank
-        if failed or bool(mismatch.any() | (failures != 0)):
-            self._raise(mismatch, s1, s2, int(failures.item()), failed)
+        # the one host read of the step (free on the CPU), the same on every rank
+        if bool(mismatch.any() | (failures != 0)):
+            self._raise(mismatch, s1, s2, int(failures.item()))
         return vector[n + 1 :]
 
     def _sums(self, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,10 +224,8 @@ class StepCollective:
         return head - s2 * scale, s2
 
     def _raise(
-        self, mismatch: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, failures: int, own: bool
+        self, mismatch: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, failures: int
     ) -> None:
-        if own:
-            return  # the caller raises this rank's own error
         bad = mismatch.nonzero().flatten().tolist()
         sums = list(zip(s1.tolist(), s2.tolist()))
         params = [self.names[i] for i in bad]
