@@ -135,20 +135,18 @@ class StepCollective:
         """The collective of a model whose step with every gradient has ``sharding``."""
         # integers below 2^mantissa are exact: 53 for float64, 24 for float32
         mantissa = 1 - round(math.log2(torch.finfo(sharding.dtype).eps))
-        world, top = sharding.group_size, _OTHER
-        width = (world * top).bit_length()
-        if world * top + ((world * top * top) << width) < (1 << mantissa):
-            pass  # S₁ and S₂ share one float
-        elif world * top * top < (1 << mantissa):
+        s1_max, s2_max = sharding.group_size * _OTHER, sharding.group_size * _OTHER**2
+        width = s1_max.bit_length()  # S₁ < 2^width: it never carries into S₂'s bits
+        if s1_max + (s2_max << width) >= 1 << mantissa:  # S₁ and S₂ in two floats
             width = 0
-        else:  # pragma: no cover - a float32 vector on a very large world
-            raise NotImplementedError(
-                f"the rank-agreement fingerprint cannot be summed exactly over {world} ranks in "
-                f"{sharding.dtype}"
-            )
+            if s1_max * s1_max >= 1 << mantissa:  # world·S₂ and S₁² must be exact too
+                raise NotImplementedError(
+                    "the rank-agreement fingerprint cannot be summed exactly over "
+                    f"{sharding.group_size} ranks in {sharding.dtype}"
+                )
         return cls(
             sharding.group,
-            world,
+            sharding.group_size,
             sharding.rank,
             sharding.device,
             sharding.dtype,
@@ -156,12 +154,6 @@ class StepCollective:
             capacity,
             width,
         )
-
-    @property
-    def floats(self) -> int:
-        """Floats each rank sends per step."""
-        per_param = 1 if self.width else 2
-        return per_param * len(self.names) + 1 + self.capacity.size(self.world)
 
     def cached(self, key: object) -> torch.Tensor | None:
         """The fingerprint last made for ``key`` (a plan), if it was the last one made."""
@@ -207,21 +199,28 @@ class StepCollective:
         n = fingerprint.numel()
         if failed:
             return vector[n + 1 :]  # the caller raises this rank's own error
-        s1, s2 = self._sums(vector[:n])
-        mismatch = s1 * s1 != s2 * self.world
+        mismatch, s1, s2 = self.verdict(vector[:n])
         failures = vector[n]
         # the one host read of the step (free on the CPU), the same on every rank
         if bool(mismatch.any() | (failures != 0)):
             self._raise(mismatch, s1, s2, int(failures.item()))
         return vector[n + 1 :]
 
-    def _sums(self, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.width:
-            half = head.numel() // 2
-            return head[:half], head[half:]
-        scale = float(1 << self.width)
-        s2 = torch.div(head, scale, rounding_mode="floor")
-        return head - s2 * scale, s2
+    def verdict(self, summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the fingerprints summed over ranks: per parameter, whether ranks differ.
+
+        Returns:
+            ``(mismatch, S₁, S₂)``, each ``(P,)``: ``mismatch`` is
+            ``world·S₂ != S₁²``, true exactly where some rank's code differs.
+        """
+        if self.width:
+            scale = float(1 << self.width)
+            s2 = torch.div(summed, scale, rounding_mode="floor")
+            s1 = summed - s2 * scale
+        else:
+            half = summed.numel() // 2
+            s1, s2 = summed[:half], summed[half:]
+        return s1 * s1 != s2 * self.world, s1, s2
 
     def _raise(
         self, mismatch: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, failures: int
