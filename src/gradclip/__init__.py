@@ -13,6 +13,7 @@ Examples:
 """
 
 from gradclip.config import ConfigError
+from gradclip.core.collective import RankMismatchError
 from gradclip.core.layers import Layer, build_layers
 from gradclip.core.nonfinite import NonFiniteGradientError
 from gradclip.core.report import NormReport
@@ -60,6 +61,7 @@ __all__ = [
     "NoNormalization",
     "NonFiniteGradientError",
     "NormReport",
+    "RankMismatchError",
     "RenormalizeL2PerLayer",
     "RenormalizeL2PerParamType",
     "Rule",

@@ -28,7 +28,7 @@ from gradclip.core.layers import (
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
-from gradclip.core.state import VERSION, check_identity, identity
+from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
@@ -312,7 +312,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            if isinstance(state_dict, Mapping) and state_dict.get("version") == VERSION:
+            if isinstance(state_dict, Mapping) and state_dict.get("version") in READABLE_VERSIONS:
                 check_identity(state_dict, self._identity())
             # values are copied into the existing tensors: the cached plans stay valid
             self._engine.store.load_state_dict(state_dict)

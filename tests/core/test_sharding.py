@@ -1,9 +1,10 @@
 """Sharded training: FSDP2 (DTensor), HSDP and DDP on 2 gloo processes on the CPU.
 
-Every case runs in one launch of two processes (starting them costs seconds,
-the cases milliseconds). Each rank runs every case, records a result per case,
-and the tests below read those results: a failing case is reported under its
-own name, with the rank's message.
+Every case runs in one launch of two processes (`two_ranks`, shared with the
+other distributed test modules: starting them costs seconds, the cases
+milliseconds). Each rank runs every case, records a result per case, and the
+tests below read those results: a failing case is reported under its own name,
+with the rank's message.
 
 The single-process reference is computed inside each worker on an unsharded
 copy of the same model with the same inputs, so both ranks compare against
@@ -13,16 +14,9 @@ exactly what ``gradclip`` gives without sharding.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import socket
-import sys
-import time
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -408,22 +402,6 @@ def _case_ddp(rank: int, out: dict[str, Any]) -> None:
     out["ddp:all-modes-identical-on-ranks"] = {"ok": True, "collectives": n}
 
 
-def _case_counter_can_count(rank: int, out: dict[str, Any]) -> None:
-    """The counter sees torch's own collectives (else the counts above would prove nothing)."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    model = _mlp(8)
-    fully_shard(model)
-    _backward(model, torch.randn(2, 6))
-    counter = CollectiveCounter()
-    with counter:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        dist.all_reduce(torch.ones(1))
-    assert len(counter.ops) >= 2, counter.ops
-    out["counter-sees-collectives"] = {"ok": True, "collectives": len(counter.ops)}
-
-
 def _case_strategies(rank: int, out: dict[str, Any]) -> None:
     """Strategies beyond DL4J read the reduced norms, so they are exact under sharding too.
 
@@ -482,8 +460,8 @@ def _case_counter_can_count(rank: int, out: dict[str, Any]) -> None:
     counter = CollectiveCounter()
     with counter:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        dist.all_reduce(torch.ones(1))
-    assert len(counter.ops) >= 2, counter.ops
+        dist.all_reduce(torch.ones(3))
+    assert len(counter.ops) >= 2 and counter.elements[-1] == 3, (counter.ops, counter.elements)
     out["counter-sees-collectives"] = {"ok": True, "collectives": len(counter.ops)}
 
 
@@ -683,55 +661,10 @@ CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
 ]
 
 
-def _worker(rank: int, world: int, init_method: str, outdir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    out: dict[str, Any] = {}
-    try:
-        for case in CASES:
-            try:
-                case(rank, out)
-            except Exception:
-                out.setdefault(case.__name__, {"ok": False, "msg": traceback.format_exc()})
-                # a case that failed half-way may leave the ranks out of step
-                dist.barrier()
-    finally:
-        Path(outdir, f"rank{rank}.json").write_text(json.dumps(out))
-        dist.destroy_process_group()
-
-
 # -- in pytest ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    outdir = tmp_path_factory.mktemp("distributed")
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    context = mp.start_processes(
-        _worker,
-        args=(WORLD, f"tcp://127.0.0.1:{_free_port()}", str(outdir)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} worker processes did not finish in {TIMEOUT_S} s")
-    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+def results(two_rank_results: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [per_rank.get(__name__, {}) for per_rank in two_rank_results]
 
 
 def test_every_case_ran(results: list[dict[str, Any]]) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import gradclip
+from gradclip.core.state import unpack_tensor
 
 # Runs training steps [start, stop) and records the normalized gradients of each step.
 # Executed in fresh interpreters (python -c) and, for the uninterrupted run, in this one.
@@ -130,7 +131,9 @@ def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -> None
     assert slot["steps"] == 3
     assert set(slot["rows"]) == {"0", "1"}  # keyed by layer name
     assert int(slot["rows"]["0"]["count"]) == 3
-    assert slot["rows"]["1"]["history"][:3].tolist() != [0.0, 0.0, 0.0]
+    # the whole history grows with the run: packed as bytes (see gradclip.core.state)
+    history = unpack_tensor(slot["rows"]["1"]["history"])
+    assert history.shape == (64,) and history[:3].tolist() != [0.0, 0.0, 0.0]
 
 
 def test_state_dict_has_its_full_structure_before_the_first_step() -> None:

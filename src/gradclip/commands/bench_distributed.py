@@ -6,13 +6,15 @@ sharded), runs one backward pass, then times on every rank, with the ranks
 lined up by a barrier before each call (the barrier is not timed):
 
 * ``gradclip`` — ``GradientNormalizer(model, mode).apply()``: per-layer norms, one
-  ``all_reduce`` of one float per gradient tensor;
+  ``all_reduce`` of one float per gradient tensor, after the ranks' agreement
+  fingerprint (one float per parameter, and one more);
 * ``torch.nn.utils.clip_grad_norm_`` on the same sharded parameters: one global
   norm (torch's DTensor path);
 * the naive per-layer alternative, ``clip_grad_norm_`` called once per layer,
   which costs one collective per layer.
 
-The collectives of one call of each are counted with `CollectiveCounter`.
+The collectives of one call of each, and the elements they send, are counted
+with `CollectiveCounter`.
 Medians over ``repeats`` calls, from rank 0. The first call of each method is
 not timed (it builds the cached plan).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -60,6 +63,8 @@ class CollectiveCounter:
 
     Attributes:
         ops: names of the collectives, in order (e.g. ``["gloo:all_reduce"]``).
+        elements: the number of elements each one sent from this rank (its inputs'
+            total, as the profiler recorded their shapes; 0 where it did not).
 
     Example:
         >>> with CollectiveCounter() as counter:
@@ -70,12 +75,13 @@ class CollectiveCounter:
 
     def __init__(self) -> None:
         self.ops: list[str] = []
+        self.elements: list[int] = []
         self._profile: Any = None
 
     def __enter__(self) -> CollectiveCounter:
         from torch.profiler import ProfilerActivity, profile
 
-        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
         self._profile.__enter__()
         return self
 
@@ -86,7 +92,9 @@ class CollectiveCounter:
         tb: TracebackType | None,
     ) -> None:
         self._profile.__exit__(exc_type, exc, tb)
-        self.ops = [e.name for e in self._profile.events() if _COLLECTIVE_EVENT.match(e.name)]
+        events = [e for e in self._profile.events() if _COLLECTIVE_EVENT.match(e.name)]
+        self.ops = [e.name for e in events]
+        self.elements = [sum(math.prod(s) for s in e.input_shapes if s) for e in events]
 
 
 def _mlp(layers: int, width: int) -> nn.Sequential:
@@ -164,6 +172,7 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
                     "parameters": sum(p.numel() for p in params),
                     "median_ms": round(median, 4),
                     "collectives": len(counter.ops),
+                    "floats_sent": sum(counter.elements),
                 }
             )
         base = rows[1]["median_ms"]
@@ -209,8 +218,9 @@ def run_distributed_bench(
     Returns:
         One row per method: ``method``, ``world_size``, ``layers``, ``tensors``,
         ``parameters``, ``median_ms`` (rank 0), ``collectives`` (per call, counted
-        on rank 0) and ``ratio_vs_clip_grad_norm_`` (median over the median of
-        the global ``clip_grad_norm_``).
+        on rank 0), ``floats_sent`` (elements those collectives sent from rank 0)
+        and ``ratio_vs_clip_grad_norm_`` (median over the median of the global
+        ``clip_grad_norm_``).
 
     Raises:
         RuntimeError: the worker processes failed or timed out.
@@ -254,7 +264,7 @@ def run_distributed_bench(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The rows as a text table."""
-    header = ("method", "ranks", "layers", "tensors", "median ms", "collectives", "ratio")
+    header = ("method", "ranks", "layers", "tensors", "median ms", "collectives", "sent", "ratio")
     lines = [
         (
             str(r["method"]),
@@ -263,6 +273,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             str(r["tensors"]),
             f"{r['median_ms']:.3f}",
             str(r["collectives"]),
+            str(r.get("floats_sent", "-")),
             f"{r['ratio_vs_clip_grad_norm_']:.2f}",
         )
         for r in rows

@@ -21,15 +21,16 @@ vectors, built once per `Plan`.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gradclip.core.collective import ShardedModel, sharded_model
 from gradclip.core.layers import Layer
+from gradclip.core.measure import Measurement as _Measurement
+from gradclip.core.measure import finish, judged_layer_norms, measure, measure_local
 from gradclip.core.nonfinite import (
     NonFiniteGradientError,
     bad_layers,
@@ -37,24 +38,17 @@ from gradclip.core.nonfinite import (
     read_bad_layers,
     zero_layers_,
 )
-from gradclip.core.plan import Group, Plan, Signature, Stage, accumulation_dtype_of
+from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
-from gradclip.core.rule import CrossRank, Measured, Rule, ScalingRule, Shards, stages_of
-from gradclip.core.sharding import is_dtensor, local_tensors, p_norm_parts, p_norms_from
+from gradclip.core.rounds import run_round, select
+from gradclip.core.rule import Rule, stages_of
+from gradclip.core.sharding import is_dtensor, local_tensors
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
 __all__ = ["Engine"]
 
-
-@dataclass(eq=False)
-class _Measurement:
-    """The norms of a step, measured once before any rule runs."""
-
-    tensor_norms: torch.Tensor  # (T,) L2, NaN where not measured
-    layer_norms: torch.Tensor  # (L,) L2, NaN where not measured
-    p_norms: dict[int, torch.Tensor]  # group index -> (T_g,) norms of its rule's order p != 2
-    reduced: dict[int, CrossRank]  # group index -> its rule's reduced cross-rank quantities
+_UNKNOWN: Any = object()  # the sharded model's collective, before the first step sizes it
 
 
 class Engine:
@@ -111,6 +105,10 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        # known now for plain tensors (no collective), so that a compiled first step
+        # finds it set; a sharded model's collective is sized at its first step
+        plain = not any(is_dtensor(p) for p in self.params)
+        self._sharded: ShardedModel | None = None if plain else _UNKNOWN
         self._init_state()
         self._predict_plan()
 
@@ -233,16 +231,12 @@ class Engine:
         Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
         with ``create_graph=True`` are rescaled without recording autograd history.
         """
-        grads_by_param, signature = self.gather()
-        plan = self.plan(signature, grads_by_param)
-        grads = plan.select(grads_by_param)
-        if plan.sharding is not None:
-            grads = local_tensors(grads)
-        if not grads:
-            return NormReport.empty(plan)
-        measured = _measure(plan, grads)
+        prepared = self._prepare()
+        if isinstance(prepared, NormReport):  # no gradient at all
+            return prepared
+        plan, grads, measured = prepared
         reported = (measured.tensor_norms, measured.layer_norms)
-        judged = _judged_layer_norms(plan, measured)
+        judged = judged_layer_norms(plan, measured)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
         if self.nonfinite in ("error", "skip"):
@@ -261,7 +255,7 @@ class Engine:
                 measured.tensor_norms.masked_fill(zeroed, 0.0),
                 measured.layer_norms.masked_fill(bad, 0.0),
                 {
-                    gi: norms.masked_fill(_select(zeroed, plan.groups[gi]), 0.0)
+                    gi: norms.masked_fill(select(zeroed, plan.groups[gi]), 0.0)
                     for gi, norms in measured.p_norms.items()
                 },
                 measured.reduced,
@@ -272,265 +266,74 @@ class Engine:
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
         for k in range(len(plan.rounds)):
-            self._run_round(plan, k, grads, measured, zeroed, finite, changed, known, stats, seen)
+            run_round(
+                self.store, plan, k, grads, measured, zeroed, finite, changed, known, stats, seen
+            )
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, known)
 
-    def _run_round(
-        self,
-        plan: Plan,
-        k: int,
-        grads: list[torch.Tensor],
-        measured: _Measurement,
-        zeroed: torch.Tensor | None,
-        finite: torch.Tensor | None,
-        changed: torch.Tensor,
-        known: list[bool],
-        stats: list[tuple[list[str], dict[str, torch.Tensor]]],
-        seen: dict[int, set[str]],
-    ) -> None:
-        """Round ``k``: every rule computes, then states are written and coefficients multiplied.
+    def _prepare(self) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
+        """Gather, plan and measure the step: on a sharded model, with its one collective.
 
-        Scaling rules run before in-place ones (the plan orders them so), and nothing
-        is written before every rule of the round has returned: a rule that raises
-        leaves the round's state and the gradients of every scaling rule untouched.
+        Every rank of a sharded model takes part in the collective, with or
+        without gradients, and raises the same error if the ranks disagree (see
+        `gradclip.core.collective`), before anything is modified. Returns the
+        report of a step without any gradient instead of measuring.
         """
-        round_ = plan.rounds[k]
-        coefficients: torch.Tensor | None = None
-        done = []
-        for group, stage in round_.stages:
-            m = self._measured(plan, group, stage, grads, measured, k, zeroed)
-            state = self._load(stage)
-            rule = stage.rule
-            if isinstance(rule, ScalingRule):
-                coef, new_state = rule.scale(m, state)
-                coef = coef.to(plan.acc_dtype)
-                if round_.single:
-                    coefficients = coef
-                else:
-                    if coefficients is None:
-                        assert round_.scaled is not None
-                        coefficients = torch.empty(
-                            len(round_.scaled), dtype=plan.acc_dtype, device=plan.device
-                        )
-                    assert stage.coefficient_index is not None
-                    coefficients.index_copy_(0, stage.coefficient_index, coef)
-                flags: torch.Tensor | None = coef
-            else:
-                flags, new_state = rule.transform_(m, state)  # type: ignore[attr-defined]
-            done.append((group, stage, m, state, new_state, flags))
-        for group, stage, m, state, new_state, flags in done:
-            if isinstance(stage.rule, ScalingRule):
-                assert flags is not None
-                changed.index_add_(0, group.tensor_layer_ids_t, (flags != 1).to(torch.int32))
-            elif flags is None:
-                for lid in group.layer_ids:
-                    known[lid] = False
-            else:
-                changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
-            if stage.slot is not None:
-                assert stage.row_index is not None
-                keep = _keep_rows(stage, group, m, finite)
-                new_state = self.store.store(
-                    stage.slot, stage.row_index, stage.whole_rows, state, new_state, keep
-                )
-            shown = stage.rule.stats(m, new_state)
-            if shown:
-                keys = seen.setdefault(group.index, set())
-                named = {(f"{k}.{key}" if key in keys else key): v for key, v in shown.items()}
-                keys.update(named)
-                stats.append((list(stage.layout.layer_names), named))
-        if coefficients is not None:
-            assert round_.scaled is not None
-            round_.scaled.scale_(grads, coefficients)
-
-    def _load(self, stage: Stage) -> dict[str, torch.Tensor]:
-        if stage.slot is None:
-            return {}
-        assert stage.row_index is not None
-        return self.store.load(stage.slot, stage.row_index, stage.whole_rows)
-
-    def _measured(
-        self,
-        plan: Plan,
-        group: Group,
-        stage: Stage,
-        grads: list[torch.Tensor],
-        measured: _Measurement,
-        k: int,
-        zeroed: torch.Tensor | None,
-    ) -> Measured:
-        """What ``stage``'s rule is called with in round ``k``."""
-        index = group.index
-        group_grads = grads if group.covers_all else [grads[p] for p in group.positions]
-        norms: torch.Tensor | None = None
-        layer_norms: torch.Tensor | None = None
-        p = stage.rule.norm_type
-        if p is not None:
-            if k > 0:
-                assert stage.norm_runs is not None
-                norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
-            elif index in measured.p_norms:
-                norms = measured.p_norms[index]
-            else:  # the step's L2 norms, tensors' and layers' both measured already
-                norms = _select(measured.tensor_norms, group)
-                layer_norms = (
-                    measured.layer_norms
-                    if group.covers_all
-                    else measured.layer_norms.index_select(0, group.layer_ids_t)
-                )
-            if layer_norms is None:
-                layer_norms = _layer_norms(
-                    norms, stage.layout.tensor_layer, len(group.layer_ids), p
-                )
-        shards = None
-        if group.shard_weights is not None:
-            shards = Shards(
-                group.shard_weights,
-                measured.reduced.get(index) if k == 0 else None,
-                None if zeroed is None else _select(zeroed, group),
+        if self._sharded is _UNKNOWN:
+            self._sharded = sharded_model(
+                self.layers,
+                self.rules,
+                self.params,
+                self._names,
+                trainable=self._trainable(),
+                measure_all=self.measure_all,
+                store=self.store,
             )
-        return Measured(
-            grads=group_grads,
-            params=group.params if plan.sharding is None else local_tensors(group.params),
-            norms=norms,
-            layer_norms=layer_norms,
-            layout=stage.layout,
-            prepared=stage.prepared,
-            step=_host_steps(self.store, stage),
-            shards=shards,
-        )
+        sharded = self._sharded
+        collective = None if sharded is None else sharded.collective
+        if collective is None:  # plain tensors, or a configuration that reduces nothing
+            grads_by_param, signature = self.gather()
+            plan = self.plan(signature, grads_by_param)
+            plan.changes_group = None if sharded is None else sharded.changes
+            grads = plan.select(grads_by_param)
+            if plan.sharding is not None:
+                grads = local_tensors(grads)
+            if not grads:
+                return NormReport.empty(plan)
+            return plan, grads, measure(plan, grads)
+        body = None
+        try:
+            grads_by_param, signature = self.gather()
+            plan = self.plan(signature, grads_by_param)
+            grads = local_tensors(plan.select(grads_by_param))
+            parts = measure_local(plan, grads)
+            if plan.sharding is not None:
+                body = plan.sharding.pack(parts.norms, parts.extras, collective.capacity)
+            fingerprint = collective.cached(plan)
+            if fingerprint is None:
+                dtypes = [None if sig is None else sig[1] for sig in signature]
+                fingerprint = collective.fingerprint(dtypes, key=plan)
+        except Exception as error:  # still take part, so that no rank waits for this one
+            raw = [p.grad if t else None for p, t in zip(self.params, self._trainable())]
+            dtypes = [None if g is None else g.dtype for g in raw]
+            collective.exchange(collective.fingerprint(dtypes), True, None)
+            raise error
+        reduced = collective.exchange(fingerprint, False, body)
+        plan.changes_group = sharded.changes  # type: ignore[union-attr]
+        if not grads:
+            return NormReport.empty(plan)
+        if plan.sharding is None:  # no DTensor gradient on any rank: nothing to reduce
+            return plan, grads, finish(plan, parts)
+        values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
+        return plan, grads, finish(plan, parts, values)
 
-
-def _host_steps(store: StateStore, stage: Stage) -> int:
-    # read only where the rule sizes a buffer by it: a changing Python int read
-    # in a compiled step would recompile it
-    if stage.slot is None or not stage.rule.growable_state:
-        return 0
-    return store.slots[stage.slot].steps
+    def _trainable(self) -> list[bool]:
+        check = self._check_frozen
+        flags = [check] * len(self.params) if isinstance(check, bool) else check
+        return [p.requires_grad or not c for p, c in zip(self.params, flags)]
 
 
 def _entry(owner: Mapping[str, Any], key: str) -> Any:
     return owner.get(key)
-
-
-def _select(values: torch.Tensor, group: Group) -> torch.Tensor:
-    return values if group.covers_all else values.index_select(0, group.positions_t)
-
-
-def _layer_norms(
-    norms: torch.Tensor, tensor_layer: torch.Tensor, num_layers: int, norm_type: float
-) -> torch.Tensor:
-    """``(L,)`` p-norm of each layer's tensors from their ``(T,)`` p-norms."""
-    if math.isinf(norm_type):
-        out = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
-        return out.scatter_reduce_(0, tensor_layer, norms, "amax")
-    powers = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
-    if norm_type == 2.0:
-        return powers.index_add_(0, tensor_layer, norms.square()).sqrt_()
-    return powers.index_add_(0, tensor_layer, norms.pow(norm_type)).pow_(1.0 / norm_type)
-
-
-def _measure(plan: Plan, grads: list[torch.Tensor]) -> _Measurement:
-    """The step's L2 norms, the p-norms some rules read, and (sharded) their reduction."""
-    dev, acc = plan.device, plan.acc_dtype
-    local = plan.measured.norms(grads, 2.0, dev, acc) if plan.any_measured else None
-    p_norms: dict[int, torch.Tensor] = {}
-    for gi, group in enumerate(plan.groups):
-        stage = group.stages[0]
-        if stage.norm_runs is not None and stage.rule.norm_type is not None:
-            p_norms[gi] = stage.norm_runs.norms(grads, stage.rule.norm_type, dev, acc)
-    reduced: dict[int, CrossRank] = {}
-    if plan.sharding is not None:
-        local, p_norms, reduced = _reduce(plan, grads, local, p_norms)
-    if local is None:
-        tensor_norms = torch.full((plan.num_tensors,), math.nan, dtype=acc, device=dev)
-        layer_norms = torch.full((plan.num_layers,), math.nan, dtype=acc, device=dev)
-        return _Measurement(tensor_norms, layer_norms, p_norms, reduced)
-    if plan.all_measured:
-        tensor_norms = local
-        measured = local
-    else:
-        tensor_norms = torch.full((plan.num_tensors,), math.nan, dtype=acc, device=dev)
-        tensor_norms.index_copy_(0, plan.measured_positions_t, local)
-        measured = local
-    layer_norms = _layer_norms(measured, plan.measured_layer_t, plan.num_layers, 2.0)
-    if not all(plan.layer_measured):
-        layer_norms = torch.where(plan.layer_measured_t, layer_norms, math.nan)
-    return _Measurement(tensor_norms, layer_norms, p_norms, reduced)
-
-
-def _reduce(
-    plan: Plan,
-    grads: list[torch.Tensor],
-    local: torch.Tensor | None,
-    p_norms: dict[int, torch.Tensor],
-) -> tuple[torch.Tensor | None, dict[int, torch.Tensor], dict[int, CrossRank]]:
-    """Sum the step's local quantities over ranks in one collective."""
-    assert plan.sharding is not None
-    extras: list[CrossRank] = []
-    owners: list[tuple[str, int]] = []
-    for gi, norms in p_norms.items():
-        group = plan.groups[gi]
-        assert group.shard_weights is not None and group.stages[0].rule.norm_type is not None
-        extras.append(p_norm_parts(norms, group.stages[0].rule.norm_type, group.shard_weights))
-        owners.append(("p", gi))
-    for gi, group in enumerate(plan.groups):
-        if not group.asks_cross_rank:
-            continue
-        stage = group.stages[0]
-        m = Measured(
-            grads=[grads[p] for p in group.positions],
-            params=local_tensors(group.params),
-            norms=None,
-            layer_norms=None,
-            layout=stage.layout,
-            prepared=stage.prepared,
-            shards=Shards(group.shard_weights),  # type: ignore[arg-type]
-        )
-        extra = stage.rule.cross_rank(m)
-        if extra is not None:
-            extras.append(extra)
-            owners.append(("rule", gi))
-    if local is None and not extras:
-        return None, p_norms, {}
-    reduced_l2, out = plan.sharding.reduce(local, extras)
-    p_global: dict[int, torch.Tensor] = {}
-    reduced: dict[int, CrossRank] = {}
-    for (kind, gi), values in zip(owners, out):
-        if kind == "p":
-            norm_type = plan.groups[gi].stages[0].rule.norm_type
-            assert norm_type is not None
-            p_global[gi] = p_norms_from(values, norm_type)
-        else:
-            reduced[gi] = values
-    return reduced_l2, p_global, reduced
-
-
-def _judged_layer_norms(plan: Plan, measured: _Measurement) -> torch.Tensor:
-    """``(L,)`` the norm each layer is judged finite or not by: the one its rule reads."""
-    if not measured.p_norms:
-        return measured.layer_norms
-    judged = measured.layer_norms.clone()
-    for gi, norms in measured.p_norms.items():
-        group = plan.groups[gi]
-        p = group.stages[0].rule.norm_type
-        assert p is not None
-        layer = _layer_norms(norms, group.stages[0].layout.tensor_layer, len(group.layer_ids), p)
-        judged.index_copy_(0, group.layer_ids_t, layer)
-    return judged
-
-
-def _keep_rows(
-    stage: Stage, group: Group, m: Measured, finite: torch.Tensor | None
-) -> torch.Tensor | None:
-    """``(R,)`` bool: state rows to leave as they were (their norm was not finite)."""
-    if finite is None:
-        return None
-    ok = finite if group.covers_all else finite.index_select(0, group.layer_ids_t)
-    if m.layer_norms is not None:
-        ok = ok & torch.isfinite(m.layer_norms)
-    if not stage.rule.per_layer_state:
-        ok = ok.all().reshape(1)
-    return ~ok

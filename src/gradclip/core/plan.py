@@ -31,10 +31,18 @@ import torch
 from gradclip.core.kernels import Runs
 from gradclip.core.layers import Layer
 from gradclip.core.rule import GroupLayout, InPlaceRule, Rule, ScalingRule, stages_of
-from gradclip.core.sharding import Sharding, local_tensors, sharding_of
+from gradclip.core.sharding import RankGroup, Sharding, local_tensors, sharding_of
 from gradclip.core.state import StateStore, is_stateful, state_rows, state_slot
 
-__all__ = ["Group", "Plan", "Round", "Signature", "Stage", "accumulation_dtype_of"]
+__all__ = [
+    "Group",
+    "Plan",
+    "Round",
+    "Signature",
+    "Stage",
+    "accumulation_dtype_of",
+    "check_not_replaced",
+]
 
 # (device, dtype, layout) of each parameter's gradient; None where it has none.
 Signature = list[tuple[torch.device, torch.dtype, torch.layout] | None]
@@ -116,6 +124,7 @@ class Plan:
     ) -> None:
         flat_layer = [lid for lid, layer in enumerate(layers) for _ in layer.params]
         names = [layer.qualified(k) for layer in layers for k in range(len(layer.params))]
+        check_not_replaced(names, params)
         _check_layer_devices(layers, signature, flat_layer, names)
         stages = [stages_of(rule) for rule in rules]
 
@@ -172,6 +181,9 @@ class Plan:
         self.sharding: Sharding | None = sharding_of(
             self.names, grads_in_order, dev, self.acc_dtype
         )
+        #: on a sharded model with in-place rules, the group over which
+        #: `NormReport.across_ranks` combines their per-rank ``changed`` flags
+        self.changes_group: RankGroup | None = None
         self.groups = self._make_groups(layers, rules, stages, keys, empty, store, local_shapes)
         self.rounds = self._make_rounds(keys, empty)
         self.has_state = any(s.slot is not None for g in self.groups for s in g.stages)
@@ -317,6 +329,29 @@ class Plan:
             runs = Runs(positions, keys, empty, scaled=True) if positions else None
             rounds.append(Round(members, runs, single))
         return rounds
+
+
+def check_not_replaced(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
+    """Refuse parameters that FSDP2's ``fully_shard`` replaced after they were collected.
+
+    ``fully_shard`` puts a new ``DTensor`` parameter in the module and marks the
+    one it replaced (``_fsdp_orig_uid``); the replaced one never gets a gradient
+    again, so a normalizer still holding it would skip its layer forever. A
+    normalizer built on a module follows the swap before planning; one built
+    on tensors (a custom grouping) cannot, and is refused here.
+
+    Raises:
+        RuntimeError: naming the replaced parameters.
+    """
+    stale = [name for name, p in zip(names, params) if hasattr(p, "_fsdp_orig_uid")]
+    if stale:
+        shown = ", ".join(map(repr, stale[:10])) + (" ..." if len(stale) > 10 else "")
+        raise RuntimeError(
+            f"parameter(s) {shown} were replaced by fully_shard (FSDP2) after they were given "
+            "to this normalizer: they will never have a gradient again, and their layers would "
+            "never be normalized. A normalizer built on a module follows the swap; one built on "
+            "tensors cannot: build it after fully_shard, from the module's new parameters."
+        )
 
 
 def _check_layer_devices(

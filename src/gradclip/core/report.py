@@ -3,10 +3,18 @@
 Everything stays on the gradients' device as tensors; nothing is read to the
 host until you ask (``to_dict()``, ``print(report)``, ``changed_layers()``),
 and then everything is read with one transfer.
+
+On a sharded model (FSDP2) every rank's report holds the same norms and
+statistics, read from values reduced over ranks; so are the ``changed`` flags
+of scaling rules, derived from them. An in-place rule such as
+`AdaptiveGradClip` decides per unit (a row) on the pieces the rank holds: its
+``changed`` flag says whether *this rank* changed the layer, and
+`NormReport.across_ranks` combines them over ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,7 +35,9 @@ class NormReport:
             ``None`` layers and element-wise clipping, unless ``measure_all``).
         layer_norm_vector: ``(L,)`` L2 norm of each of the model's layers
             (indexed like the normalizer's layers; NaN where not measured).
-        changed_vector: ``(L,)`` bool, whether normalization changed the layer.
+        changed_vector: ``(L,)`` bool, whether normalization changed the layer
+            (for an in-place rule on a sharded model: on this rank, see
+            `across_ranks`).
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 1))
@@ -108,6 +118,38 @@ class NormReport:
             for i, (name, has) in enumerate(zip(plan.layer_names, plan.layer_has_grad))
             if has
         }
+
+    def across_ranks(self) -> NormReport:
+        """This report with ``changed`` true where normalization changed the layer on any rank.
+
+        A collective: call it on every rank, e.g. on the steps you log. On a
+        sharded model with an in-place rule (`AdaptiveGradClip`, element-wise
+        clipping), whose ``changed`` flags are per rank, it combines them with one
+        ``all_reduce`` of ``L`` int32 (``L`` layers); the report is then the same
+        on every rank. Otherwise every flag is already the same on every rank and
+        it returns this report, without communicating (the same on every rank:
+        it depends on the model and the configuration only).
+
+        Returns:
+            A report sharing this one's norms and statistics.
+
+        Examples:
+            >>> report = normalizer.apply()          # AGC on an FSDP2 model
+            >>> if step % 100 == 0:
+            ...     logged = report.across_ranks()   # every rank
+            ...     if rank == 0:
+            ...         print(logged.changed_layers())
+        """
+        group = self._plan.changes_group
+        if group is None:
+            return self
+        import torch.distributed as dist
+
+        flags = self.changed_vector.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group.group)
+        combined = copy.copy(self)
+        combined.changed_vector = flags > 0
+        return combined
 
     def total_norm(self) -> torch.Tensor:
         """0-d L2 norm of all measured gradients together (NaN-free only if all were measured)."""

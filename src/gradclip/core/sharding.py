@@ -29,7 +29,9 @@ leaves every rank's values intact (``x + 0 = x`` exactly, inf and NaN
 included), and the maximum over the slots is taken locally.
 
 The bytes sent per step are one float per gradient tensor, whatever the model's
-size, plus the few quantities strategies declare (`CrossRank`).
+size, plus the few quantities strategies declare (`CrossRank`), after a
+fingerprint of one float per parameter with which the ranks check that they
+agree on the step's gradients (`gradclip.core.collective`).
 Element-wise clipping and ``None`` measure nothing, so a step with only those
 modes sends nothing. Under DDP gradients are plain tensors, already
 averaged (identical on every rank): the engine needs no communication at all and
@@ -44,9 +46,9 @@ Example:
     >>> for block in model.blocks:
     ...     fully_shard(block)
     >>> fully_shard(model)
-    >>> normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)  # after fully_shard
+    >>> normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
     >>> loss.backward()
-    >>> normalizer.apply()            # one all_reduce of len(parameters) floats
+    >>> normalizer.apply()            # one all_reduce of 2 · len(parameters) + 1 floats
 
 References:
     Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data
@@ -55,7 +57,6 @@ References:
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,12 +70,12 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
+    "Capacity",
+    "RankGroup",
     "Sharding",
     "is_dtensor",
     "local_tensor",
     "local_tensors",
-    "p_norm_parts",
-    "p_norms_from",
     "sharding_of",
 ]
 
@@ -123,13 +124,21 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [t.to_local() if isinstance(t, cls) else t for t in tensors]  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class RankGroup:
+    """The process group of a sharded model, for a collective a caller asks for explicitly."""
+
+    group: ProcessGroup | None  # None: the default group
+
+
 @dataclass(eq=False)
 class Sharding:
     """How the local norms of one plan's tensors become global norms.
 
-    Built once per plan by `sharding_of`; every step the engine calls
-    `local` on the gradients and `reduce` (or `reduce_norms`,
-    when no strategy declared `CrossRank` quantities) on the measured norms.
+    Built once per plan by `sharding_of`; every step the engine takes the
+    gradients' local pieces and sends the measured norms and the strategies'
+    `CrossRank` quantities in one collective (`pack`, then ``all_reduce``,
+    then `unpack`).
 
     Attributes:
         group: the process group of the reduction (``None``: the default group).
@@ -165,38 +174,102 @@ class Sharding:
         """The rank-local pieces of ``tensors`` (plain tensors pass through)."""
         return local_tensors(tensors)
 
-    def reduce_norms(self, norms: torch.Tensor) -> torch.Tensor:
-        """Global L2 norms from ``(T,)`` local ones, with one ``all_reduce``.
+    def pack(
+        self, norms: torch.Tensor | None, extras: Sequence[CrossRank], capacity: Capacity
+    ) -> torch.Tensor:
+        """This rank's part of the step's collective: ``capacity.size(group_size)`` floats.
 
-        ``sqrt(Σ_ranks w_i · n_i²)``; NaN entries (tensors not measured) stay NaN.
-        The collective is enqueued like any other (asynchronous on NCCL); nothing
-        is read to the host.
+        ``[w·n² (T) | every extra's sums (S) | (world, M) maxima slots]``, each
+        block zero-padded to its capacity, in the accumulation dtype (float64 on
+        CPU and CUDA, so squaring cannot overflow). This rank fills only its own
+        row of the slots, so after the sum each row holds one rank's maxima
+        exactly (``x + 0 = x``, inf and NaN included) and their maximum is taken
+        locally. The length depends on ``capacity`` alone, never on this rank's
+        gradients: ranks that disagree on them still send vectors of one size.
 
         Args:
-            norms: ``(T,)`` L2 norms of the local pieces, in the accumulation dtype
-                (float64 on CPU and CUDA, so squaring cannot overflow).
+            norms: ``(T,)`` local L2 norms, or ``None`` when the step measures none.
+            extras: the strategies' local `CrossRank` s.
+            capacity: the sizes of the blocks (at least what is packed).
+
+        Raises:
+            ValueError: more values than ``capacity`` holds (nothing is sent then).
+        """
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor:
+            if t is None:
+                return torch.zeros(0, dtype=self.dtype, device=self.device)
+            return t.reshape(-1).to(self.device, self.dtype)
+
+        squares = flat(None) if norms is None else norms.square()
+        if norms is not None and self.weights is not None:
+            squares.mul_(self.weights)
+        sums = [flat(e.sums) for e in extras]
+        maxima = [flat(e.maxima) for e in extras]
+        used = Capacity(
+            squares.numel(), sum(x.numel() for x in sums), sum(x.numel() for x in maxima)
+        )
+        if not used.fits(capacity):
+            raise ValueError(
+                f"the step's quantities {used} exceed the collective's capacity {capacity}, "
+                "which is sized from every parameter having a gradient: a rule's cross_rank() "
+                "returns more values for fewer gradients"
+            )
+        vector = torch.zeros(capacity.size(self.group_size), dtype=self.dtype, device=self.device)
+        vector[: used.norms] = squares
+        head = capacity.norms
+        if sums:
+            vector[head : head + used.sums] = torch.cat(sums)
+        if used.maxima:
+            slots = vector[head + capacity.sums :].view(self.group_size, capacity.maxima)
+            slots[self.rank, : used.maxima] = torch.cat(maxima)
+        return vector
+
+    def unpack(
+        self,
+        vector: torch.Tensor,
+        norms: torch.Tensor | None,
+        extras: Sequence[CrossRank],
+        capacity: Capacity,
+    ) -> tuple[torch.Tensor | None, list[CrossRank]]:
+        """The global quantities from the reduced `pack` ed vector.
+
+        Only meaningful when every rank packed the same layout (the same plan):
+        the caller checks that first (`gradclip.core.collective`).
 
         Returns:
-            ``(T,)`` L2 norms of the full tensors, the same on every rank.
+            The global L2 norms (``None`` if ``norms`` was) and, for each extra, a
+            `CrossRank` of its reduced values (``local`` passed through).
         """
-        import torch.distributed as dist
-
-        squares = norms.square()
-        if self.weights is not None:
-            squares.mul_(self.weights)
-        dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=self.group)
-        return squares.sqrt_()
+        reduced_norms = None if norms is None else vector[: norms.numel()].sqrt()
+        sums = vector[capacity.norms : capacity.norms + capacity.sums]
+        slots = vector[capacity.norms + capacity.sums :].view(self.group_size, capacity.maxima)
+        best = slots.amax(dim=0)
+        out = []
+        s_off = m_off = 0
+        for e in extras:
+            reduced = CrossRank(local=e.local)
+            if e.sums is not None:
+                n = e.sums.numel()
+                reduced.sums = sums[s_off : s_off + n].view(e.sums.shape)
+                s_off += n
+            if e.maxima is not None:
+                n = e.maxima.numel()
+                reduced.maxima = best[m_off : m_off + n].view(e.maxima.shape)
+                m_off += n
+            out.append(reduced)
+        return reduced_norms, out
 
     def reduce(
         self, norms: torch.Tensor | None, extras: Sequence[CrossRank]
     ) -> tuple[torch.Tensor | None, list[CrossRank]]:
         """Global norms and strategies' quantities, with one ``all_reduce`` for all of them.
 
-        The vector sent is ``[w·n² (T) | every extra's sums | (world, M) maxima
-        slots]`` in the accumulation dtype (float64 on CPU and CUDA). This rank
-        fills only its own row of the slots, so after the sum each row holds one
-        rank's maxima exactly and their maximum is taken locally. Without maxima
-        the vector is ``T + S`` floats; each maximum adds ``world_size`` floats.
+        `pack` with a capacity of exactly what is packed, ``all_reduce(SUM)``,
+        `unpack`: ``T + S`` floats, plus ``world_size`` per maximum. The
+        collective is enqueued like any other (asynchronous on NCCL); nothing is
+        read to the host. Used where the ranks' agreement is not checked (see
+        `gradclip.core.collective` for the step of a sharded model).
 
         Args:
             norms: ``(T,)`` local L2 norms, or ``None`` when the step measures none.
@@ -206,68 +279,48 @@ class Sharding:
             The global norms (``None`` if ``norms`` was) and, for each extra, a
             `CrossRank` of its reduced values, on the plan's device.
         """
-        if not extras:
-            return (None if norms is None else self.reduce_norms(norms)), []
         import torch.distributed as dist
 
-        def flat(t: torch.Tensor | None) -> torch.Tensor:
-            if t is None:
-                return torch.zeros(0, dtype=self.dtype, device=self.device)
-            return t.reshape(-1).to(self.device, self.dtype)
-
-        parts: list[torch.Tensor] = []
-        if norms is not None:
-            squares = norms.square()
-            if self.weights is not None:
-                squares.mul_(self.weights)
-            parts.append(squares)
-        sums = [flat(e.sums) for e in extras]
-        maxima = [flat(e.maxima) for e in extras]
-        parts += sums
-        num_max = sum(m.numel() for m in maxima)
-        if num_max:
-            slots = torch.zeros(self.group_size, num_max, dtype=self.dtype, device=self.device)
-            slots[self.rank] = torch.cat(maxima)
-            parts.append(slots.reshape(-1))
-        vector = torch.cat(parts)
+        capacity = Capacity.of(norms, extras)
+        vector = self.pack(norms, extras, capacity)
         dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)  # the step's one collective
-        head = 0 if norms is None else norms.numel()
-        reduced_norms = None if norms is None else vector[:head].sqrt()
-        summed = vector[head : head + sum(s.numel() for s in sums)]
-        best = vector[vector.numel() - self.group_size * num_max :]
-        best = best.view(self.group_size, num_max).amax(dim=0)
-        out = []
-        s_off = m_off = 0
-        for e, s, m in zip(extras, sums, maxima):
-            reduced = CrossRank(local=e.local)
-            if e.sums is not None:
-                reduced.sums = summed[s_off : s_off + s.numel()].view(e.sums.shape)
-            if e.maxima is not None:
-                reduced.maxima = best[m_off : m_off + m.numel()].view(e.maxima.shape)
-            s_off += s.numel()
-            m_off += m.numel()
-            out.append(reduced)
-        return reduced_norms, out
+        return self.unpack(vector, norms, extras, capacity)
 
 
-def p_norm_parts(norms: torch.Tensor, norm_type: float, weights: torch.Tensor) -> CrossRank:
-    """This rank's part of per-tensor p-norms: ``w·‖g_local‖_p^p`` summed, or ``max|g|`` maximized.
+@dataclass(frozen=True)
+class Capacity:
+    """Sizes of the blocks of a step's collective: norms, sums, maxima per rank.
 
-    ``weights`` are ``1 / replicas`` of each piece, so a replicated piece is
-    counted once; a maximum needs no weight.
+    Examples:
+        >>> c = Capacity(norms=4, sums=2, maxima=3)
+        >>> c.size(world=2)                 # 4 + 2 + 2 * 3
+        12
+        >>> Capacity(4, 1, 0).fits(c), Capacity(5, 0, 0).fits(c)
+        (True, False)
     """
-    if math.isinf(norm_type):
-        return CrossRank(maxima=norms)
-    return CrossRank(sums=norms.pow(norm_type).mul_(weights))
 
+    norms: int = 0
+    sums: int = 0
+    maxima: int = 0
 
-def p_norms_from(reduced: CrossRank, norm_type: float) -> torch.Tensor:
-    """The full tensors' p-norms from the reduced `p_norm_parts`."""
-    if math.isinf(norm_type):
-        assert reduced.maxima is not None
-        return reduced.maxima
-    assert reduced.sums is not None
-    return reduced.sums.pow(1.0 / norm_type)
+    def size(self, world: int) -> int:
+        """Floats sent by each rank."""
+        return self.norms + self.sums + world * self.maxima
+
+    def fits(self, other: Capacity) -> bool:
+        """Whether every block of this one fits in ``other`` 's."""
+        return self.norms <= other.norms and self.sums <= other.sums and self.maxima <= other.maxima
+
+    @staticmethod
+    def of(norms: torch.Tensor | None, extras: Sequence[CrossRank]) -> Capacity:
+        """Exactly what ``norms`` and ``extras`` take."""
+
+        def numel(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel()
+
+        return Capacity(
+            numel(norms), sum(numel(e.sums) for e in extras), sum(numel(e.maxima) for e in extras)
+        )
 
 
 def _replicas(mesh: Any, placements: Sequence[Any], name: str) -> int:
@@ -311,7 +364,8 @@ def sharding_of(
     """Describe the sharding of one plan's gradients, or ``None`` if none is a ``DTensor``.
 
     Every rank must build the same plan (the same tensors, in the same order):
-    the reduced vector is indexed by tensor. Plain tensors among ``DTensor`` s are
+    the reduced vector is indexed by tensor. A model's steps check it in the
+    collective itself (`gradclip.core.collective`). Plain tensors among ``DTensor`` s are
     taken to be replicated on every rank of the group (identical values, as after
     DDP's all-reduce) and weighted ``1 / group_size``.
 

@@ -8,14 +8,21 @@ writes the rows back, except rows whose norm was not finite that step: those
 stay exactly as they were, so one bad step cannot spoil the statistics of the
 steps after it.
 
-`StateStore.state_dict` holds only plain containers, strings, ints and CPU
-tensors (``torch.load(..., weights_only=True)`` reads it back); its format is
-versioned, and `StateStore.load_state_dict` checks everything before it
-changes anything.
+`StateStore.state_dict` holds only plain containers, strings, ints, bytes and
+CPU tensors (``torch.load(..., weights_only=True)`` reads it back); its format
+is versioned, and `StateStore.load_state_dict` checks everything before it
+changes anything. Its structure is fixed from construction: every slot and
+row exists before the first step, and every tensor in it has the shape a
+fresh normalizer gives it, so ``torch.distributed.checkpoint`` (which loads
+tensors in place into those of a fresh state dict) can restore it. The one
+exception, a buffer that grows as the run goes on (`Rule.growable_state`,
+e.g. `AutoClip` 's whole history), is stored as ``{"dtype", "shape",
+"data": bytes}``: a checkpoint stores bytes whole, whatever their length.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,19 +35,25 @@ from gradclip.core.rule import Rule, State
 __all__ = [
     "FORMAT",
     "GROUP_ROW",
+    "READABLE_VERSIONS",
     "VERSION",
     "Slot",
     "StateStore",
     "check_identity",
     "identity",
     "is_stateful",
+    "pack_tensor",
     "slot_name",
     "state_rows",
     "state_slot",
+    "unpack_tensor",
 ]
 
 FORMAT = "gradclip.GradientNormalizer"
+# 1 (gradclip 0.1) kept the rules' statistics by group position; 2 keeps them by layer
+# name, with growable buffers as bytes
 VERSION = 2
+READABLE_VERSIONS = (2,)
 GROUP_ROW = "*"  # the one row of a rule whose state is not per layer
 
 
@@ -110,6 +123,51 @@ def _pad_to(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     out = tensor.new_zeros(shape)
     out[tuple(slice(0, n) for n in tensor.shape)] = tensor
     return out
+
+
+def pack_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    """``tensor`` as ``{"dtype": "float64", "shape": [...], "data": bytes}``, a CPU copy.
+
+    For buffers whose length changes during a run: a checkpoint stores bytes
+    whole, where a tensor must match the shape of the one it is loaded into.
+    The bytes are the tensor's elements in row-major order, native byte order.
+
+    Examples:
+        >>> packed = pack_tensor(torch.tensor([1.0, 2.5], dtype=torch.float64))
+        >>> packed["dtype"], packed["shape"], len(packed["data"])
+        ('float64', [2], 16)
+        >>> unpack_tensor(packed).tolist()
+        [1.0, 2.5]
+    """
+    cpu = tensor.detach().to("cpu", copy=True).contiguous()
+    # ctypes reads the storage as it is: no numpy needed, no per-element Python objects
+    data = ctypes.string_at(cpu.data_ptr(), cpu.nbytes) if cpu.nbytes else b""
+    return {"dtype": str(cpu.dtype).removeprefix("torch."), "shape": list(cpu.shape), "data": data}
+
+
+def unpack_tensor(packed: Mapping[str, Any]) -> torch.Tensor:
+    """The tensor `pack_tensor` packed; ``ValueError`` if ``packed`` is not one."""
+    if not isinstance(packed, Mapping) or set(packed) != {"dtype", "shape", "data"}:
+        raise ValueError("expected a packed tensor {'dtype', 'shape', 'data'}")
+    dtype = getattr(torch, str(packed["dtype"]), None)
+    shape, data = packed["shape"], packed["data"]
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"packed tensor: unknown dtype {packed['dtype']!r}")
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise ValueError(f"packed tensor: shape must be a list of ints >= 0, got {shape!r}")
+    numel = 1
+    for n in shape:
+        numel *= n
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not isinstance(data, bytes | bytearray) or len(data) != numel * itemsize:
+        raise ValueError(
+            f"packed tensor: {numel * itemsize} bytes expected for {dtype} {list(shape)}"
+        )
+    if not numel:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 @dataclass(eq=False)
@@ -251,11 +309,15 @@ class StateStore:
 
     # -- saving ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Every slot, its rows by name, as CPU copies."""
+        """Every slot, its rows by name, as CPU copies (growable buffers packed as bytes)."""
         rules: dict[str, Any] = {}
         for name, slot in self.slots.items():
+            growable = slot.rule.growable_state
             rows = {
-                row: {k: v[i].detach().to("cpu", copy=True) for k, v in slot.tensors.items()}
+                row: {
+                    k: pack_tensor(v[i]) if k in growable else v[i].detach().to("cpu", copy=True)
+                    for k, v in slot.tensors.items()
+                }
                 for row, i in slot.rows.items()
             }
             rules[name] = {"steps": slot.steps, "rows": rows}
@@ -275,12 +337,12 @@ class StateStore:
                 "or different); pass what GradientNormalizer.state_dict() returned"
             )
         version = state_dict.get("version")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
                 f"this state dict has format version {version!r}; this gradclip reads version "
-                f"{VERSION}. A version-1 state (gradclip 0.1) held the adaptive rules' "
-                "statistics by group position; restart those statistics (they re-learn within "
-                "their warm-up) rather than convert them"
+                f"{' or '.join(map(str, READABLE_VERSIONS))}. A version-1 state (gradclip 0.1) "
+                "held the adaptive rules' statistics by group position; restart those "
+                "statistics (they re-learn within their warm-up) rather than convert them"
             )
         saved = state_dict.get("rules")
         if not isinstance(saved, Mapping):
@@ -295,14 +357,19 @@ class StateStore:
             (self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()
         ]
         for slot, steps, rows in installs:
+            # a growable buffer takes the loaded length (every row of the slot is loaded),
+            # so that state_dict() right after gives back exactly what was loaded
+            for key in slot.rule.growable_state & slot.tensors.keys():
+                shapes = [tuple(tensors[key].shape) for tensors in rows.values()]
+                length = [max(dims) for dims in zip(*shapes)] if shapes else []
+                stored = slot.tensors[key]
+                if shapes and list(stored.shape[1:]) != length:
+                    slot.tensors[key] = stored.new_zeros([stored.shape[0], *length])
+                    self.generation += 1
             for row, tensors in rows.items():
                 i = slot.rows[row]
                 for key, value in tensors.items():
                     stored = slot.tensors[key]
-                    if value.shape != stored.shape[1:]:
-                        grown = [max(a, b) for a, b in zip(stored.shape[1:], value.shape)]
-                        stored = slot.tensors[key] = _pad_to(stored, [stored.shape[0], *grown])
-                        self.generation += 1
                     stored[i].zero_()
                     stored[i][tuple(slice(0, n) for n in value.shape)] = value
             slot.steps = steps
@@ -329,8 +396,14 @@ class StateStore:
                 raise ValueError(
                     f"{where}, row {row!r}: expected entries {sorted(fresh)}, got {got}"
                 )
+            tensors = dict(tensors)
             for key, value in tensors.items():
                 want = fresh[key][0]
+                if key in growable and isinstance(value, Mapping):  # packed as bytes
+                    try:
+                        value = tensors[key] = unpack_tensor(value)
+                    except ValueError as err:
+                        raise ValueError(f"{where}, row {row!r}, {key!r}: {err}") from None
                 if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point != (
                     want.dtype.is_floating_point
                 ):
@@ -347,5 +420,5 @@ class StateStore:
                         f"{where}, row {row!r}, {key!r}: shape {tuple(value.shape)}, expected "
                         f"{tuple(want.shape)}"
                     )
-            checked[str(row)] = dict(tensors)
+            checked[str(row)] = tensors
         return steps, checked

@@ -1,0 +1,171 @@
+"""A round of a step: the ``k``-th rule of every group, called, then applied.
+
+Every rule of the round computes first (scaling rules before in-place ones),
+then the states are written and the coefficients multiplied in, one launch
+per device and dtype for all the round's scaling rules together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradclip.core.measure import Measurement
+from gradclip.core.measure import layer_norms as _layer_norms
+from gradclip.core.plan import Group, Plan, Stage
+from gradclip.core.rule import Measured, ScalingRule, Shards
+from gradclip.core.sharding import local_tensors
+from gradclip.core.state import StateStore
+
+__all__ = ["run_round", "select"]
+
+
+def run_round(
+    store: StateStore,
+    plan: Plan,
+    k: int,
+    grads: list[torch.Tensor],
+    measured: Measurement,
+    zeroed: torch.Tensor | None,
+    finite: torch.Tensor | None,
+    changed: torch.Tensor,
+    known: list[bool],
+    stats: list[tuple[list[str], dict[str, torch.Tensor]]],
+    seen: dict[int, set[str]],
+) -> None:
+    """Round ``k``: every rule computes, then states are written and coefficients multiplied.
+
+    Scaling rules run before in-place ones (the plan orders them so), and nothing
+    is written before every rule of the round has returned: a rule that raises
+    leaves the round's state and the gradients of every scaling rule untouched.
+    """
+    round_ = plan.rounds[k]
+    coefficients: torch.Tensor | None = None
+    done = []
+    for group, stage in round_.stages:
+        m = measured_for(store, plan, group, stage, grads, measured, k, zeroed)
+        state = _load(store, stage)
+        rule = stage.rule
+        if isinstance(rule, ScalingRule):
+            coef, new_state = rule.scale(m, state)
+            coef = coef.to(plan.acc_dtype)
+            if round_.single:
+                coefficients = coef
+            else:
+                if coefficients is None:
+                    assert round_.scaled is not None
+                    coefficients = torch.empty(
+                        len(round_.scaled), dtype=plan.acc_dtype, device=plan.device
+                    )
+                assert stage.coefficient_index is not None
+                coefficients.index_copy_(0, stage.coefficient_index, coef)
+            flags: torch.Tensor | None = coef
+        else:
+            flags, new_state = rule.transform_(m, state)  # type: ignore[attr-defined]
+        done.append((group, stage, m, state, new_state, flags))
+    for group, stage, m, state, new_state, flags in done:
+        if isinstance(stage.rule, ScalingRule):
+            assert flags is not None
+            changed.index_add_(0, group.tensor_layer_ids_t, (flags != 1).to(torch.int32))
+        elif flags is None:
+            for lid in group.layer_ids:
+                known[lid] = False
+        else:
+            changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
+        if stage.slot is not None:
+            assert stage.row_index is not None
+            keep = _keep_rows(stage, group, m, finite)
+            new_state = store.store(
+                stage.slot, stage.row_index, stage.whole_rows, state, new_state, keep
+            )
+        shown = stage.rule.stats(m, new_state)
+        if shown:
+            keys = seen.setdefault(group.index, set())
+            named = {(f"{k}.{key}" if key in keys else key): v for key, v in shown.items()}
+            keys.update(named)
+            stats.append((list(stage.layout.layer_names), named))
+    if coefficients is not None:
+        assert round_.scaled is not None
+        round_.scaled.scale_(grads, coefficients)
+
+
+def _load(store: StateStore, stage: Stage) -> dict[str, torch.Tensor]:
+    if stage.slot is None:
+        return {}
+    assert stage.row_index is not None
+    return store.load(stage.slot, stage.row_index, stage.whole_rows)
+
+
+def measured_for(
+    store: StateStore,
+    plan: Plan,
+    group: Group,
+    stage: Stage,
+    grads: list[torch.Tensor],
+    measured: Measurement,
+    k: int,
+    zeroed: torch.Tensor | None,
+) -> Measured:
+    """What ``stage``'s rule is called with in round ``k``."""
+    index = group.index
+    group_grads = grads if group.covers_all else [grads[p] for p in group.positions]
+    norms: torch.Tensor | None = None
+    layer_norms: torch.Tensor | None = None
+    p = stage.rule.norm_type
+    if p is not None:
+        if k > 0:
+            assert stage.norm_runs is not None
+            norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
+        elif index in measured.p_norms:
+            norms = measured.p_norms[index]
+        else:  # the step's L2 norms, tensors' and layers' both measured already
+            norms = select(measured.tensor_norms, group)
+            layer_norms = (
+                measured.layer_norms
+                if group.covers_all
+                else measured.layer_norms.index_select(0, group.layer_ids_t)
+            )
+        if layer_norms is None:
+            layer_norms = _layer_norms(norms, stage.layout.tensor_layer, len(group.layer_ids), p)
+    shards = None
+    if group.shard_weights is not None:
+        shards = Shards(
+            group.shard_weights,
+            measured.reduced.get(index) if k == 0 else None,
+            None if zeroed is None else select(zeroed, group),
+        )
+    return Measured(
+        grads=group_grads,
+        params=group.params if plan.sharding is None else local_tensors(group.params),
+        norms=norms,
+        layer_norms=layer_norms,
+        layout=stage.layout,
+        prepared=stage.prepared,
+        step=_host_steps(store, stage),
+        shards=shards,
+    )
+
+
+def _host_steps(store: StateStore, stage: Stage) -> int:
+    # read only where the rule sizes a buffer by it: a changing Python int read
+    # in a compiled step would recompile it
+    if stage.slot is None or not stage.rule.growable_state:
+        return 0
+    return store.slots[stage.slot].steps
+
+
+def select(values: torch.Tensor, group: Group) -> torch.Tensor:
+    return values if group.covers_all else values.index_select(0, group.positions_t)
+
+
+def _keep_rows(
+    stage: Stage, group: Group, m: Measured, finite: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``(R,)`` bool: state rows to leave as they were (their norm was not finite)."""
+    if finite is None:
+        return None
+    ok = finite if group.covers_all else finite.index_select(0, group.layer_ids_t)
+    if m.layer_norms is not None:
+        ok = ok & torch.isfinite(m.layer_norms)
+    if not stage.rule.per_layer_state:
+        ok = ok.all().reshape(1)
+    return ~ok

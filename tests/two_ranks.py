@@ -1,0 +1,102 @@
+"""Run the distributed test cases on two gloo processes on the CPU, all in one launch.
+
+Starting two processes costs seconds, a case milliseconds: every module that
+defines ``CASES`` (functions ``case(rank, out)``) and ``CASE_NAMES`` has its
+cases run by the same two workers, one module after the other. Each case
+records ``out[name] = {"ok": ..., ...}`` per result; the tests of the module
+read them (``tests/core/conftest.py`` launches the workers once per session,
+for the modules collected).
+
+A case that must restart the job (a checkpoint loaded by a fresh process
+group) calls `restart`, on every rank at the same point.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WORLD = 2
+GLOO_TIMEOUT = timedelta(seconds=60)  # a collective that waits longer fails its case
+
+_restarts: dict[str, Any] = {"dir": "", "count": 0}
+
+
+def restart() -> None:
+    """Replace this process's default process group with a fresh one (a restarted job)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.destroy_process_group()
+    _restarts["count"] += 1
+    store = Path(_restarts["dir"], f"restart{_restarts['count']}")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=GLOO_TIMEOUT
+    )
+
+
+def _worker(rank: int, init_method: str, outdir: str, modules: list[str]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    _restarts["dir"] = outdir
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT
+    )
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for name in modules:
+            out = results.setdefault(name, {})
+            for case in importlib.import_module(name).CASES:
+                try:
+                    case(rank, out)
+                except Exception:
+                    out.setdefault(case.__name__, {"ok": False, "msg": traceback.format_exc()})
+                    # a case that failed half-way may leave the ranks out of step
+                    dist.barrier()
+    finally:
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(modules: list[str], outdir: Path, timeout_s: float) -> list[dict[str, dict[str, Any]]]:
+    """Run the cases of ``modules`` on two processes; per rank, per module, the results.
+
+    Raises:
+        TimeoutError: the processes did not finish in ``timeout_s`` (they are killed).
+    """
+    import torch.multiprocessing as mp
+
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    start: Any = mp.start_processes
+    context = start(
+        _worker,
+        args=(f"tcp://127.0.0.1:{_free_port()}", str(outdir), modules),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the {WORLD} worker processes did not finish in {timeout_s} s")
+    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
