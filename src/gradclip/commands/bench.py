@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import gradclip
+from gradclip.commands.strategies import STRATEGY_FACTORIES, strategy_from_name
 
 __all__ = ["Row", "add_arguments", "run", "run_benchmarks"]
 
@@ -261,7 +262,6 @@ def _value_rows(
 
 
 def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
-    factories = getattr(gradclip, "STRATEGY_FACTORIES", {})
     model = _linear_stack(24, 1024, device)
     params = _params(model)
     methods: dict[str, Method] = {
@@ -270,8 +270,8 @@ def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
         ),
         "gradclip ClipL2PerLayer": gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply,
     }
-    for factory in factories.values():
-        strategy = factory()
+    for name in STRATEGY_FACTORIES:
+        strategy = strategy_from_name(name, 1.0)
         methods[f"gradclip {strategy.describe()}"] = gradclip.GradientNormalizer(
             model, strategy
         ).apply
