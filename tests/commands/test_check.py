@@ -87,6 +87,7 @@ ERRORS = [
     ("good.json", "gc_check_models:not_a_model", "not_a_model() gave a int, not a torch.nn.Module"),
     ("good.json", "gc_check_models:NOT_A_MODEL", "is a int, not a torch.nn.Module or a factory"),
     ("good.json", "gc_check_models:missing", "'gc_check_models' has no attribute 'missing'"),
+    ("good.json", "gc_check_models:Zoo.big", "'gc_check_models.Zoo' has no attribute 'big'"),
     ("good.json", "gc_check_import_fails:build", "cannot import 'gc_check_import_fails': Import"),
     ("good.json", "gc_check_syntax:build", "cannot import 'gc_check_syntax': SyntaxError"),
     ("good.json", "no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),

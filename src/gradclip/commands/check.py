@@ -84,11 +84,13 @@ def load_model(spec: str) -> nn.Module:
         obj: object = importlib.import_module(module_name)
     except Exception as error:  # any error of the user's module at import time
         raise ModelError(f"cannot import {module_name!r}: {_describe(error)}") from error
+    owner = module_name
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ModelError(f"{spec}: {module_name!r} has no attribute {attribute!r}") from None
+            raise ModelError(f"{spec}: {owner!r} has no attribute {part!r}") from None
+        owner = f"{owner}.{part}"
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):

@@ -154,7 +154,7 @@ class DemoResults:
         initial = ", ".join(f"{k} {_fmt_norm(v)}" for k, v in self.initial_layer_norms.items())
         notes = [
             f"{self.task.describe(cfg)}, batch {cfg.batch}, SGD lr={cfg.lr}, {cfg.steps} steps, "
-            f"seed {cfg.seed}, {cfg.threads or 'default'} thread(s)",
+            f"seed {cfg.seed}, {_threads(cfg.threads)}",
             f"gradient norm by layer at step 0: {initial}",
             f"final loss: mean training MSE of the last {cfg.final_window} steps run; "
             f"test MSE: {cfg.eval_size} held-out samples; baseline: their MSE when "
@@ -165,6 +165,10 @@ class DemoResults:
         ]
         title = f"{self.task.title}:"
         return "\n".join([title, *lines, "", *notes])
+
+
+def _threads(count: int) -> str:
+    return "torch's default threads" if count == 0 else f"{count} thread{'s' * (count != 1)}"
 
 
 def _spread(values: Sequence[float]) -> tuple[str, str]:
@@ -211,8 +215,9 @@ def seed_summary(results: Sequence[DemoResults]) -> str:
     holds = sum(res.story_holds() for res in results)
     notes = [
         f"{first.task.describe(cfg)}, batch {cfg.batch}, SGD lr={cfg.lr}, {cfg.steps} steps, "
-        f"{cfg.threads or 'default'} thread(s); seeds {', '.join(map(str, seeds))}",
+        f"{_threads(cfg.threads)}; seeds {', '.join(map(str, seeds))}",
         f"learned: test MSE < {first.task.learned_fraction:g} x baseline; "
         f"the demo's point held on {holds}/{n} seeds",
     ]
-    return "\n".join([f"{first.task.title}, {n} seeds:", *_table(rows, footer_rows=1), *notes])
+    title = f"{first.task.title}, {n} seeds:"
+    return "\n".join([title, *_table(rows, footer_rows=1), "", *notes])
