@@ -179,6 +179,18 @@ def test_python_m_gradclip_check_end_to_end(folder: Path) -> None:
     assert "ClipL2PerParamType(threshold=0.001)" in done.stdout
 
 
+def test_an_unexpected_error_building_the_normalizer_is_one_line_too(
+    folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("layout\nexploded")
+
+    monkeypatch.setattr(check, "normalizer_from_config", broken)
+    status, out, err = _check(capsys, "good.json", "--model", "gc_check_models:build")
+    assert (status, out) == (2, "")
+    assert err == "gradclip check: error: good.json: RuntimeError: layout exploded\n"
+
+
 def test_load_model_errors_are_model_errors() -> None:
     with pytest.raises(check.ModelError, match="no_colon"):
         check.load_model("no_colon")

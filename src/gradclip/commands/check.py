@@ -132,5 +132,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(args, str(error))
     except (KeyError, ValueError, TypeError) as error:  # e.g. a layer key matching no layer
         return _fail(args, f"{args.config}: {_text(error)}")
+    except Exception as error:  # anything else the model's layout raises: still one line
+        return _fail(args, f"{args.config}: {_describe(error)}")
     print(normalizer.describe())
     return 0

@@ -125,8 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads while training (default 1: the same numbers on every machine "
-        "for a given torch build; 0 leaves torch's setting)",
+        help="torch threads while training (default 1: the same numbers on every run, "
+        "whatever the machine's core count; 0 leaves torch's setting)",
     )
     parser.add_argument(
         "--plot",
