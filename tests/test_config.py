@@ -1,22 +1,17 @@
-"""DL4J-style configuration: dict, JSON, YAML, TOML; strict validation; ``gradclip check``."""
+"""DL4J-style configuration: dict, JSON, YAML, TOML; strict validation; bounded, one-line errors."""
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import gradclip
-from gradclip.commands import check
-from gradclip.config import ConfigError, parse_config
+from gradclip.config import MAX_DEPTH, MAX_FILE_BYTES, ConfigError, load_config, parse_config
 
 
 class Net(nn.Module):
@@ -217,88 +212,197 @@ def test_yaml_is_loaded_safely(tmp_path) -> None:  # type: ignore[no-untyped-def
     assert not marker.exists()
 
 
-# -- the check command ---------------------------------------------------------------
+# -- errors name the file once, on one line ------------------------------------------------
+def _error(source: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(source)  # type: ignore[arg-type]
+    return info.value
 
 
-@pytest.fixture
-def factory_module(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    _write(
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("missing.json", None),
+        ("c.json", "{not json"),
+        ("c.toml", "= 1"),
+        ("c.yaml", "a: [1,\n b: 2\n"),
+        ("c.yaml", "gradientNormalization: !!python/name:os.system\n"),
+        ("c.json", '{"gradientNormalisation": "None"}'),
+        ("c.yaml", "layers:\n  rnn: {treshold: 1.0}\n"),
+        ("c.json", b"\xff\xfe{}"),
+    ],
+)
+def test_file_errors_name_the_file_once_on_one_line(
+    tmp_path: Path, name: str, text: str | bytes | None
+) -> None:
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text)
+    message = str(_error(path))
+    assert message.startswith(f"{path}: ")
+    assert message.count(name) == 1, message
+    assert "\n" not in message
+    assert _error(path).source == str(path)
+
+
+def test_errors_of_a_mapping_name_no_file() -> None:
+    error = _error({"gradientNormalisation": "None"})
+    assert error.source is None
+    assert str(error).startswith("config: unknown key 'gradientNormalisation'")
+
+
+# -- repeated keys --------------------------------------------------------------------------
+def test_json_refuses_a_repeated_key_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"mode": "ClipL2PerLayer", "layers": {"rnn": "None", "rnn": "None"}}')
+    assert str(_error(path)) == f"{path}: duplicate key 'rnn'"
+
+
+def test_yaml_refuses_a_repeated_key_by_name_and_line(tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    path = _write(
         tmp_path,
-        "gc_check_models.py",
-        """
-        from torch import nn
-
-        def build():
-            return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-
-        INSTANCE = nn.Linear(2, 2)
-        NOT_A_MODEL = 3
+        "c.yaml",
+        """\
+        gradientNormalization: ClipL2PerLayer
+        layers:
+          rnn: None
+          head: None
+          rnn: ClipL2PerParamType
         """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    assert str(_error(path)) == f"{path}: duplicate key 'rnn' (line 5)"
+    top = _write(tmp_path, "top.yaml", "threshold: 1.0\nthreshold: 2.0\n")
+    assert str(_error(top)) == f"{top}: duplicate key 'threshold' (line 2)"
 
 
-def _check(config: str, model: str) -> int:
-    parser = argparse.ArgumentParser()
-    check.add_arguments(parser)
-    return check.run(parser.parse_args([config, "--model", model]))
-
-
-def test_check_prints_the_layer_table(factory_module, capsys) -> None:  # type: ignore[no-untyped-def]
-    config = _write(
-        factory_module,
-        "c.json",
-        json.dumps({"gradientNormalization": "ClipL2PerLayer", "layers": {"2": "None"}}),
-    )
-    assert _check(str(config), "gc_check_models:build") == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert lines[0].split() == ["layer", "parameters", "mode"]
-    assert any(line.startswith("0 ") and "ClipL2PerLayer(threshold=1.0)" in line for line in lines)
-    assert any(line.startswith("2 ") and "None()" in line for line in lines)
-    # "2" is not a layer of nn.Linear(2, 2): the unmatched key is an error listing the layers.
-    assert _check(str(config), "gc_check_models:INSTANCE") == 2
-    assert "'2'" in capsys.readouterr().err
-
-
-def test_check_reports_errors(factory_module, capsys) -> None:  # type: ignore[no-untyped-def]
-    bad = _write(factory_module, "bad.json", json.dumps({"gradientNormalisation": "None"}))
-    assert _check(str(bad), "gc_check_models:build") == 2
-    assert "did you mean 'gradientNormalization'" in capsys.readouterr().err
-    good = _write(factory_module, "good.json", "{}")
-    assert _check(str(good), "gc_check_models:NOT_A_MODEL") == 2
-    assert "not a torch.nn.Module" in capsys.readouterr().err
-    assert _check(str(good), "no_colon") == 2
-    assert _check(str(good), "gc_check_models:INSTANCE") == 0
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("gradclip.commands.demo") is None
-    or importlib.util.find_spec("gradclip.commands.bench") is None,
-    reason="the CLI imports every subcommand; demo/bench not in this tree yet",
-)
-def test_python_m_gradclip_check(factory_module) -> None:  # type: ignore[no-untyped-def]
+def test_yaml_equal_keys_in_different_mappings_are_fine(tmp_path: Path) -> None:
     pytest.importorskip("yaml")
-    config = _write(factory_module, "c.yaml", "gradientNormalization: ClipL2PerParamType\n")
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{factory_module}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradclip",
-            "check",
-            str(config),
-            "--model",
-            "gc_check_models:build",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
+    path = _write(
+        tmp_path,
+        "c.yaml",
+        """\
+        gradientNormalizationThreshold: 2.0
+        layers:
+          rnn: {gradientNormalizationThreshold: 0.5}
+          head: {gradientNormalizationThreshold: 0.25}
+        """,
     )
-    assert done.returncode == 0, done.stderr
-    assert "ClipL2PerParamType(threshold=1.0)" in done.stdout
+    assert parse_config(path)["overrides"]["head"]["threshold"] == 0.25
+
+
+def test_toml_refuses_a_repeated_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.toml", 'mode = "None"\nmode = "ClipL2PerLayer"\n')
+    assert "line 2" in str(_error(path))
+
+
+# -- YAML numbers -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [("1e-3", 1e-3), ("1E3", 1e3), ("+2.5e-1", 0.25), ("5e+0", 5.0), ("1.0e-3", 1e-3), ("3", 3.0)],
+)
+def test_yaml_reads_exponent_numbers_as_floats(tmp_path: Path, written: str, value: float) -> None:
+    pytest.importorskip("yaml")
+    path = _write(
+        tmp_path,
+        "c.yaml",
+        f"gradientNormalization: ClipL2PerLayer\ngradientNormalizationThreshold: {written}\n"
+        f"layers:\n  head: {{gradientNormalizationThreshold: {written}}}\n",
+    )
+    args = parse_config(path)
+    assert args["threshold"] == value and isinstance(args["threshold"], float)
+    assert args["overrides"]["head"]["threshold"] == value
+
+
+def test_yaml_quoted_numbers_stay_strings(tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    path = _write(tmp_path, "c.yaml", "mode: ClipL2PerLayer\nthreshold: '1e-3'\n")
+    assert "real number" in str(_error(path))
+    # A layer named like a number in exponent form is still a name once quoted.
+    named = _write(tmp_path, "n.yaml", "layers:\n  '1e3': None\n")
+    assert list(parse_config(named)["overrides"]) == ["1e3"]
+
+
+# -- bounds -----------------------------------------------------------------------------------
+def test_a_file_over_the_size_bound_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    # Valid JSON, so only the size can be what is refused.
+    path.write_text('{"mode": "None", "pad": "' + "x" * MAX_FILE_BYTES + '"}')
+    message = str(_error(path))
+    assert message.startswith(f"{path}: larger than 1024 KiB")
+    assert "\n" not in message
+
+
+def test_a_file_at_the_size_bound_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "edge.json"
+    head = '{"mode": "ClipL2PerLayer"}'
+    path.write_text(head + " " * (MAX_FILE_BYTES - len(head)))
+    assert path.stat().st_size == MAX_FILE_BYTES
+    assert parse_config(path)["mode"] == "ClipL2PerLayer"
+
+
+def _nested_json(depth: int) -> str:
+    return '{"layers": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 100, 100_000])
+def test_deep_json_is_refused_with_a_clear_message(tmp_path: Path, depth: int) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text(_nested_json(depth))
+    message = str(_error(path))
+    assert message == (
+        f"{path}: nested more than {MAX_DEPTH} levels deep; a configuration needs 3 "
+        "(the top level, layers, one layer's entry)"
+    )
+
+
+def test_nesting_up_to_the_bound_reaches_validation(tmp_path: Path) -> None:
+    path = tmp_path / "ok.json"
+    path.write_text(_nested_json(MAX_DEPTH))
+    # Not refused for its depth: the layer list's first entry is what is wrong.
+    assert "layers[0]" in str(_error(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.yaml", "layers: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+        ("deep.yaml", "".join(f"{'  ' * i}k{i}:\n" for i in range(400)) + "  " * 400 + "v\n"),
+        ("deep.toml", "layers = " + "[" * 50_000 + "]" * 50_000 + "\n"),
+        ("deep.toml", "[" + ".".join(f"k{i}" for i in range(50)) + "]\nx = 1\n"),
+    ],
+)
+def test_deep_yaml_and_toml_are_refused(tmp_path: Path, name: str, text: str) -> None:
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text(text)
+    assert f"nested more than {MAX_DEPTH} levels deep" in str(_error(path))
+
+
+def test_a_deep_mapping_is_refused_without_recursion() -> None:
+    data: dict[str, object] = {}
+    inner = data
+    for _ in range(100_000):
+        inner["layers"] = {}
+        inner = inner["layers"]  # type: ignore[assignment]
+    assert "nested more than" in str(_error(data))
+
+
+def test_load_config_returns_the_data_unvalidated(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.json", '{"anything": [1, 2]}')
+    assert load_config(path) == {"anything": [1, 2]}
+
+
+def test_missing_pyyaml_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "c.yaml", "mode: None\n")
+    monkeypatch.setitem(__import__("sys").modules, "yaml", None)  # import yaml -> ImportError
+    message = str(_error(path))
+    assert (
+        message
+        == f"{path}: reading YAML needs PyYAML (pip install pyyaml); JSON and TOML need nothing"
+    )

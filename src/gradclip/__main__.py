@@ -1,8 +1,8 @@
-"""``python -m gradclip``: see `gradclip.commands.cli`."""
+"""`python -m gradclip`: see `gradclip.commands.cli`."""
 
 import sys
 
 from gradclip.commands.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m gradclip"))

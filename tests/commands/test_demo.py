@@ -1,4 +1,4 @@
-"""The demo: the adding problem, and the story it tells (diverges without, learns with)."""
+"""The demo: its two tasks, the story each tells, and the command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from helpers import HostReadCounter, OpCounter
 import gradclip
 from gradclip.commands import demo
 from gradclip.commands.cli import main
+from gradclip.commands.demo import task as tasks
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_adding_problem_rejects_a_sequence_too_short_to_hold_two_markers() -> No
 def test_baseline_is_the_variance_of_a_sum_of_two_uniforms() -> None:
     _, y = demo.adding_problem_batch(200_000, 10, torch.Generator().manual_seed(0))
     # Var(a + b) = 2/12 for independent U(0, 1); the standard error here is ~5e-4.
-    assert demo.baseline_mse(y) == pytest.approx(1 / 6, abs=3e-3)
+    assert demo.baseline_mse(y, 1.0) == pytest.approx(1 / 6, abs=3e-3)
 
 
 # -- the story -------------------------------------------------------------------------
@@ -75,8 +76,8 @@ def test_quick_run_learns_with_clipping(quick: demo.DemoResults, key: str) -> No
     assert run.diverged_step is None
     assert run.learned
     assert run.steps_run == quick.config.steps
-    assert run.test_loss < demo.LEARNED_FRACTION * quick.baseline
-    assert run.final_loss < demo.LEARNED_FRACTION * quick.baseline
+    assert run.test_loss < quick.task.learned_fraction * quick.baseline
+    assert run.final_loss < quick.task.learned_fraction * quick.baseline
     assert math.isfinite(run.max_grad_norm) and run.max_grad_norm > quick.config.threshold
 
 
@@ -150,40 +151,23 @@ def test_training_reads_the_device_once_per_log_interval_not_per_step() -> None:
 
 
 # -- strategies ------------------------------------------------------------------------
-def test_strategy_names_include_the_dl4j_modes() -> None:
+def test_strategy_names_include_the_dl4j_modes_and_the_short_names() -> None:
     names = demo.strategy_names()
     for mode in gradclip.GradientNormalization:
         assert mode.value in names
+    assert {"global", "agc", "autoclip", "zclip"} <= set(names)
 
 
-def test_make_strategy_from_a_dl4j_name_or_a_strategy_object() -> None:
+def test_make_strategy_from_a_name_or_a_strategy_object() -> None:
     s = demo.make_strategy("ClipL2PerParamType", 0.5)
     assert isinstance(s, gradclip.ClipL2PerParamType) and s.threshold == 0.5
     obj = gradclip.ClipL2PerLayer(2.0)
     assert demo.make_strategy(obj, 0.5) is obj
+    # "global" is the rule of the clip_grad_norm_ run, with the same threshold
+    assert demo.make_strategy("GLOBAL", 0.5) == gradclip.ClipGlobalNorm(0.5)
+    assert demo.make_strategy("agc", 0.5) == gradclip.AdaptiveGradClip()
     with pytest.raises(ValueError, match="ClipL2PerLayer"):
         demo.make_strategy("no-such-strategy", 1.0)
-
-
-def test_make_strategy_uses_strategy_factories_when_they_exist(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[dict[str, float]] = []
-
-    def with_threshold(threshold: float = 1.0) -> gradclip.Strategy:
-        calls.append({"threshold": threshold})
-        return gradclip.ClipL2PerLayer(threshold)
-
-    def without_threshold() -> gradclip.Strategy:
-        calls.append({})
-        return gradclip.ClipL2PerParamType(3.0)
-
-    factories = {"mine": with_threshold, "theirs": without_threshold}
-    monkeypatch.setattr(demo, "RULE_FACTORIES", factories)
-    assert "mine" in demo.strategy_names() and "theirs" in demo.strategy_names()
-    assert demo.make_strategy("mine", 0.25) == gradclip.ClipL2PerLayer(0.25)
-    assert demo.make_strategy("theirs", 0.25) == gradclip.ClipL2PerParamType(3.0)
-    assert calls == [{"threshold": 0.25}, {}]
 
 
 def test_a_strategy_that_measures_no_norms_still_reports_grad_norms() -> None:
@@ -195,19 +179,39 @@ def test_a_strategy_that_measures_no_norms_still_reports_grad_norms() -> None:
 
 
 # -- command line ----------------------------------------------------------------------
-def test_cli_quick_runs_and_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quick"]) == 0
+def test_cli_quick_runs_both_tasks_and_prints_their_tables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "no normalization" in out
-    assert "torch clip_grad_norm_(1)" in out
-    assert "gradclip ClipL2PerLayer(threshold=1.0)" in out
-    assert "baseline (predict the mean)" in out
+    assert out.count("no normalization") == 2
+    assert out.count("torch clip_grad_norm_(1)") == 2
+    assert out.count("gradclip ClipL2PerLayer(threshold=1.0)") == 2
+    assert out.count("baseline (predict the mean)") == 2
+    assert "adding problem:" in out and "mixed-scale regression:" in out
+    assert "gradient norm by layer at step 0: input " in out
 
 
-def test_cli_rejects_an_unknown_strategy(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quick", "--strategy", "bogus"]) == 2
-    err = capsys.readouterr().err
-    assert "bogus" in err and "ClipL2PerLayer" in err
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategy", "bogus"], "unknown strategy 'bogus'; choose one of: None, "),
+        (["--strategy", "agc,bogus"], "unknown strategy 'bogus'"),
+        (["--seeds", "3-1"], "--seeds: '3-1' is not a range of seeds >= 0"),
+        (["--seeds", "a"], "--seeds takes seeds like 0-4 or 0,3,7"),
+        (["--seeds", "0,0"], "each seed once"),
+        (["--seeds", "0-1", "--plot", "x.png"], "--plot draws one seed"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--task", "nope"], "argument --task: invalid choice: 'nope'"),
+    ],
+)
+def test_cli_rejects_bad_options_on_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["demo", "--quick", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith("gradclip demo: error: ") and message in err
 
 
 def test_cli_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,5 +220,135 @@ def test_cli_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["demo", "--quick", "--no-progress", "--steps", "200", "--plot", str(out)]) == 0
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    assert len(data) > 10_000  # four panels of curves, not an empty canvas
+    assert len(data) > 20_000  # two rows of four panels of curves, not an empty canvas
     assert str(out) in capsys.readouterr().out
+
+
+def test_plot_refuses_results_without_layer_norms(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError, match="record_every"):
+        demo.plot(demo.run_demo(5, task="scales", quick=True), str(tmp_path / "x.png"))
+
+
+# -- the mixed-scale task ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scales() -> demo.DemoResults:
+    # The configuration `python -m gradclip demo --quick` runs for the second task.
+    return demo.run_demo(task="scales", quick=True)
+
+
+def test_mixed_scale_batches_have_two_units_and_a_target_of_the_standardised_features() -> None:
+    x, y = tasks.mixed_scale_batch(50_000, 30.0, torch.Generator().manual_seed(0))
+    assert x.shape == (50_000, 8) and y.shape == (50_000, 1)
+    std = x.std(dim=0)
+    torch.testing.assert_close(std[:4], torch.ones(4), atol=0.02, rtol=0)
+    torch.testing.assert_close(std[4:], torch.full((4,), 30.0), atol=0.6, rtol=0)
+    z = x / tasks.feature_scales(30.0)
+    expected = (
+        torch.sin(z[:, 0])
+        + z[:, 1] * z[:, 4]
+        + torch.tanh(z[:, 5] - z[:, 2])
+        + 0.5 * z[:, 6] * z[:, 3]
+    )
+    torch.testing.assert_close(y[:, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_mixed_scale_model_starts_unsaturated_with_one_layer_dominating() -> None:
+    torch.manual_seed(0)
+    model = tasks.MixedScaleMLP(64, 30.0)
+    x, y = tasks.mixed_scale_batch(512, 30.0, torch.Generator().manual_seed(0))
+    pre = model.input(x)
+    # Initialised for the units: the first layer's pre-activations are of order 1.
+    assert pre.std() < 1.5
+    nn_loss = torch.nn.functional.mse_loss(model(x), y)
+    nn_loss.backward()  # type: ignore[no-untyped-call]
+    norms = gradclip.GradientNormalizer(model, None, measure_all=True).apply().to_dict()
+    layer = norms["layer_norms"]
+    assert layer["input"] > 3 * math.hypot(layer["hidden"], layer["head"])
+
+
+def test_scales_story_gradclip_beats_the_global_clip(scales: demo.DemoResults) -> None:
+    assert scales.task.key == "scales"
+    g, glob, none = scales["gradclip"], scales["clip_grad_norm_"], scales["none"]
+    assert all(r.diverged_step is None for r in scales.runs)
+    assert g.test_loss < 0.8 * glob.test_loss
+    assert glob.test_loss < none.test_loss
+    assert scales.story_holds()
+    # the first layer carries most of the gradient norm at the start
+    initial = scales.initial_layer_norms
+    assert initial["input"] is not None and initial["hidden"] is not None
+    assert initial["input"] > 5 * initial["hidden"]
+
+
+def test_story_fails_when_the_numbers_say_so(scales: demo.DemoResults) -> None:
+    import copy
+
+    swapped = copy.deepcopy(scales)
+    swapped["gradclip"].test_loss = swapped["clip_grad_norm_"].test_loss
+    assert not swapped.story_holds()
+
+
+def test_several_rules_one_run_each() -> None:
+    results = demo.run_demo(30, task="scales", quick=True, strategy=["ClipL2PerLayer", "agc"])
+    assert [r.key for r in results.runs] == [
+        "none",
+        "clip_grad_norm_",
+        "gradclip",
+        "gradclip:agc",
+    ]
+    assert results["gradclip:agc"].label == "gradclip AdaptiveGradClip(clipping=0.01, eps=0.001)"
+    # every run starts from the same weights and data
+    assert len({r.losses[0] for r in results.runs}) == 1
+
+
+def test_config_for_task_refuses_unknown_tasks_and_settings() -> None:
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        demo.DemoConfig.for_task("nope")
+    with pytest.raises(ValueError, match="stepz"):
+        demo.DemoConfig.for_task("scales", stepz=3)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        demo.run_demo(0, task="scales")
+
+
+# -- several seeds ------------------------------------------------------------------------
+def test_parse_seeds() -> None:
+    assert demo.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert demo.parse_seeds("7") == [7]
+    assert demo.parse_seeds("0-1, 5") == [0, 1, 5]
+
+
+def test_seed_summary_counts_and_spreads() -> None:
+    results = [demo.run_demo(40, seed, task="scales", quick=True) for seed in (0, 1, 2)]
+    text = demo.seed_summary(results)
+    lines = text.splitlines()
+    assert lines[0] == "mixed-scale regression, 3 seeds:"
+    row = next(line for line in lines if line.startswith("gradclip ClipL2PerLayer"))
+    losses = sorted(r["gradclip"].test_loss for r in results)
+    assert row.split()[-3:] == [f"{losses[0]:.4f}", "-", f"{losses[-1]:.4f}"]
+    assert f"{losses[1]:.4f}" in row  # the median
+    assert "seeds 0, 1, 2" in text
+    with pytest.raises(ValueError, match="one task"):
+        demo.seed_summary([results[0], demo.run_demo(5, task="adding", quick=True)])
+
+
+def test_cli_seeds_prints_the_spread(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--quick", "--task", "scales", "--seeds", "0-1", "--steps", "50"]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mixed-scale regression, 2 seeds:" in out
+    assert "adding problem" not in out
+    assert "0/2" in out
+
+
+def test_threads_setting_is_applied_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    original = demo.training._train  # type: ignore[attr-defined]
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(demo.training, "_train", spy)  # type: ignore[attr-defined]
+    before = torch.get_num_threads()
+    demo.run_demo(5, task="scales", quick=True, threads=1)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before

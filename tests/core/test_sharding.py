@@ -279,7 +279,7 @@ def _case_mixed_placements(rank: int, out: dict[str, Any]) -> None:
     placements = {"a": Shard(0), "b": Shard(1), "c": Replicate(), "d": None, "e": Shard(0)}
     full_grads = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     full_params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    modes: list[str | gradclip.Strategy] = [
+    modes: list[str | gradclip.Rule] = [
         "ClipL2PerLayer",
         "RenormalizeL2PerLayer",
         "RenormalizeL2PerParamType",
@@ -411,7 +411,7 @@ def _case_strategies(rank: int, out: dict[str, Any]) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
-    cases: dict[str, tuple[Callable[[], gradclip.Strategy], bool, int]] = {
+    cases: dict[str, tuple[Callable[[], gradclip.Rule], bool, int]] = {
         "fsdp2:ClipGlobalNorm": (lambda: gradclip.ClipGlobalNorm(0.5), True, 1),
         "fsdp2:AutoClip": (lambda: gradclip.AutoClip(percentile=50, scope="layer"), True, 1),
         "fsdp2:ZClip": (lambda: gradclip.ZClip(warmup_steps=2, z_thresh=0.5), True, 1),
@@ -589,7 +589,7 @@ def _case_cross_rank_nonfinite_zero(rank: int, out: dict[str, Any]) -> None:
     must not leak it (AGC, ClipGlobalNorm p=3 and p=inf)."""
     from torch.distributed.fsdp import fully_shard
 
-    strategies: dict[str, Callable[[], gradclip.Strategy]] = {
+    strategies: dict[str, Callable[[], gradclip.Rule]] = {
         "AdaptiveGradClip": lambda: gradclip.AdaptiveGradClip(0.05),
         "ClipGlobalNorm-p3": lambda: gradclip.ClipGlobalNorm(0.1, 3.0),
         "ClipGlobalNorm-pinf": lambda: gradclip.ClipGlobalNorm(0.01, math.inf),

@@ -29,7 +29,7 @@ ALL_STRATEGIES = [
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES, ids=str)
 @pytest.mark.parametrize("nonfinite", ["propagate", "zero"])
-def test_no_host_sync_in_apply(strategy: gradclip.Strategy, nonfinite: str) -> None:
+def test_no_host_sync_in_apply(strategy: gradclip.Rule, nonfinite: str) -> None:
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))
     normalizer = gradclip.GradientNormalizer(model, strategy, nonfinite=nonfinite)
     for step in range(5):  # warm-up steps, the step that ends warm-up, and later ones

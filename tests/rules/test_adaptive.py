@@ -75,7 +75,7 @@ def zclip_reference(
 
 
 # -- tracing the strategies ------------------------------------------------------------------
-def trace(strategy: gradclip.Strategy, sequences: dict[str, list[float]]) -> dict[str, list[float]]:
+def trace(strategy: gradclip.Rule, sequences: dict[str, list[float]]) -> dict[str, list[float]]:
     """Run ``strategy`` on layers whose gradient norm follows ``sequences``; the applied scales."""
     layers = {name: [nn.Parameter(torch.zeros(3, dtype=torch.float64))] for name in sequences}
     normalizer = gradclip.GradientNormalizer(layers, strategy)

@@ -47,6 +47,7 @@ from gradclip.commands.bench_timing import (
     peak_extra_bytes,
     time_methods,
 )
+from gradclip.commands.strategies import STRATEGY_FACTORIES, strategy_from_name
 from gradclip.core.kernels import KERNELS_ENV, kernel_mode, kernel_path
 
 __all__ = ["Row", "add_arguments", "run", "run_benchmarks"]
@@ -245,8 +246,6 @@ def _value_rows(
 
 
 def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
-    from gradclip.commands.rule_names import RULE_FACTORIES as factories
-
     model = _linear_stack(24, 1024, device)
     params = _params(model)
     methods: dict[str, Method] = {
@@ -255,8 +254,8 @@ def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
         ),
         "gradclip ClipL2PerLayer": gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply,
     }
-    for factory in factories.values():
-        strategy = factory()
+    for name in STRATEGY_FACTORIES:
+        strategy = strategy_from_name(name, 1.0)
         methods[f"gradclip {strategy.describe()}"] = gradclip.GradientNormalizer(
             model, strategy
         ).apply

@@ -18,11 +18,20 @@ with `CollectiveCounter`.
 Medians over ``repeats`` calls, from rank 0. The first call of each method is
 not timed (it builds the cached plan).
 
-Example:
-    >>> rows = run_distributed_bench(layers=32, width=256, repeats=30)
-    >>> [(r["method"], r["median_ms"], r["collectives"]) for r in rows]
+Command line: `python -m gradclip bench --distributed` or
+`python -m gradclip.commands.bench_distributed [--layers N] [--width W]`; from
+Python, `run_distributed_bench(layers=32, width=256, repeats=30)` returns the
+rows that `format_rows` prints.
 
-Command line: ``python -m gradclip.commands.bench_distributed [--layers N] [--width W]``.
+Examples:
+    >>> rows = [
+    ...     {"method": "gradclip ClipL2PerLayer", "world_size": 2, "layers": 32, "tensors": 64,
+    ...      "median_ms": 1.61, "collectives": 1, "floats_sent": 129,
+    ...      "ratio_vs_clip_grad_norm_": 0.69},
+    ... ]
+    >>> print(format_rows(rows))
+    method                   ranks  layers  tensors  median ms  collectives  sent  ratio
+    gradclip ClipL2PerLayer  2      32      64       1.610      1            129   0.69
 """
 
 from __future__ import annotations
@@ -66,11 +75,15 @@ class CollectiveCounter:
         elements: the number of elements each one sent from this rank (its inputs'
             total, as the profiler recorded their shapes; 0 where it did not).
 
-    Example:
+    Examples:
+        Without a process group nothing is communicated, so nothing is counted:
+
         >>> with CollectiveCounter() as counter:
-        ...     normalizer.apply()
-        >>> len(counter.ops)
-        1
+        ...     report = gradclip.normalize_(model, "ClipL2PerLayer")
+        >>> counter.ops
+        []
+
+        Under FSDP2 on two ranks, the same call counts `["gloo:all_reduce"]`.
     """
 
     def __init__(self) -> None:

@@ -1,7 +1,13 @@
-"""The command line: ``python -m gradclip {demo,bench,...}``.
+"""The command line: `gradclip {demo,bench,check}` or `python -m gradclip {demo,bench,check}`.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)``
-and ``run(args) -> int``; this file only wires them to argparse.
+Each subcommand lives in its own module, which provides `add_arguments(parser)`
+and `run(args) -> int`; this file only wires them to argparse.
+
+Examples:
+    >>> main(["check", "--help"])  # doctest: +ELLIPSIS
+    usage: gradclip check [-h] --model MODULE:FACTORY config
+    ...
+    0
 """
 
 from __future__ import annotations
@@ -9,12 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Sequence
+from typing import NoReturn
 
-__all__ = ["main"]
+__all__ = ["ArgumentParser", "main"]
 
 # subcommand -> (module, one-line help)
 _COMMANDS = {
-    "demo": ("gradclip.commands.demo", "train a tanh RNN on the adding problem three ways"),
+    "demo": (
+        "gradclip.commands.demo",
+        "train small networks with and without gradient clipping and compare",
+    ),
     "bench": ("gradclip.commands.bench", "time gradclip against torch's own clip functions"),
     "check": (
         "gradclip.commands.check",
@@ -23,17 +33,44 @@ _COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gradclip",
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with usage errors on one line of stderr (exit status 2).
+
+    argparse prints the whole usage block before the error; a command whose every
+    error is one line is easier to read in a log and to grep.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "gradclip") -> int:
+    """Parse `argv` and run the chosen subcommand.
+
+    Args:
+        argv: the arguments (default: `sys.argv[1:]`).
+        prog: the name usage lines and errors start with: `gradclip` for the
+            console script, `python -m gradclip` when run as a module.
+
+    Returns:
+        The exit status: 0 on success, 2 for a usage or input error (one line on
+        stderr), 1 when the demo does not show what it exists to show.
+    """
+    parser = ArgumentParser(
+        prog=prog,
         description="Deeplearning4j's per-layer gradient normalization for PyTorch.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     modules = {}
     for name, (module_name, help_text) in _COMMANDS.items():
         module = importlib.import_module(module_name)
         modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparser)
+        # Errors found after parsing start with the same name as usage errors.
+        subparser.set_defaults(prog=subparser.prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
     return int(modules[args.command].run(args))

@@ -134,11 +134,12 @@ class NormReport:
             A report sharing this one's norms and statistics.
 
         Examples:
-            >>> report = normalizer.apply()          # AGC on an FSDP2 model
-            >>> if step % 100 == 0:
-            ...     logged = report.across_ranks()   # every rank
-            ...     if rank == 0:
-            ...         print(logged.changed_layers())
+            >>> report = gradclip.normalize_(model, gradclip.AdaptiveGradClip())
+            >>> report.across_ranks() is report  # one process: nothing to combine
+            True
+
+            On a sharded model, call it on every rank (on the steps you log), then
+            read it on one: ``logged = report.across_ranks()``.
         """
         group = self._plan.changes_group
         if group is None:

@@ -41,14 +41,19 @@ Everything here that looks at placements runs once per `Plan`
 (when the set of gradients changes); a model without ``DTensor`` gradients pays
 one ``sys.modules`` lookup per plan and nothing per step.
 
-Example:
-    >>> from torch.distributed.fsdp import fully_shard
-    >>> for block in model.blocks:
-    ...     fully_shard(block)
-    >>> fully_shard(model)
-    >>> normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)
-    >>> loss.backward()
-    >>> normalizer.apply()            # one all_reduce of 2 · len(parameters) + 1 floats
+Under ``torchrun`` (a process group on every rank; the page "Distributed
+training" runs this on two processes):
+
+```python
+from torch.distributed.fsdp import fully_shard
+
+for block in model.blocks:
+    fully_shard(block)
+fully_shard(model)
+normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 1.0)  # after fully_shard
+loss.backward()
+normalizer.apply()  # one all_reduce of 2 · len(parameters) + 1 floats
+```
 
 References:
     Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data
@@ -105,9 +110,10 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     Writing into the result in place writes into the ``DTensor``. Ranks that hold
     an empty shard get an empty tensor.
 
-    Example:
-        >>> g = local_tensor(param.grad)   # e.g. rows 0..k of a Shard(0) gradient
-        >>> g.mul_(0.5)                     # scales param.grad's piece on this rank
+    Examples:
+        >>> g = torch.ones(3)
+        >>> local_tensor(g) is g  # a plain tensor is its own piece
+        True
     """
     if is_dtensor(tensor):
         with torch.no_grad():  # to_local() returns the stored local tensor, no autograd node

@@ -27,11 +27,17 @@ Per-layer norms (measured before normalization) are logged with
 (``log_every_n_steps``), read from the device with one transfer per optimizer that
 stepped, on logged steps only.
 
-Example:
+Examples:
+    >>> import lightning
     >>> from gradclip.integrations.lightning import GradientNormalizationCallback
+    >>> callback = GradientNormalizationCallback(
+    ...     "ClipL2PerLayer", threshold=1.0, overrides={"head": "None"})
     >>> trainer = lightning.pytorch.Trainer(
-    ...     callbacks=[GradientNormalizationCallback("ClipL2PerLayer", threshold=1.0,
-    ...                                              overrides={"head": "None"})])
+    ...     callbacks=[callback], logger=False, enable_progress_bar=False,
+    ...     enable_model_summary=False, enable_checkpointing=False)
+
+    The page "Integrations" of the documentation trains with it, resumes from
+    its checkpoints, and logs the norms.
 """
 
 from __future__ import annotations
@@ -87,11 +93,10 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         normalizer: the normalizer of the only optimizer (``None`` before fitting).
         last_report: the `NormReport` of the latest step that ran.
 
-    Example:
+    Examples:
         >>> callback = GradientNormalizationCallback(gradclip.ZClip(), threshold=1.0)
-        >>> trainer = Trainer(callbacks=[callback, ModelCheckpoint(every_n_epochs=1)])
-        >>> trainer.fit(model, data)                     # the ZClip state is in the checkpoints
-        >>> trainer.fit(model, data, ckpt_path="last")   # and restored from them
+        >>> callback.state_dict()  # filled in when fitting starts, saved in checkpoints
+        {}
 
     Note:
         Using Lightning's ``gradient_clip_val`` as well clips twice; a warning says so.

@@ -30,11 +30,13 @@ Logging. Per-layer norms (before normalization) are read once per logging step
 (TensorBoard's ``train/grad_norm/<layer>``): the callback places itself before
 the reporters when the Trainer is made.
 
-Example:
+Examples:
     >>> from gradclip.integrations.transformers import GradientNormalizationCallback
-    >>> args = TrainingArguments("out", max_grad_norm=0)
-    >>> trainer = Trainer(model, args, train_dataset=data,
-    ...                   callbacks=[GradientNormalizationCallback("ClipL2PerLayer", 1.0)])
+    >>> callback = GradientNormalizationCallback("ClipL2PerLayer", 1.0)
+
+    passed as ``Trainer(model, TrainingArguments(..., max_grad_norm=0),
+    callbacks=[callback])``; the page "Integrations" of the documentation trains
+    a model with it and resumes from its checkpoints.
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
     Attributes:
         normalizer: the `GradientNormalizer` (``None`` before the Trainer is made).
 
-    Example:
+    Examples:
         >>> callback = GradientNormalizationCallback(
-        ...     "ClipL2PerLayer", 1.0, overrides={"lm_head": "None"})
-        >>> Trainer(model, TrainingArguments("out", max_grad_norm=0), callbacks=[callback])
+        ...     "ClipL2PerLayer", 1.0, overrides={"head": "None"})
+        >>> print(callback.normalizer)  # built for the Trainer's model when training starts
+        None
     """
 
     def __init__(

@@ -6,15 +6,23 @@ normalization, one value per layer. Layers whose norm was not measured (``None``
 and element-wise clipping, unless the normalizer has ``measure_all=True``) are
 left out of TensorBoard and written as empty cells in CSV.
 
-Example:
+Examples:
+    >>> import os, tempfile
     >>> from torch.utils.tensorboard import SummaryWriter
     >>> from gradclip.integrations.writers import CSVNormWriter, write_tensorboard
-    >>> writer, csv_log = SummaryWriter("runs/x"), CSVNormWriter("norms.csv")
-    >>> for step in range(steps):
-    ...     loss.backward()
-    ...     report = normalizer.apply()
-    ...     write_tensorboard(report, writer, step)
-    ...     csv_log.write(report, step)
+    >>> folder = tempfile.mkdtemp()
+    >>> normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer")
+    >>> writer = SummaryWriter(os.path.join(folder, "runs"))
+    >>> with CSVNormWriter(os.path.join(folder, "norms.csv")) as csv_log:
+    ...     for step in range(3):
+    ...         optimizer.zero_grad()
+    ...         nn.functional.mse_loss(model(x), y).backward()
+    ...         report = normalizer.apply()
+    ...         write_tensorboard(report, writer, step)
+    ...         csv_log.write(report, step)
+    >>> writer.close()
+    >>> print(open(os.path.join(folder, "norms.csv")).readline().strip())
+    step,encoder,blocks.0,blocks.2,head
 """
 
 from __future__ import annotations
@@ -83,9 +91,6 @@ def write_tensorboard(
         prefix: the tag prefix.
         histogram: also write the histogram of the layer norms.
         params: one scalar per parameter tensor instead of per layer.
-
-    Example:
-        >>> write_tensorboard(normalizer.apply(), SummaryWriter("runs/x"), step)
     """
     values = layer_norm_values(report, params=params)
     measured = {name: v for name, v in values.items() if v is not None}
@@ -112,12 +117,6 @@ class CSVNormWriter:
         params: one column per parameter tensor (``"layer.param"``) instead of per layer.
         columns: the layer (or tensor) names, in order, if known in advance.
         append: append rows to an existing file with the same header.
-
-    Example:
-        >>> with CSVNormWriter("norms.csv") as log:
-        ...     for step in range(steps):
-        ...         ...
-        ...         log.write(normalizer.apply(), step)
     """
 
     def __init__(
