@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradclip.config import parse_config
 from gradclip.core.engine import Engine
 from gradclip.core.layers import (
     Layer,
@@ -194,9 +195,33 @@ class GradientNormalizer:
 
     @classmethod
     def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
-        """From a dict or a JSON/YAML/TOML file (see `gradclip.config`)."""
-        from gradclip.config import parse_config
+        """A normalizer from a DL4J-style configuration: a dict, or a JSON/YAML/TOML file.
 
+            Args:
+                model: the model (or custom grouping) to normalize.
+                config: a mapping, or the path of a JSON, YAML or TOML file; see
+                    `gradclip.config` for the keys.
+
+            Returns:
+                The normalizer.
+
+            Raises:
+                ConfigError: an invalid configuration (nothing is built).
+                KeyError: a layer key that matches no layer of ``model``.
+
+        Examples:
+            >>> normalizer = gradclip.GradientNormalizer.from_config(model, {
+            ...     "gradientNormalization": "ClipL2PerLayer",
+            ...     "gradientNormalizationThreshold": 1.0,
+            ...     "layers": {"head": "None"}})
+            >>> print(normalizer)
+            layer     parameters                   mode
+            --------------------------------------------------------------------
+            encoder   weight (16, 4), bias (16,)   ClipL2PerLayer(threshold=1.0)
+            blocks.0  weight (16, 16), bias (16,)  ClipL2PerLayer(threshold=1.0)
+            blocks.2  weight (16, 16), bias (16,)  ClipL2PerLayer(threshold=1.0)
+            head      weight (2, 16), bias (2,)    None()
+        """
         args = parse_config(config)
         return cls(
             model,

@@ -185,7 +185,7 @@ def test_an_unexpected_error_building_the_normalizer_is_one_line_too(
     def broken(*_: object) -> None:
         raise RuntimeError("layout\nexploded")
 
-    monkeypatch.setattr(check, "normalizer_from_config", broken)
+    monkeypatch.setattr(check.GradientNormalizer, "from_config", broken)
     status, out, err = _check(capsys, "good.json", "--model", "gc_check_models:build")
     assert (status, out) == (2, "")
     assert err == "gradclip check: error: good.json: RuntimeError: layout exploded\n"

@@ -22,7 +22,8 @@ import sys
 
 from torch import nn
 
-from gradclip.config import ConfigError, normalizer_from_config
+from gradclip.config import ConfigError
+from gradclip.normalizer import GradientNormalizer
 
 __all__ = ["ModelError", "add_arguments", "load_model", "run"]
 
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     except ModelError as error:
         return _fail(args, f"cannot load the model: {error}")
     try:
-        normalizer = normalizer_from_config(model, args.config)
+        normalizer = GradientNormalizer.from_config(model, args.config)
     except ConfigError as error:  # names the file itself
         return _fail(args, str(error))
     except (KeyError, ValueError, TypeError) as error:  # e.g. a layer key matching no layer

@@ -25,15 +25,11 @@ import sys
 import time
 from typing import Any
 
+from gradclip.commands.demo.config import DIVERGENCE_FACTOR, DemoConfig
 from gradclip.commands.demo.plot import MATPLOTLIB_HINT, plot
 from gradclip.commands.demo.results import DemoResults, RunResult, seed_summary
 from gradclip.commands.demo.task import TASKS, adding_problem_batch, baseline_mse
-from gradclip.commands.demo.training import (
-    DIVERGENCE_FACTOR,
-    DemoConfig,
-    make_strategy,
-    run_demo,
-)
+from gradclip.commands.demo.training import make_strategy, run_demo
 from gradclip.commands.strategies import strategy_names
 
 __all__ = [

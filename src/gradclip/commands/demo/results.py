@@ -6,12 +6,9 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from gradclip.commands.demo.config import DIVERGENCE_FACTOR, DemoConfig
 from gradclip.commands.demo.task import Task
-
-if TYPE_CHECKING:
-    from gradclip.commands.demo.training import DemoConfig
 
 __all__ = ["DemoResults", "RunResult", "seed_summary"]
 
@@ -111,8 +108,6 @@ class DemoResults:
     @property
     def divergence_bound(self) -> float:
         """The training loss above which a run counts as diverged."""
-        from gradclip.commands.demo.training import DIVERGENCE_FACTOR
-
         return DIVERGENCE_FACTOR * self.baseline
 
     def story_holds(self) -> bool:
