@@ -163,7 +163,10 @@ class Engine:
         Catches ``module._parameters[name] = new_param``, which no registration
         hook sees, at the cost of one dict lookup per parameter.
         """
-        current = map(_entry, self._owner_dicts, self._owner_keys)
+        try:  # C-level loops: this runs every step
+            current = list(map(operator.getitem, self._owner_dicts, self._owner_keys))
+        except KeyError:  # a parameter deleted from its module
+            return True
         return not all(map(operator.is_, current, self._owned))
 
     def gather(self) -> tuple[list[torch.Tensor | None], Signature]:
@@ -181,11 +184,13 @@ class Engine:
                 p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
             ]
         signature: Signature = [None if g is None else (g.device, g.dtype, g.layout) for g in grads]
-        if signature != self._checked:
-            for name, g in zip(self._names, grads):
-                if g is not None:
-                    check_gradient(name, g)
-            self._checked = signature
+        if signature == self._checked:
+            # the very list the plan was keyed by: `plan` then compares identities
+            return grads, self._checked
+        for name, g in zip(self._names, grads):
+            if g is not None:
+                check_gradient(name, g)
+        self._checked = signature
         return grads, signature
 
     def plan(self, signature: Signature, grads: Sequence[torch.Tensor | None]) -> Plan:
@@ -194,7 +199,7 @@ class Engine:
         if (
             plan is None
             or plan.store_generation != self.store.generation
-            or signature != self._signature
+            or (signature is not self._signature and signature != self._signature)
         ):
             plan = self._plan = Plan(
                 self.layers,
