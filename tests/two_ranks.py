@@ -100,3 +100,31 @@ def run(modules: list[str], outdir: Path, timeout_s: float) -> list[dict[str, di
                 process.kill()
             raise TimeoutError(f"the {WORLD} worker processes did not finish in {timeout_s} s")
     return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def results_of(module: str, per_rank: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The results the cases of ``module`` recorded, one mapping per rank."""
+    return [results.get(module, {}) for results in per_rank]
+
+
+def assert_every_case_ran(results: list[dict[str, Any]], names: list[str]) -> None:
+    """Every rank recorded exactly the cases ``names``: none crashed outside its case."""
+    for rank, out in enumerate(results):
+        crashed = {k: v["msg"] for k, v in out.items() if k not in names}
+        assert not crashed, f"rank {rank}: " + "\n".join(f"{k}:\n{m}" for k, m in crashed.items())
+        assert sorted(out) == sorted(names), (rank, sorted(out))
+
+
+def assert_case(results: list[dict[str, Any]], case: str, *, same_on_ranks: bool = False) -> None:
+    """Case ``case`` passed on every rank with at most one collective per step.
+
+    With ``same_on_ranks``, what each rank recorded under ``same_on_ranks`` (an
+    error message, a report) must also be the same on every rank.
+    """
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result.get("collectives", 0) <= 1
+    if same_on_ranks:
+        shown = [out[case].get("same_on_ranks") for out in results]
+        assert all(s == shown[0] for s in shown), shown

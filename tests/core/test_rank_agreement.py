@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from two_ranks import assert_case, assert_every_case_ran, results_of
 
 import gradclip
 from gradclip.commands.bench_distributed import CollectiveCounter
-from gradclip.core.collective import RankMismatchError, StepCollective
-from gradclip.core.sharding import Capacity, Sharding
+from gradclip.core.collective import RankMismatchError
 from gradclip.core.state import unpack_tensor
 
 pytestmark = pytest.mark.skipif(
@@ -270,65 +270,13 @@ CASE_NAMES = [
 # -- in pytest ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results(two_rank_results: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    return [per_rank.get(__name__, {}) for per_rank in two_rank_results]
+    return results_of(__name__, two_rank_results)
 
 
 def test_every_case_ran(results: list[dict[str, Any]]) -> None:
-    for rank, out in enumerate(results):
-        crashed = {k: v["msg"] for k, v in out.items() if k not in CASE_NAMES}
-        assert not crashed, f"rank {rank}: " + "\n".join(f"{k}:\n{m}" for k, m in crashed.items())
-        assert sorted(out) == sorted(CASE_NAMES), (rank, sorted(out))
+    assert_every_case_ran(results, CASE_NAMES)
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_case(results: list[dict[str, Any]], case: str) -> None:
-    for rank, out in enumerate(results):
-        result = out.get(case, {"ok": False, "msg": "did not run"})
-        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
-        assert result.get("collectives", 0) <= 1
-    shown = [out[case].get("same_on_ranks") for out in results]
-    assert all(s == shown[0] for s in shown), shown  # the same error on every rank
-
-
-# -- the fingerprint's arithmetic, in one process --------------------------------------------------
-def _collective(world: int, dtype: torch.dtype, params: int) -> StepCollective:
-    sharding = Sharding(None, world, None, 0, [], 0, torch.device("cpu"), dtype)
-    return StepCollective.of(sharding, [f"p{i}" for i in range(params)], Capacity())
-
-
-@pytest.mark.parametrize(
-    ("world", "dtype", "packed"),
-    [
-        (2, torch.float64, True),
-        (1000, torch.float64, True),
-        (2**22, torch.float64, False),  # S₁ and S₂ no longer fit in one float64
-        (2, torch.float32, True),
-        (300, torch.float32, False),
-    ],
-)
-def test_the_summed_fingerprint_tells_exactly_which_parameters_differ(
-    world: int, dtype: torch.dtype, packed: bool
-) -> None:
-    collective = _collective(world, dtype, 6)
-    assert bool(collective.width) is packed
-    dtypes = [None, torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.int8]
-    agree = collective.fingerprint(dtypes)
-    # every rank sends the same: no mismatch; then one rank differs in each of p0..p4
-    mismatch, s1, _ = collective.verdict(agree * world)
-    assert not mismatch.any() and s1.tolist() == [
-        0,
-        world,
-        2 * world,
-        4 * world,
-        3 * world,
-        11 * world,
-    ]
-    other = [torch.float32, None, torch.float32, torch.float64, torch.bfloat16, torch.int8]
-    summed = agree * (world - 1) + collective.fingerprint(other)
-    mismatch, _, _ = collective.verdict(summed)
-    assert mismatch.tolist() == [True, True, True, False, True, False]
-
-
-def test_a_world_too_large_for_the_dtype_is_refused() -> None:
-    with pytest.raises(NotImplementedError, match="cannot be summed exactly"):
-        _collective(400, torch.float32, 1)
+    assert_case(results, case, same_on_ranks=True)  # the same error on every rank

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from two_ranks import assert_case, assert_every_case_ran, results_of
 
 import gradclip
 from gradclip.commands.bench_distributed import CollectiveCounter
@@ -236,21 +237,13 @@ CASE_NAMES = [
 # -- in pytest ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results(two_rank_results: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    return [per_rank.get(__name__, {}) for per_rank in two_rank_results]
+    return results_of(__name__, two_rank_results)
 
 
 def test_every_case_ran(results: list[dict[str, Any]]) -> None:
-    for rank, out in enumerate(results):
-        crashed = {k: v["msg"] for k, v in out.items() if k not in CASE_NAMES}
-        assert not crashed, f"rank {rank}: " + "\n".join(f"{k}:\n{m}" for k, m in crashed.items())
-        assert sorted(out) == sorted(CASE_NAMES), (rank, sorted(out))
+    assert_every_case_ran(results, CASE_NAMES)
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_case(results: list[dict[str, Any]], case: str) -> None:
-    for rank, out in enumerate(results):
-        result = out.get(case, {"ok": False, "msg": "did not run"})
-        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
-        assert result.get("collectives", 0) <= 1
-    shown = [out[case].get("same_on_ranks") for out in results]
-    assert all(s == shown[0] for s in shown), shown  # the same report on every rank
+    assert_case(results, case, same_on_ranks=True)  # the same report on every rank
