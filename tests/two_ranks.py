@@ -128,3 +128,31 @@ def assert_case(results: list[dict[str, Any]], case: str, *, same_on_ranks: bool
     if same_on_ranks:
         shown = [out[case].get("same_on_ranks") for out in results]
         assert all(s == shown[0] for s in shown), shown
+
+
+def module_tests(module: str, names: list[str], *, same_on_ranks: bool = False) -> tuple[Any, ...]:
+    """The ``results`` fixture, ``test_every_case_ran`` and ``test_case`` of a cases module.
+
+    Use as ``results, test_every_case_ran, test_case = module_tests(__name__, CASE_NAMES)``.
+    """
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def results(two_rank_results: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        return results_of(module, two_rank_results)
+
+    def test_every_case_ran(results: list[dict[str, Any]]) -> None:
+        assert_every_case_ran(results, names)
+
+    @pytest.mark.parametrize("case", names)
+    def test_case(results: list[dict[str, Any]], case: str) -> None:
+        if case in COUNTING_CASES:
+            assert all(out.get(case, {}).get("ok") for out in results), results
+            return
+        assert_case(results, case, same_on_ranks=same_on_ranks)
+
+    return results, test_every_case_ran, test_case
+
+
+# cases that run collectives on purpose (to test the counter itself)
+COUNTING_CASES = {"counter-sees-collectives"}

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from two_ranks import assert_case, assert_every_case_ran, results_of
+from two_ranks import module_tests
 
 import gradclip
 from gradclip.commands.bench_distributed import CollectiveCounter
@@ -235,15 +235,6 @@ CASE_NAMES = [
 
 
 # -- in pytest ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def results(two_rank_results: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    return results_of(__name__, two_rank_results)
-
-
-def test_every_case_ran(results: list[dict[str, Any]]) -> None:
-    assert_every_case_ran(results, CASE_NAMES)
-
-
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_case(results: list[dict[str, Any]], case: str) -> None:
-    assert_case(results, case, same_on_ranks=True)  # the same report on every rank
+results, test_every_case_ran, test_case = module_tests(
+    __name__, CASE_NAMES, same_on_ranks=True
+)  # the same report on every rank

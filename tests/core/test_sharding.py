@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from two_ranks import assert_case, assert_every_case_ran, results_of
+from two_ranks import module_tests
 
 import gradclip
 from gradclip import GradientNormalization
@@ -663,18 +663,4 @@ CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
 
 
 # -- in pytest ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def results(two_rank_results: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    return results_of(__name__, two_rank_results)
-
-
-def test_every_case_ran(results: list[dict[str, Any]]) -> None:
-    assert_every_case_ran(results, CASE_NAMES)
-
-
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_case(results: list[dict[str, Any]], case: str) -> None:
-    if case == "counter-sees-collectives":  # it counts on purpose
-        assert all(out.get(case, {}).get("ok") for out in results), results
-        return
-    assert_case(results, case)
+results, test_every_case_ran, test_case = module_tests(__name__, CASE_NAMES)
