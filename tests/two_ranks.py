@@ -16,15 +16,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from gradclip.commands.bench_distributed import free_port, spawn
 
 WORLD = 2
 GLOO_TIMEOUT = timedelta(seconds=60)  # a collective that waits longer fails its case
@@ -69,36 +69,15 @@ def _worker(rank: int, init_method: str, outdir: str, modules: list[str]) -> Non
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run(modules: list[str], outdir: Path, timeout_s: float) -> list[dict[str, dict[str, Any]]]:
     """Run the cases of ``modules`` on two processes; per rank, per module, the results.
 
     Raises:
         TimeoutError: the processes did not finish in ``timeout_s`` (they are killed).
     """
-    import torch.multiprocessing as mp
-
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    start: Any = mp.start_processes
-    context = start(
-        _worker,
-        args=(f"tcp://127.0.0.1:{_free_port()}", str(outdir), modules),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"the {WORLD} worker processes did not finish in {timeout_s} s")
+    spawn(_worker, (f"tcp://127.0.0.1:{free_port()}", str(outdir), modules), WORLD, timeout_s)
     return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -12,6 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from resume_runs import Tokens  # noqa: E402
+
 import gradclip  # noqa: E402
 from gradclip.integrations import transformers as integration  # noqa: E402
 from gradclip.integrations.transformers import (  # noqa: E402
@@ -21,18 +23,6 @@ from gradclip.integrations.transformers import (  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LAYER = "transformer.h.0.attn.c_attn"
-
-
-class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 64, (16, 12), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _model() -> Any:

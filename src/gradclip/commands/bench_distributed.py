@@ -197,7 +197,26 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def spawn(worker: Any, args: tuple[Any, ...], nprocs: int, timeout_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` fresh processes; kill them after ``timeout_s``.
+
+    Raises:
+        TimeoutError: the processes did not finish in time (a hung collective).
+    """
+    import torch.multiprocessing as mp
+
+    start: Any = mp.start_processes  # type: ignore[attr-defined]  # untyped in torch
+    context = start(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the {nprocs} processes did not finish in {timeout_s} s")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -239,7 +258,6 @@ def run_distributed_bench(
         RuntimeError: the worker processes failed or timed out.
     """
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         raise RuntimeError("the distributed benchmark needs torch.distributed with gloo")
@@ -257,20 +275,9 @@ def run_distributed_bench(
             "threads": threads,
             "out": str(out),
         }
-        start: Any = mp.start_processes  # type: ignore[attr-defined]  # untyped in torch
-        context = start(
-            _worker,
-            args=(world_size, f"tcp://127.0.0.1:{_free_port()}", config),
-            nprocs=world_size,
-            join=False,
-            start_method="spawn",
+        spawn(
+            _worker, (world_size, f"tcp://127.0.0.1:{free_port()}", config), world_size, timeout_s
         )
-        deadline = time.monotonic() + timeout_s
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise RuntimeError(f"the benchmark did not finish in {timeout_s} s")
         rows: list[dict[str, Any]] = json.loads(out.read_text())
     return rows
 
