@@ -267,16 +267,16 @@ class Engine:
             )
         finite = torch.isfinite(judged) if plan.has_state else None
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
-        known = [True] * plan.num_layers
+        unknown: list[list[int]] = []  # layers whose rule cannot tell if it changed them
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
         for k in range(len(plan.rounds)):
             run_round(
-                self.store, plan, k, grads, measured, zeroed, finite, changed, known, stats, seen
+                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats, seen
             )
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
-        return NormReport(plan, reported[0], reported[1], changed > 0, stats, known)
+        return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)
 
     def _prepare(self) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
         """Gather, plan and measure the step: on a sharded model, with its one collective.

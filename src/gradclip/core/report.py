@@ -62,14 +62,15 @@ class NormReport:
         layer_norms: torch.Tensor,
         changed: torch.Tensor,
         stats: Sequence[tuple[list[str], dict[str, torch.Tensor]]] = (),
-        changes_known: Sequence[bool] | None = None,
+        unknown: Sequence[Sequence[int]] = (),
     ) -> None:
         self._plan = plan
         self.tensor_norms = tensor_norms.to(plan.report_dtype)
         self.layer_norm_vector = layer_norms.to(plan.report_dtype)
         self.changed_vector = changed
         self.stats = list(stats)
-        self._known = list(changes_known) if changes_known is not None else [True] * plan.num_layers
+        # layers whose rule could not tell whether it changed them, read when needed
+        self._unknown = unknown
 
     @property
     def param_names(self) -> list[str]:
@@ -202,10 +203,11 @@ class NormReport:
 
         layer_norms: dict[str, float | None] = {}
         changed: dict[str, bool | None] = {}
+        unknown = {lid for ids in self._unknown for lid in ids}
         for i, name in enumerate(plan.layer_names):
             if plan.layer_has_grad[i]:
                 layer_norms[name] = clean(layer_values[i]) if plan.layer_measured[i] else None
-                changed[name] = bool(changed_values[i]) if self._known[i] else None
+                changed[name] = bool(changed_values[i]) if i not in unknown else None
         param_norms = {name: clean(v) for name, v in zip(self.param_names, tensor_values)}
         return {
             "layer_norms": layer_norms,

@@ -28,7 +28,7 @@ def run_round(
     zeroed: torch.Tensor | None,
     finite: torch.Tensor | None,
     changed: torch.Tensor,
-    known: list[bool],
+    unknown: list[list[int]],
     stats: list[tuple[list[str], dict[str, torch.Tensor]]],
     seen: dict[int, set[str]],
 ) -> None:
@@ -67,8 +67,7 @@ def run_round(
             assert flags is not None
             changed.index_add_(0, group.tensor_layer_ids_t, (flags != 1).to(torch.int32))
         elif flags is None:
-            for lid in group.layer_ids:
-                known[lid] = False
+            unknown.append(group.layer_ids)
         else:
             changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
         if stage.slot is not None:
