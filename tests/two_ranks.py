@@ -13,6 +13,7 @@ group) calls `restart`, on every rank at the same point.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -66,6 +67,10 @@ def _worker(rank: int, init_method: str, outdir: str, modules: list[str]) -> Non
                     dist.barrier()
     finally:
         Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
+        # every rank done before the group goes: gloo may abort a rank whose peer
+        # tears the group down while it still talks to it
+        with contextlib.suppress(Exception):
+            dist.barrier()
         dist.destroy_process_group()
 
 

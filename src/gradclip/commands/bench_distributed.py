@@ -37,6 +37,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -194,6 +195,10 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
         if rank == 0:
             Path(config["out"]).write_text(json.dumps(rows))
     finally:
+        # every rank done before the group goes: gloo may abort a rank whose peer
+        # tears the group down while it still talks to it
+        with contextlib.suppress(Exception):
+            dist.barrier()
         dist.destroy_process_group()
 
 
