@@ -72,6 +72,11 @@ def _worker(rank: int, init_method: str, outdir: str, modules: list[str]) -> Non
         with contextlib.suppress(Exception):
             dist.barrier()
         dist.destroy_process_group()
+    # The work is done and written: leave without the interpreter's teardown, which
+    # gloo on the CPU can abort (std::terminate from a thread it still holds).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(modules: list[str], outdir: Path, timeout_s: float) -> list[dict[str, dict[str, Any]]]:

@@ -200,6 +200,11 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
         with contextlib.suppress(Exception):
             dist.barrier()
         dist.destroy_process_group()
+    # The work is done and written: leave without the interpreter's teardown, which
+    # gloo on the CPU can abort (std::terminate from a thread it still holds).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(worker: Any, args: tuple[Any, ...], nprocs: int, timeout_s: float) -> None:
