@@ -49,7 +49,7 @@ def test_propagate_is_the_default_and_leaves_nan_and_inf() -> None:
 def test_zero_policy_zeros_bad_layers_and_leaves_the_rest_as_if_they_were_zero(
     mode: object, value: float
 ) -> None:
-    strategy = gradclip.rules.dl4j.resolve_strategy(*mode) if isinstance(mode, tuple) else mode
+    strategy = gradclip.rules.dl4j.resolve_rule(*mode) if isinstance(mode, tuple) else mode
     model, reference = _model(), _model()
     grads = fill_grads(model)
     for p, g in zip(reference.parameters(), grads):

@@ -68,4 +68,4 @@ def strategy_from_name(name: str, threshold: float = 1.0) -> Rule:
         raise ValueError(
             f"unknown strategy {name!r}; choose one of: {', '.join(strategy_names())}"
         ) from None
-    return mode.strategy(threshold)
+    return mode.rule(threshold)

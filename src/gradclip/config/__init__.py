@@ -53,7 +53,7 @@ from typing import Any
 from gradclip.config.errors import MAX_DEPTH, MAX_FILE_BYTES, ConfigError, check_depth
 from gradclip.config.files import load_config
 from gradclip.core.validation import check_threshold
-from gradclip.rules.dl4j import GradientNormalization, resolve_strategy
+from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 
 __all__ = [
     "MAX_DEPTH",
@@ -204,8 +204,8 @@ def _parse(data: Any) -> dict[str, Any]:
             overrides[name] = entry
     else:
         raise ConfigError(f"layers must be a mapping or a list of entries, got {layers!r}")
-    # resolve_strategy cannot fail now; calling it keeps the two validations in step.
-    resolve_strategy(mode, threshold)
+    # resolve_rule cannot fail now; calling it keeps the two validations in step.
+    resolve_rule(mode, threshold)
     return {
         "mode": mode.value,
         "threshold": threshold,

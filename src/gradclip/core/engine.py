@@ -22,7 +22,7 @@ vectors, built once per `Plan`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -119,13 +119,11 @@ class Engine:
         instead of tracing the plan's construction. Sharded models are planned at
         their first step, where the gradients' placements are known.
         """
-        check = self._check_frozen
-        flags = [check] * len(self.params) if isinstance(check, bool) else check
-        guess: list[torch.Tensor | None] = [
-            p if (p.requires_grad or not c) else None for p, c in zip(self.params, flags)
-        ]
-        if not self.params or any(is_dtensor(p) for p in self.params):
+        if not self.params or self._sharded is not None:
             return
+        guess: list[torch.Tensor | None] = [
+            p if trainable else None for p, trainable in zip(self.params, self._trainable())
+        ]
         signature: Signature = [None if p is None else (p.device, p.dtype, p.layout) for p in guess]
         try:
             for name, p in zip(self._names, guess):
@@ -338,7 +336,3 @@ class Engine:
         check = self._check_frozen
         flags = [check] * len(self.params) if isinstance(check, bool) else check
         return [p.requires_grad or not c for p, c in zip(self.params, flags)]
-
-
-def _entry(owner: Mapping[str, Any], key: str) -> Any:
-    return owner.get(key)

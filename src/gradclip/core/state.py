@@ -116,11 +116,16 @@ def check_identity(saved: Mapping[str, Any], mine: Mapping[str, list[str]]) -> N
         )
 
 
-def _pad_to(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``tensor`` zero-padded at the end of each dim up to ``shape``."""
-    if tuple(tensor.shape) == tuple(shape):
+def _row_shape(*tensors: torch.Tensor) -> list[int]:
+    """The shape of a row that holds a row of each of ``tensors`` (the largest of each dim)."""
+    return [max(dims) for dims in zip(*(t.shape[1:] for t in tensors))]
+
+
+def _pad_rows(tensor: torch.Tensor, row_shape: Sequence[int]) -> torch.Tensor:
+    """``tensor`` with each row zero-padded at the end of each dim up to ``row_shape``."""
+    if tuple(tensor.shape[1:]) == tuple(row_shape):
         return tensor
-    out = tensor.new_zeros(shape)
+    out = tensor.new_zeros([tensor.shape[0], *row_shape])
     out[tuple(slice(0, n) for n in tensor.shape)] = tensor
     return out
 
@@ -225,12 +230,9 @@ class StateStore:
         if missing:
             fresh = rule.init_state(len(missing), device, dtype)
             for key, value in slot.tensors.items():
-                shape = [max(a, b) for a, b in zip(value.shape[1:], fresh[key].shape[1:])]
+                shape = _row_shape(value, fresh[key])
                 slot.tensors[key] = torch.cat(
-                    [
-                        _pad_to(value, [value.shape[0], *shape]),
-                        _pad_to(fresh[key], [len(missing), *shape]),
-                    ]
+                    [_pad_rows(value, shape), _pad_rows(fresh[key], shape)]
                 )
             for r in missing:
                 slot.rows[r] = len(slot.rows)
@@ -288,13 +290,11 @@ class StateStore:
         written: State = {}
         for key, value in new.items():
             stored = slot.tensors[key]
+            previous = old[key]
             if value.shape[1:] != stored.shape[1:]:  # the rule grew a buffer
-                grown = [max(a, b) for a, b in zip(stored.shape[1:], value.shape[1:])]
-                stored = slot.tensors[key] = _pad_to(stored, [stored.shape[0], *grown])
-                value = _pad_to(value, [value.shape[0], *grown])
-                previous = _pad_to(old[key], [old[key].shape[0], *grown])
-            else:
-                previous = old[key]
+                grown = _row_shape(stored, value)
+                stored = slot.tensors[key] = _pad_rows(stored, grown)
+                value, previous = _pad_rows(value, grown), _pad_rows(previous, grown)
             if keep is not None:
                 mask = keep.view(-1, *([1] * (value.dim() - 1)))
                 value = torch.where(mask, previous, value.to(previous.dtype))

@@ -293,6 +293,3 @@ def resolve_rule(mode: object, threshold: Any = 1.0) -> Rule:
             f"'ClipL2PerLayer', or a gradclip rule object; got {type(mode).__name__}"
         )
     return GradientNormalization.parse(mode).rule(check_threshold(threshold))
-
-
-resolve_strategy = resolve_rule  # the 0.1 name, used by configuration code
