@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,13 @@ from gradclip.core.layers import (
     watch_module_structure,
 )
 from gradclip.core.nonfinite import check_nonfinite
+from gradclip.core.pipeline import (
+    check_stages,
+    pipeline_of,
+    present_overrides,
+    spanning_slots,
+    stage_layers,
+)
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
@@ -86,6 +93,13 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
+        pp_mesh: for a model split into pipeline stages, the 1-D ``DeviceMesh``
+            (or ``ProcessGroup``) of the ranks holding the stages. Rules that span
+            layers (``ClipGlobalNorm``, global AutoClip/ZClip) and the report's
+            `total_norm` then span every stage; overrides may name layers of other
+            stages. See `gradclip.core.pipeline`.
+        stages: the stage modules this rank holds, when it holds several
+            (interleaved schedules); ``model`` is then ``None``.
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -112,8 +126,18 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        pp_mesh: Any = None,
+        stages: Sequence[nn.Module] | None = None,
     ) -> None:
         self.nonfinite = check_nonfinite(nonfinite)
+        self._stages = check_stages(model, stages)
+        if self._stages is not None:
+            model = self._stages[0]
+        if pp_mesh is not None and self.nonfinite in ("zero", "skip"):
+            raise ValueError(
+                f"nonfinite={self.nonfinite!r} decides per rank, and on pipeline stages the "
+                "other stages would not know: use 'propagate' or 'error' with pp_mesh"
+            )
         self.threshold = check_threshold(threshold)
         self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
@@ -124,6 +148,7 @@ class GradientNormalizer:
         if self._model is not None:
             watch_module_structure()
         self._version = structure_version()
+        self._pipeline = None if pp_mesh is None else pipeline_of(pp_mesh)
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
@@ -148,14 +173,21 @@ class GradientNormalizer:
         target = self._target if self._target is not None else self._module()
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
-        layers = build_layers(target)
+        chunks = self._stages if self._stages is not None else [target]
+        layers = stage_layers(chunks) if self._stages is not None else build_layers(target)
         names = [layer.name for layer in layers]
         overrides = self.overrides
-        if isinstance(target, nn.Module):  # a tied module's name names its layer
-            overrides = resolve_override_keys(target, overrides)
         resolved = {
             key: _resolve_override(value, self.threshold, key) for key, value in overrides.items()
         }
+        pipeline = None
+        if self._pipeline is not None:  # keys naming other stages' layers are theirs
+            pipeline = self._pipeline.with_slots(spanning_slots([self.default, *resolved.values()]))
+            overrides = present_overrides(chunks, names, overrides)
+            resolved = {k: _resolve_override(v, self.threshold, k) for k, v in overrides.items()}
+        elif isinstance(target, nn.Module):  # a tied module's name names its layer
+            overrides = resolve_override_keys(target, overrides)
+            resolved = {k: _resolve_override(v, self.threshold, k) for k, v in overrides.items()}
         chosen = match_overrides(names, overrides)
         rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
         return Engine(
@@ -164,6 +196,7 @@ class GradientNormalizer:
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
             store=None if previous is None else previous.store,
+            pipeline=pipeline,
         )
 
     def _refresh(self, force: bool = False) -> bool:
@@ -181,7 +214,7 @@ class GradientNormalizer:
         if not stale:
             return False
         self._version = structure_version()
-        layers = build_layers(model)
+        layers = stage_layers(self._stages) if self._stages is not None else build_layers(model)
         old = self._engine.layers
         same = len(layers) == len(old) and all(
             a.name == b.name

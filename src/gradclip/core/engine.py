@@ -38,6 +38,7 @@ from gradclip.core.nonfinite import (
     read_bad_layers,
     zero_layers_,
 )
+from gradclip.core.pipeline import Pipeline, StageTransport, transport_for
 from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
@@ -64,6 +65,8 @@ class Engine:
             `gradclip.core.nonfinite`); any policy but ``"propagate"`` measures
             every layer.
         store: the rules' state, kept when the engine is rebuilt for a changed model.
+        pipeline: this rank's pipeline stage(s) and the slots of the rules that
+            span layers (see `gradclip.core.pipeline`); ``None`` for a whole model.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Engine:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         store: StateStore | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         if len(layers) != len(rules):
             raise ValueError("one rule per layer is required")
@@ -82,6 +86,9 @@ class Engine:
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
         self.store = store if store is not None else StateStore()
+        self.pipeline = pipeline
+        self._transport: StageTransport | None = None
+        self._stage_squares: torch.Tensor | None = None
         self.params = [p for layer in self.layers for p in layer.params]
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
@@ -234,10 +241,18 @@ class Engine:
         Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
         with ``create_graph=True`` are rescaled without recording autograd history.
         """
+        report = self._step()
+        if self.pipeline is not None:
+            report.stages = (self.pipeline, self._stage_squares)
+        return report
+
+    def _step(self) -> NormReport:
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
             return prepared
         plan, grads, measured = prepared
+        if self.pipeline is not None and measured.elsewhere is None:
+            measured.elsewhere = {}  # nothing from other stages: a total would be refused
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
         bad: torch.Tensor | None = None
@@ -296,6 +311,12 @@ class Engine:
             )
         sharded = self._sharded
         collective = None if sharded is None else sharded.collective
+        pipe = self.pipeline if self.pipeline is not None and self.pipeline.active else None
+        self._stage_squares = None
+        if pipe is not None and self._transport is None:
+            self._transport = transport_for(pipe, None if sharded is None else self._dp_ranks())
+        if pipe is not None and collective is None:
+            return self._prepare_stages(pipe, sharded)
         if collective is None:  # plain tensors, or a configuration that reduces nothing
             grads_by_param, signature = self.gather()
             plan = self.plan(signature, grads_by_param)
@@ -307,11 +328,15 @@ class Engine:
                 return NormReport.empty(plan)
             return plan, grads, measure(plan, grads)
         body = None
+        transport = self._transport
+        sums, maxima = (None, None) if pipe is None else pipe.partials(None, None, *self._acc())
         try:
             grads_by_param, signature = self.gather()
             plan = self.plan(signature, grads_by_param)
             grads = local_tensors(plan.select(grads_by_param))
             parts = measure_local(plan, grads)
+            if pipe is not None:
+                sums, maxima = pipe.partials(plan, parts, *self._acc())
             if plan.sharding is not None:
                 body = plan.sharding.pack(parts.norms, parts.extras, collective.capacity)
             fingerprint = collective.cached(plan)
@@ -321,16 +346,65 @@ class Engine:
         except Exception as error:  # still take part, so that no rank waits for this one
             raw = [p.grad if t else None for p, t in zip(self.params, self._trainable())]
             dtypes = [None if g is None else g.dtype for g in raw]
-            collective.exchange(collective.fingerprint(dtypes), True, None)
+            reduce = None
+            if transport is not None and pipe is not None:
+                zeros = pipe.partials(None, None, *self._acc())
+                reduce = transport.reducer(*zeros)
+            collective.exchange(collective.fingerprint(dtypes), True, None, reduce)
             raise error
-        reduced = collective.exchange(fingerprint, False, body)
+        reduce = None
+        if transport is not None and sums is not None and maxima is not None:
+            reduce = transport.reducer(sums, maxima)
+        reduced = collective.exchange(fingerprint, False, body, reduce)
         plan.changes_group = sharded.changes  # type: ignore[union-attr]
         if not grads:
             return NormReport.empty(plan)
         if plan.sharding is None:  # no DTensor gradient on any rank: nothing to reduce
-            return plan, grads, finish(plan, parts)
+            return plan, grads, self._across_stages(plan, finish(plan, parts))
         values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
-        return plan, grads, finish(plan, parts, values)
+        return plan, grads, self._across_stages(plan, finish(plan, parts, values))
+
+    # -- pipeline stages -----------------------------------------------------------------------
+    def _prepare_stages(
+        self, pipe: Pipeline, sharded: ShardedModel | None
+    ) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
+        """A step on pipeline stages without a data-parallel collective: the stages'
+        slots are the step's one collective, which every rank takes part in."""
+        transport = self._transport
+        assert transport is not None
+        try:
+            grads_by_param, signature = self.gather()
+            plan = self.plan(signature, grads_by_param)
+            plan.changes_group = None if sharded is None else sharded.changes
+            grads = plan.select(grads_by_param)
+            if plan.sharding is not None:
+                grads = local_tensors(grads)
+            parts = measure_local(plan, grads)
+            sums, maxima = pipe.partials(plan, parts, *self._acc())
+        except Exception:  # still take part, so that no rank waits for this one
+            transport.run(None, *pipe.partials(None, None, *self._acc()))
+            raise
+        transport.run(None, sums, maxima)
+        if not grads:
+            return NormReport.empty(plan)
+        return plan, grads, self._across_stages(plan, finish(plan, parts))
+
+    def _across_stages(self, plan: Plan, measured: _Measurement) -> _Measurement:
+        """``measured`` with the other stages' parts of the totals (after the collective)."""
+        transport, pipe = self._transport, self.pipeline
+        if transport is None or pipe is None or transport.reduced is None:
+            return measured
+        measured.elsewhere, self._stage_squares = pipe.elsewhere(plan, *transport.reduced)
+        return measured
+
+    def _acc(self) -> tuple[torch.dtype, torch.device]:
+        device = self.params[0].device if self.params else torch.device("cpu")
+        return accumulation_dtype_of(device), device
+
+    def _dp_ranks(self) -> int:
+        """How many ranks the sharded parameters are spread over (their mesh's size)."""
+        mesh = next(p.device_mesh for p in self.params if is_dtensor(p))  # type: ignore[attr-defined]
+        return int(mesh.size())
 
     def _trainable(self) -> list[bool]:
         check = self._check_frozen

@@ -141,7 +141,16 @@ def measured_for(
         prepared=stage.prepared,
         step=_host_steps(store, stage),
         shards=shards,
+        elsewhere=_elsewhere(measured, index, k),
     )
+
+
+def _elsewhere(measured: Measurement, index: int, k: int) -> dict[float, torch.Tensor] | None:
+    # on pipeline stages, only round 0 has the other stages' part (chains are
+    # checked to read the total in their first rule only)
+    if measured.elsewhere is None:
+        return None
+    return measured.elsewhere.get(index, {}) if k == 0 else {}
 
 
 def _host_steps(store: StateStore, stage: Stage) -> int:
@@ -165,6 +174,9 @@ def _keep_rows(
     ok = finite if group.covers_all else finite.index_select(0, group.layer_ids_t)
     if m.layer_norms is not None:
         ok = ok & torch.isfinite(m.layer_norms)
+    if m.elsewhere:  # a total over the stages is finite only if every stage's part is
+        for part in m.elsewhere.values():
+            ok = ok & torch.isfinite(part)
     if not stage.rule.per_layer_state:
         ok = ok.all().reshape(1)
     return ~ok

@@ -184,6 +184,10 @@ class Measured:
         step: how many steps this rule has run before in this normalizer, counted
             on the host (an upper bound of any state row's own count).
         shards: how the gradients are sharded, or ``None``.
+        elsewhere: on pipeline stages (``pp_mesh``), for a rule that
+            `Rule.spans_layers`, ``{p: n}``: the p-norm ``n`` (0-d) of this group's
+            gradients held by the other stages, which `total_norm` folds in;
+            ``{}`` for a rule that does not span layers; ``None`` off pipelines.
     """
 
     grads: list[torch.Tensor]
@@ -194,6 +198,7 @@ class Measured:
     prepared: Any = None
     step: int = 0
     shards: Shards | None = None
+    elsewhere: dict[float, torch.Tensor] | None = None
     _total: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -206,11 +211,30 @@ class Measured:
         return layer_values.index_select(0, self.layout.tensor_layer)
 
     def total_norm(self, norm_type: float = 2.0) -> torch.Tensor:
-        """0-d norm of all the gradients together, from `norms` (memoized per step)."""
+        """0-d norm of all the gradients together, from `norms` (memoized per step).
+
+        On pipeline stages the group's gradients on the other stages count too
+        (`elsewhere`): ``(Σ_i ‖g_i‖_p^p + n_elsewhere^p)^{1/p}``, or the maximum.
+
+        Raises:
+            RuntimeError: the rule reads no norms, or runs on pipeline stages
+                without declaring `Rule.spans_layers` (its total would be this
+                stage's alone).
+        """
         if self.norms is None:
             raise RuntimeError("this rule reads no norms (norm_type is None)")
         if norm_type not in self._total:
-            self._total[norm_type] = torch.linalg.vector_norm(self.norms, ord=norm_type)
+            norms = self.norms
+            if self.elsewhere is not None:
+                if norm_type not in self.elsewhere:
+                    raise RuntimeError(
+                        f"a rule read the total {norm_type}-norm of its layers on a pipeline "
+                        "stage, where the other stages hold the rest of them: declare "
+                        "spans_layers = True (and norm_type = the order it reads) on the rule "
+                        "so that the step's collective brings the other stages' part"
+                    )
+                norms = torch.cat([norms, self.elsewhere[norm_type].reshape(1).to(norms)])
+            self._total[norm_type] = torch.linalg.vector_norm(norms, ord=norm_type)
         return self._total[norm_type]
 
 
@@ -227,6 +251,8 @@ class Rule:
     * `per_layer_state`: one state row per layer instead of one for the group.
     * `growable_state`: state entries the rule may grow along their non-row
       dims (a history buffer); the engine zero-pads the other rows to match.
+    * `spans_layers`: whether the rule reads ``m.total_norm()`` of all its
+      layers together (a global clip), which on pipeline stages spans ranks.
     * `init_state`, `prepare`, `stats`, `cross_rank`.
     """
 
@@ -236,6 +262,16 @@ class Rule:
     @property
     def per_layer_state(self) -> bool:
         """Whether the state has one row per layer (else one row for the group)."""
+        return False
+
+    @property
+    def spans_layers(self) -> bool:
+        """Whether the rule reads the total norm (of order `norm_type`) of all its layers.
+
+        On a model split into pipeline stages (``pp_mesh``) the engine then adds
+        the other stages' part of that total in the step's one collective
+        (`Measured.elsewhere`); rules that decide layer by layer need nothing.
+        """
         return False
 
     @property

@@ -135,6 +135,10 @@ class AutoClip(ScalingRule):
         return self.scope == "layer"
 
     @property
+    def spans_layers(self) -> bool:
+        return self.scope == "global"
+
+    @property
     def growable_state(self) -> frozenset[str]:
         # the whole history: a buffer that doubles as the run goes on
         return frozenset() if self.history_size is not None else frozenset({"history"})
@@ -243,6 +247,10 @@ class ZClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    @property
+    def spans_layers(self) -> bool:
+        return self.scope == "global"
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         return {

@@ -90,6 +90,10 @@ class ClipGlobalNorm(ScalingRule):
             norm_type=_norm_order(self.norm_type),
         )
 
+    @property
+    def spans_layers(self) -> bool:
+        return True
+
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         coefficient = clip_coefficient(m.total_norm(self.norm_type), self.max_norm)
         return coefficient.expand(len(m.grads)), state

@@ -1,0 +1,284 @@
+"""Pipeline stages x data parallel on four gloo processes: the cases, run in one launch.
+
+World mesh ``(pp=2, dp=2)``: ranks 0, 1 hold stage 0 (``embed``, ``layers.0``,
+``layers.1``), ranks 2, 3 stage 1 (``layers.2``, ``layers.3``, ``norm``,
+``head``), each a copy of the whole model with the other stage's modules
+deleted, as torchtitan splits a model. Data parallel is either FSDP2
+(``fully_shard`` over the dp mesh, gradients as ``DTensor`` shards) or
+replicated (DDP's averaged gradients, plain tensors). Every step each rank
+gets its share of the same full gradients, the unsplit single-process model
+gets them whole, and both are normalized by the same rule; each rank records
+whether its gradients match the unsplit model's within ``RTOL`` and how many
+collectives a steady step ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import gradclip
+from gradclip.commands.bench_distributed import CollectiveCounter
+
+WORLD = 4
+STEPS = 20
+RTOL = 1e-5
+STAGE_OF = {"embed": 0, "layers.0": 0, "layers.1": 0, "layers.2": 1, "layers.3": 1, "norm": 1}
+STAGE_OF["head"] = 1
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(width)
+        self.attn = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+
+class Tiny(nn.Module):
+    """A transformer-like stack small enough for four processes on two cores."""
+
+    def __init__(self, width: int = 8, vocab: int = 12) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleDict({str(i): Block(width) for i in range(4)})
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+
+def split(model: Tiny, stage: int) -> Tiny:
+    """Stage ``stage`` of ``model``: the other stage's modules deleted, names kept."""
+    for name in ("embed", "norm", "head"):
+        if STAGE_OF[name] != stage:
+            setattr(model, name, None)
+    for key in list(model.layers):
+        if STAGE_OF[f"layers.{key}"] != stage:
+            del model.layers[key]
+    return model
+
+
+def full_grads(step: int, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The step's gradients of the whole model: spread over decades, spikes on some steps."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = {}
+    for i, (name, p) in enumerate(model.named_parameters()):
+        scale = 10.0 ** ((i % 5) - 2) * (30.0 if step % 7 == 6 else 1.0)
+        out[name] = torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
+    return out
+
+
+RULES: dict[str, Callable[[], Any]] = {
+    "None": lambda: "None",
+    "RenormalizeL2PerLayer": lambda: "RenormalizeL2PerLayer",
+    "RenormalizeL2PerParamType": lambda: "RenormalizeL2PerParamType",
+    "ClipElementWiseAbsoluteValue": lambda: ("ClipElementWiseAbsoluteValue", 0.05),
+    "ClipL2PerLayer": lambda: ("ClipL2PerLayer", 0.5),
+    "ClipL2PerParamType": lambda: ("ClipL2PerParamType", 0.2),
+    "global-2": lambda: gradclip.ClipGlobalNorm(1.0),
+    "global-inf": lambda: gradclip.ClipGlobalNorm(0.5, norm_type="inf"),
+    "global-3": lambda: gradclip.ClipGlobalNorm(1.0, norm_type=3),
+    "agc": lambda: gradclip.AdaptiveGradClip(0.05),
+    "zclip-global": lambda: gradclip.ZClip(warmup_steps=5),
+    "zclip-layer": lambda: gradclip.ZClip(warmup_steps=5, scope="layer"),
+    "autoclip-global": lambda: gradclip.AutoClip(percentile=50.0),
+    "autoclip-layer": lambda: gradclip.AutoClip(percentile=50.0, scope="layer"),
+    "chain-global-first": lambda: gradclip.chain(
+        gradclip.ClipGlobalNorm(1.0), ("ClipElementWiseAbsoluteValue", 0.05)
+    ),
+}
+# overrides whose groups span both stages: layers.1 and head clip their norm together
+OVERRIDES = {"layers.1": gradclip.ClipGlobalNorm(0.3), "head": gradclip.ClipGlobalNorm(0.3)}
+# rules that need nothing from other stages: replicated (DDP) steps send nothing
+PER_LAYER = {
+    "None",
+    "RenormalizeL2PerLayer",
+    "RenormalizeL2PerParamType",
+    "ClipElementWiseAbsoluteValue",
+    "ClipL2PerLayer",
+    "ClipL2PerParamType",
+    "agc",
+    "zclip-layer",
+    "autoclip-layer",
+}
+
+
+def _normalizer(model: Any, rule: Any, **kwargs: Any) -> gradclip.GradientNormalizer:
+    if isinstance(rule, tuple):
+        return gradclip.GradientNormalizer(model, rule[0], rule[1], **kwargs)
+    return gradclip.GradientNormalizer(model, rule, **kwargs)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t  # type: ignore[no-any-return]
+
+
+def _set(model: nn.Module, grads: dict[str, torch.Tensor], dp_group: Any) -> None:
+    """Give ``model`` its part of ``grads``: a shard (FSDP2) or the dp average (DDP)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        g = grads[name].clone()
+        if isinstance(p, DTensor):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+        else:  # DDP: each replica's own gradient, then the average over the replicas
+            local = g * (0.5 + dist.get_rank(dp_group))
+            dist.all_reduce(local, group=dp_group)
+            p.grad = local / 2
+
+
+def _averaged(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What DDP's average of the two replicas in `_set` gives, computed alike."""
+    return {n: (g * 0.5 + g * 1.5) / 2 for n, g in grads.items()}
+
+
+def _mismatch(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().clamp(min=1e-6)
+    return float(((got - want).abs() / scale).max())
+
+
+def run_case(
+    mesh: Any, dp: str, name: str, rule: Any, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Twenty steps of the split model against the unsplit one; what this rank saw."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    stage = mesh.get_local_rank("pp")
+    dp_mesh, pp_mesh = mesh["dp"], mesh["pp"]
+    reference = Tiny()
+    ref_norm = _normalizer(reference, rule, overrides=overrides)
+    model = split(Tiny(), stage)
+    if dp == "fsdp2":
+        for block in model.layers.values():
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+    normalizer = _normalizer(model, rule, overrides=overrides, pp_mesh=pp_mesh)
+    worst, counts, totals = 0.0, [], []
+    for step in range(STEPS):
+        grads = full_grads(step, reference)
+        if dp == "ddp":
+            grads = _averaged(grads)
+        for n, p in reference.named_parameters():
+            p.grad = grads[n].clone()
+        ref_report = ref_norm.apply()
+        _set(model, grads, dp_mesh.get_group())
+        counter = CollectiveCounter() if step in (0, 2) else contextlib.nullcontext()
+        with counter:
+            report = normalizer.apply()
+        if isinstance(counter, CollectiveCounter):
+            counts.append(len(counter.ops))
+        for n, p in model.named_parameters():
+            worst = max(worst, _mismatch(_full(p.grad), reference.get_parameter(n).grad))
+        if rule == "ClipL2PerLayer" or name == "global-2":
+            got, want = float(report.total_norm()), float(ref_report.total_norm())
+            totals.append(abs(got - want) / want)
+    dist.barrier()
+    return {"worst": worst, "collectives": counts, "total_error": max(totals, default=0.0)}
+
+
+def case_interleaved(mesh: Any, name: str, rule: Any) -> dict[str, Any]:
+    """Two stages per rank (``stages=``): pp rank 0 holds layers 0 and 2, rank 1 the rest."""
+    stage = mesh.get_local_rank("pp")
+    pp_mesh = mesh["pp"]
+    reference = Tiny()
+    ref_norm = _normalizer(reference, rule)
+    mine = {0: ["embed", "layers.0", "layers.2"], 1: ["layers.1", "layers.3", "norm", "head"]}
+    chunks = []
+    for names in ([n for n in mine[stage] if n != "layers.2"], ["layers.2"] if stage == 0 else []):
+        if not names:
+            continue
+        chunk = Tiny()
+        for top in ("embed", "norm", "head"):
+            if top not in names:
+                setattr(chunk, top, None)
+        for key in list(chunk.layers):
+            if f"layers.{key}" not in names:
+                del chunk.layers[key]
+        chunks.append(chunk)
+    normalizer = _normalizer(None, rule, stages=chunks, pp_mesh=pp_mesh)
+    worst = 0.0
+    for step in range(STEPS):
+        grads = full_grads(step, reference)
+        for n, p in reference.named_parameters():
+            p.grad = grads[n].clone()
+        ref_norm.apply()
+        for chunk in chunks:
+            for n, p in chunk.named_parameters():
+                p.grad = grads[n].clone()
+        normalizer.apply()
+        for chunk in chunks:
+            for n, p in chunk.named_parameters():
+                worst = max(worst, _mismatch(p.grad, reference.get_parameter(n).grad))
+    return {"worst": worst, "collectives": [], "total_error": 0.0}
+
+
+def _worker(rank: int, init_method: str, outdir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    results: dict[str, Any] = {}
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+        cases: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+        for dp in ("fsdp2", "ddp"):
+            for name, make in RULES.items():
+                cases.append((f"{dp}:{name}", lambda dp=dp, n=name, m=make: run_case(mesh, dp, n, m())))
+            cases.append(
+                (
+                    f"{dp}:overrides-across-stages",
+                    lambda dp=dp: run_case(
+                        mesh, dp, "overrides", ("ClipL2PerLayer", 0.5), overrides=OVERRIDES
+                    ),
+                )
+            )
+        for name in ("global-2", "zclip-global", "ClipL2PerLayer"):
+            cases.append(
+                (f"interleaved:{name}", lambda n=name: case_interleaved(mesh, n, RULES[n]()))
+            )
+        for case, call in cases:
+            try:
+                results[case] = {"ok": True, **call()}
+            except Exception:
+                results[case] = {"ok": False, "msg": traceback.format_exc()}
+                with contextlib.suppress(Exception):
+                    dist.barrier()
+    finally:
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def launch(outdir: Path, timeout_s: float) -> list[dict[str, Any]]:
+    """Run every case on four processes; per rank, ``{case: result}``."""
+    from gradclip.commands.bench_distributed import free_port, spawn
+
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    spawn(_worker, (f"tcp://127.0.0.1:{free_port()}", str(outdir)), WORLD, timeout_s)
+    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -1,0 +1,64 @@
+"""A model split into two pipeline stages x two data-parallel ranks equals the unsplit model.
+
+Four gloo processes on the CPU, one launch for every case (`pipeline_ranks`):
+FSDP2 and DDP data parallel, the six DL4J modes, ``ClipGlobalNorm`` (p = 2, 3
+and inf), AGC, ZClip and AutoClip in both scopes, a chain, overrides whose
+group spans both stages, and ranks holding two stages (``stages=``). Every
+rank's gradients match the single-process run within 1e-5 relative over 20
+steps; a steady step runs at most one collective, and none on replicated
+gradients when every rule decides layer by layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pipeline_ranks
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+TIMEOUT_S = 240
+
+CASES = [
+    f"{dp}:{name}" for dp in ("fsdp2", "ddp") for name in [*pipeline_ranks.RULES, "overrides-across-stages"]
+] + [f"interleaved:{n}" for n in ("global-2", "zclip-global", "ClipL2PerLayer")]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    try:
+        return pipeline_ranks.launch(Path(tmp_path_factory.mktemp("pipeline")), TIMEOUT_S)
+    except TimeoutError as err:
+        pytest.fail(str(err))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stages_match_the_unsplit_model(results: list[dict[str, Any]], case: str) -> None:
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        assert result["total_error"] <= pipeline_ranks.RTOL, (rank, result["total_error"])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("interleaved")])
+def test_a_steady_step_runs_at_most_one_collective(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    dp, name = case.split(":")
+    for out in results:
+        first, steady = out[case]["collectives"]
+        assert steady <= 1, (case, out[case]["collectives"])
+        if dp == "ddp" and name in pipeline_ranks.PER_LAYER:
+            assert first == steady == 0, (case, out[case]["collectives"])
+
+
+def test_every_rank_ran_every_case(results: list[dict[str, Any]]) -> None:
+    for out in results:
+        assert sorted(out) == sorted(CASES)
