@@ -28,10 +28,12 @@ from gradclip.core.layers import (
 )
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.pipeline import (
+    check_stage_identity,
     check_stages,
     pipeline_of,
     present_overrides,
     spanning_slots,
+    stage_identity,
     stage_layers,
 )
 from gradclip.core.report import NormReport
@@ -371,12 +373,15 @@ class GradientNormalizer:
         with self._lock:
             self._refresh()
             if isinstance(state_dict, Mapping) and state_dict.get("version") in READABLE_VERSIONS:
-                check_identity(state_dict, self._identity())
+                check = check_identity if self._pipeline is None else check_stage_identity
+                check(state_dict, self._identity())
             # values are copied into the existing tensors: the cached plans stay valid
             self._engine.store.load_state_dict(state_dict)
 
-    def _identity(self) -> dict[str, list[str]]:
+    def _identity(self) -> dict[str, Any]:
         engine = self._engine
+        if self._pipeline is not None:  # keyed by layer: each stage's own (DCP)
+            return stage_identity(engine.layers, engine.rules)
         return identity(
             [layer.name for layer in engine.layers],
             [

@@ -42,7 +42,9 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = nn.LayerNorm(width)
         self.attn = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
 
 
 class Tiny(nn.Module):
@@ -226,7 +228,94 @@ def case_interleaved(mesh: Any, name: str, rule: Any) -> dict[str, Any]:
     return {"worst": worst, "collectives": [], "total_error": 0.0}
 
 
-def _worker(rank: int, init_method: str, outdir: str) -> None:
+CHECKPOINT_RULE = gradclip.ZClip(warmup_steps=3)  # global state: the same on every stage
+CHECKPOINT_OVERRIDES = {  # per-layer state on both stages
+    "layers.0": gradclip.AutoClip(percentile=50.0, scope="layer"),
+    "layers.3": gradclip.AutoClip(percentile=50.0, scope="layer"),
+}
+
+
+def _checkpointed(mesh: Any) -> tuple[nn.Module, gradclip.GradientNormalizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = split(Tiny(), mesh.get_local_rank("pp"))
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    normalizer = gradclip.GradientNormalizer(
+        model, CHECKPOINT_RULE, overrides=CHECKPOINT_OVERRIDES, pp_mesh=mesh["pp"]
+    )
+    return model, normalizer
+
+
+def _steps(model: nn.Module, normalizer: Any, mesh: Any, steps: range) -> list[dict[str, Any]]:
+    out = []
+    for step in steps:
+        _set(model, full_grads(step, Tiny()), mesh["dp"].get_group())
+        normalizer.apply()
+        out.append({n: _full(p.grad).clone() for n, p in model.named_parameters()})
+    return out
+
+
+def _flat_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        f"{slot}/{row}/{k}": v
+        for slot, entry in state["rules"].items()
+        for row, tensors in entry["rows"].items()
+        for k, v in tensors.items()
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def case_save(mesh: Any, outdir: str) -> dict[str, Any]:
+    """Six steps, a DCP checkpoint, then four more: what the resumed run must reproduce."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    model, normalizer = _checkpointed(mesh)
+    _steps(model, normalizer, mesh, range(6))
+    state = normalizer.state_dict()
+    dcp.save({"normalizer": state}, checkpoint_id=str(Path(outdir, "checkpoint")))
+    expected = _steps(model, normalizer, mesh, range(6, 10))
+    torch.save(
+        {"state": _flat_state(state), "grads": expected},
+        Path(outdir, f"expected{dist.get_rank()}.pt"),
+    )
+    return {"collectives": [], "worst": 0.0, "total_error": 0.0}
+
+
+def case_resume(mesh: Any, outdir: str) -> dict[str, Any]:
+    """In fresh processes: load the checkpoint per stage, check it exact, run on exactly."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    model, normalizer = _checkpointed(mesh)
+    target = {"normalizer": normalizer.state_dict()}
+    dcp.load(target, checkpoint_id=str(Path(outdir, "checkpoint")))
+    normalizer.load_state_dict(target["normalizer"])
+    expected = torch.load(Path(outdir, f"expected{dist.get_rank()}.pt"))
+    loaded = _flat_state(normalizer.state_dict())
+    if loaded.keys() != expected["state"].keys():
+        raise AssertionError((sorted(loaded), sorted(expected["state"])))
+    for key, value in loaded.items():
+        if not _same(value, expected["state"][key]):
+            raise AssertionError(f"state {key}: {value} != {expected['state'][key]}")
+    got = _steps(model, normalizer, mesh, range(6, 10))
+    for step, (mine, want) in enumerate(zip(got, expected["grads"])):
+        for n in want:
+            if not torch.equal(mine[n], want[n]):
+                raise AssertionError(f"step {6 + step}, {n}: the resumed run differs")
+    return {"collectives": [], "worst": 0.0, "total_error": 0.0}
+
+
+def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -242,9 +331,15 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
     try:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         cases: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-        for dp in ("fsdp2", "ddp"):
+        if phase == "resume":
+            cases.append(("checkpoint:resume", lambda: case_resume(mesh, outdir)))
+        else:
+            cases.append(("checkpoint:save", lambda: case_save(mesh, outdir)))
+        for dp in ("fsdp2", "ddp") if phase == "main" else ():
             for name, make in RULES.items():
-                cases.append((f"{dp}:{name}", lambda dp=dp, n=name, m=make: run_case(mesh, dp, n, m())))
+                cases.append(
+                    (f"{dp}:{name}", lambda dp=dp, n=name, m=make: run_case(mesh, dp, n, m()))
+                )
             cases.append(
                 (
                     f"{dp}:overrides-across-stages",
@@ -253,7 +348,7 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
                     ),
                 )
             )
-        for name in ("global-2", "zclip-global", "ClipL2PerLayer"):
+        for name in ("global-2", "zclip-global", "ClipL2PerLayer") if phase == "main" else ():
             cases.append(
                 (f"interleaved:{name}", lambda n=name: case_interleaved(mesh, n, RULES[n]()))
             )
@@ -265,7 +360,7 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
                 with contextlib.suppress(Exception):
                     dist.barrier()
     finally:
-        Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
+        Path(outdir, f"{phase}{rank}.json").write_text(json.dumps(results))
         with contextlib.suppress(Exception):
             dist.barrier()
         dist.destroy_process_group()
@@ -280,5 +375,9 @@ def launch(outdir: Path, timeout_s: float) -> list[dict[str, Any]]:
 
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    spawn(_worker, (f"tcp://127.0.0.1:{free_port()}", str(outdir)), WORLD, timeout_s)
-    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    results: list[dict[str, Any]] = [{} for _ in range(WORLD)]
+    for phase in ("main", "resume"):  # the second in fresh processes: a restarted job
+        spawn(_worker, (f"tcp://127.0.0.1:{free_port()}", str(outdir), phase), WORLD, timeout_s)
+        for r in range(WORLD):
+            results[r].update(json.loads(Path(outdir, f"{phase}{r}.json").read_text()))
+    return results

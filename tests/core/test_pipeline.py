@@ -26,8 +26,11 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT_S = 240
 
 CASES = [
-    f"{dp}:{name}" for dp in ("fsdp2", "ddp") for name in [*pipeline_ranks.RULES, "overrides-across-stages"]
+    f"{dp}:{name}"
+    for dp in ("fsdp2", "ddp")
+    for name in [*pipeline_ranks.RULES, "overrides-across-stages"]
 ] + [f"interleaved:{n}" for n in ("global-2", "zclip-global", "ClipL2PerLayer")]
+CHECKPOINT = ["checkpoint:save", "checkpoint:resume"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def test_stages_match_the_unsplit_model(results: list[dict[str, Any]], case: str
         assert result["total_error"] <= pipeline_ranks.RTOL, (rank, result["total_error"])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("interleaved")])
+@pytest.mark.parametrize("case", [c for c in CASES if c.split(":")[0] in ("fsdp2", "ddp")])
 def test_a_steady_step_runs_at_most_one_collective(
     results: list[dict[str, Any]], case: str
 ) -> None:
@@ -59,6 +62,15 @@ def test_a_steady_step_runs_at_most_one_collective(
             assert first == steady == 0, (case, out[case]["collectives"])
 
 
+@pytest.mark.parametrize("case", CHECKPOINT)
+def test_a_dcp_checkpoint_of_the_stages_resumes_exactly(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+
+
 def test_every_rank_ran_every_case(results: list[dict[str, Any]]) -> None:
     for out in results:
-        assert sorted(out) == sorted(CASES)
+        assert sorted(out) == sorted(CASES + CHECKPOINT)

@@ -251,8 +251,8 @@ class Engine:
         if isinstance(prepared, NormReport):  # no gradient at all
             return prepared
         plan, grads, measured = prepared
-        if self.pipeline is not None and measured.elsewhere is None:
-            measured.elsewhere = {}  # nothing from other stages: a total would be refused
+        if self.pipeline is not None and measured.stage_totals is None:
+            measured.stage_totals = {}  # nothing from other stages: a total would be refused
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
         bad: torch.Tensor | None = None
@@ -390,11 +390,11 @@ class Engine:
         return plan, grads, self._across_stages(plan, finish(plan, parts))
 
     def _across_stages(self, plan: Plan, measured: _Measurement) -> _Measurement:
-        """``measured`` with the other stages' parts of the totals (after the collective)."""
+        """``measured`` with the totals over every stage (after the collective)."""
         transport, pipe = self._transport, self.pipeline
         if transport is None or pipe is None or transport.reduced is None:
             return measured
-        measured.elsewhere, self._stage_squares = pipe.elsewhere(plan, *transport.reduced)
+        measured.stage_totals, self._stage_squares = pipe.totals(plan, *transport.reduced)
         return measured
 
     def _acc(self) -> tuple[torch.dtype, torch.device]:

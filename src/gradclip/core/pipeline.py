@@ -11,9 +11,9 @@ total norm of *all* its layers, so each rank sends its part of that total:
   tensors on rank ``r`` (``n`` the norms of its local pieces, ``w = 1/replicas``
   as in `gradclip.core.sharding`), written in row ``stage`` of a
   ``(stages, S)`` block: after the sum over ranks, row ``s`` holds stage ``s``'s
-  part, and a rank adds the rows of the *other* stages to its own exact norms::
+  part, and every rank forms the same total from the rows::
 
-      ‖g‖_p = (Σ_{i on this stage} ‖g_i‖_p^p + Σ_{s ≠ own} row_s)^{1/p}
+      ‖g‖_p = (Σ_s row_s)^{1/p}
 
 * for ``p = ∞``, the local maximum, in this rank's row of a ``(ranks, M)``
   block of zeros (the maxima trick of `gradclip.core.sharding`); the maximum
@@ -53,10 +53,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Pipeline",
     "StageTransport",
+    "check_stage_identity",
     "check_stages",
     "pipeline_of",
     "present_overrides",
     "spanning_slots",
+    "stage_identity",
     "stage_layers",
     "transport_for",
 ]
@@ -177,14 +179,17 @@ class Pipeline:
                 sums[self._sum_of[key]] = powers.sum()
         return sums, maxima
 
-    def elsewhere(
+    def totals(
         self, plan: Plan, sum_rows: torch.Tensor, max_rows: torch.Tensor
     ) -> tuple[dict[int, dict[float, torch.Tensor]], torch.Tensor]:
-        """Per group index ``{p: norm of its gradients on the other stages}``, and the
-        other stages' sum of squares for the report, from the reduced rows."""
-        others = torch.ones(self.size, dtype=torch.bool, device=sum_rows.device)
-        others[self.rank] = False
-        summed = (sum_rows * others.unsqueeze(1).to(sum_rows.dtype)).sum(dim=0)
+        """Per group index ``{p: norm of its gradients on every stage}``, and the sum of
+        squares of every stage's measured gradients (the report's), from the rows.
+
+        Formed from the reduced rows alone, in one order, so that every rank of
+        every stage gets the same bits (and the state of a global rule is the
+        same on every stage, which a checkpoint keeps one copy of).
+        """
+        summed = sum_rows.sum(dim=0)
         top = max_rows.amax(dim=0) if max_rows.numel() else max_rows.new_zeros(0)
         out: dict[int, dict[float, torch.Tensor]] = {}
         for gi, group in enumerate(plan.groups):
@@ -393,3 +398,42 @@ def check_stages(model: Any, stages: Sequence[Any] | None) -> list[Any] | None:
     if not chunks or not all(isinstance(c, nn.Module) for c in chunks):
         raise TypeError("stages= takes a non-empty list of the nn.Module stages this rank holds")
     return chunks
+
+
+def stage_identity(layers: Sequence[Layer], rules: Sequence[Rule]) -> dict[str, Any]:
+    """What a stage's state dict records of its layers, keyed by layer name.
+
+    A distributed checkpoint (DCP) keeps one copy of each key: keyed by layer
+    name, each stage's entries are its own, where lists of every layer would
+    be one stage's lists for all of them.
+    """
+    return {
+        "stage_layers": {
+            layer.name: {
+                "params": [
+                    f"{layer.qualified(k)}{tuple(p.shape)}" for k, p in enumerate(layer.params)
+                ],
+                "rule": rule.describe(),
+            }
+            for layer, rule in zip(layers, rules)
+        }
+    }
+
+
+def check_stage_identity(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first of this stage's layers the state dict differs on."""
+    theirs = saved.get("stage_layers")
+    if not isinstance(theirs, Mapping):
+        raise ValueError(
+            "the state dict has no 'stage_layers' mapping: it was not saved by a normalizer "
+            "built with pp_mesh= (a whole model's state loads into a whole model's normalizer)"
+        )
+    for name, entry in mine["stage_layers"].items():
+        if name not in theirs:
+            raise ValueError(f"the state dict has no entry for this stage's layer {name!r}")
+        got = theirs[name]
+        if not isinstance(got, Mapping) or dict(got) != entry:
+            raise ValueError(
+                f"this state dict was saved for a different model or configuration: layer "
+                f"{name!r} is {entry} here but {got} in the state dict"
+            )

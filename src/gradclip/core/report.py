@@ -72,7 +72,7 @@ class NormReport:
         # layers whose rule could not tell whether it changed them, read when needed
         self._unknown = unknown
         #: on pipeline stages: the stages (`gradclip.core.pipeline.Pipeline`) and the
-        #: other stages' sum of squared norms, when the step's collective brought it
+        #: sum of squared norms over every stage, when the step's collective brought it
         self.stages: tuple[Any, torch.Tensor | None] | None = None
 
     @property
@@ -173,10 +173,10 @@ class NormReport:
         if self.stages is None:
             total: torch.Tensor = torch.linalg.vector_norm(measured.to(plan.acc_dtype))
             return total.to(self.tensor_norms.dtype)
-        pipeline, elsewhere = self.stages
+        pipeline, every_stage = self.stages
         squares = measured.to(plan.acc_dtype).square().sum()
-        if elsewhere is not None:
-            squares = squares + elsewhere
+        if every_stage is not None:
+            squares = every_stage
         else:
             import torch.distributed as dist
 

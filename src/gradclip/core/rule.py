@@ -184,10 +184,10 @@ class Measured:
         step: how many steps this rule has run before in this normalizer, counted
             on the host (an upper bound of any state row's own count).
         shards: how the gradients are sharded, or ``None``.
-        elsewhere: on pipeline stages (``pp_mesh``), for a rule that
-            `Rule.spans_layers`, ``{p: n}``: the p-norm ``n`` (0-d) of this group's
-            gradients held by the other stages, which `total_norm` folds in;
-            ``{}`` for a rule that does not span layers; ``None`` off pipelines.
+        stage_totals: on pipeline stages (``pp_mesh``), for a rule that
+            `Rule.spans_layers`, ``{p: total}``: the p-norm (0-d) of all the group's
+            gradients on every stage, which `total_norm` returns (the same on every
+            rank); ``{}`` for a rule that does not span layers; ``None`` off pipelines.
     """
 
     grads: list[torch.Tensor]
@@ -198,7 +198,7 @@ class Measured:
     prepared: Any = None
     step: int = 0
     shards: Shards | None = None
-    elsewhere: dict[float, torch.Tensor] | None = None
+    stage_totals: dict[float, torch.Tensor] | None = None
     _total: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -213,8 +213,7 @@ class Measured:
     def total_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """0-d norm of all the gradients together, from `norms` (memoized per step).
 
-        On pipeline stages the group's gradients on the other stages count too
-        (`elsewhere`): ``(Σ_i ‖g_i‖_p^p + n_elsewhere^p)^{1/p}``, or the maximum.
+        On pipeline stages it is the total over every stage (`stage_totals`).
 
         Raises:
             RuntimeError: the rule reads no norms, or runs on pipeline stages
@@ -224,17 +223,17 @@ class Measured:
         if self.norms is None:
             raise RuntimeError("this rule reads no norms (norm_type is None)")
         if norm_type not in self._total:
-            norms = self.norms
-            if self.elsewhere is not None:
-                if norm_type not in self.elsewhere:
+            if self.stage_totals is not None:
+                if norm_type not in self.stage_totals:
                     raise RuntimeError(
                         f"a rule read the total {norm_type}-norm of its layers on a pipeline "
                         "stage, where the other stages hold the rest of them: declare "
                         "spans_layers = True (and norm_type = the order it reads) on the rule "
                         "so that the step's collective brings the other stages' part"
                     )
-                norms = torch.cat([norms, self.elsewhere[norm_type].reshape(1).to(norms)])
-            self._total[norm_type] = torch.linalg.vector_norm(norms, ord=norm_type)
+                self._total[norm_type] = self.stage_totals[norm_type]
+            else:
+                self._total[norm_type] = torch.linalg.vector_norm(self.norms, ord=norm_type)
         return self._total[norm_type]
 
 
@@ -270,7 +269,7 @@ class Rule:
 
         On a model split into pipeline stages (``pp_mesh``) the engine then adds
         the other stages' part of that total in the step's one collective
-        (`Measured.elsewhere`); rules that decide layer by layer need nothing.
+        (`Measured.stage_totals`); rules that decide layer by layer need nothing.
         """
         return False
 
