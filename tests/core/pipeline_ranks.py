@@ -228,6 +228,66 @@ def case_interleaved(mesh: Any, name: str, rule: Any) -> dict[str, Any]:
     return {"worst": worst, "collectives": [], "total_error": 0.0}
 
 
+class MoE(nn.Module):
+    """Dense layers and four experts: the experts' weights are ``(experts, in, out)``."""
+
+    def __init__(self, width: int = 8, experts: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Embedding(12, width)
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.Module()
+        self.experts.w1 = nn.Parameter(torch.randn(experts, width, 2 * width))
+        self.experts.w2 = nn.Parameter(torch.randn(experts, 2 * width, width))
+        self.head = nn.Linear(width, 12)
+
+
+EP_RULES = [
+    "ClipL2PerLayer",
+    "ClipL2PerParamType",
+    "global-2",
+    "global-inf",
+    "agc",
+    "zclip-global",
+    "autoclip-layer",
+]
+
+
+def case_expert_parallel(name: str, rule: Any) -> dict[str, Any]:
+    """Experts sharded over an EP mesh of 2 (two copies in the world), the rest FSDP2 over 4."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    world = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))
+    ep_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_mod_ep", "ep"))["ep"]
+    reference, model = MoE(), MoE()
+    ref_norm = _normalizer(reference, rule)
+    for key in ("w1", "w2"):
+        weight = getattr(model.experts, key)
+        setattr(
+            model.experts, key, nn.Parameter(distribute_tensor(weight.data, ep_mesh, [Shard(0)]))
+        )
+    for dense in (model.embed, model.router, model.head):
+        fully_shard(dense, mesh=world)
+    normalizer = _normalizer(model, rule)
+    worst, counts = 0.0, []
+    for step in range(STEPS):
+        grads = full_grads(step, reference)
+        for n, p in reference.named_parameters():
+            p.grad = grads[n].clone()
+        ref_norm.apply()
+        _set(model, grads, None)
+        counter = CollectiveCounter() if step in (0, 2) else contextlib.nullcontext()
+        with counter:
+            normalizer.apply()
+        if isinstance(counter, CollectiveCounter):
+            counts.append(len(counter.ops))
+        for n, p in model.named_parameters():
+            worst = max(worst, _mismatch(_full(p.grad), reference.get_parameter(n).grad))
+    return {"worst": worst, "collectives": counts, "total_error": 0.0}
+
+
 CHECKPOINT_RULE = gradclip.ZClip(warmup_steps=3)  # global state: the same on every stage
 CHECKPOINT_OVERRIDES = {  # per-layer state on both stages
     "layers.0": gradclip.AutoClip(percentile=50.0, scope="layer"),
@@ -348,6 +408,8 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
                     ),
                 )
             )
+        for name in EP_RULES if phase == "main" else ():
+            cases.append((f"ep:{name}", lambda n=name: case_expert_parallel(n, RULES[n]())))
         for name in ("global-2", "zclip-global", "ClipL2PerLayer") if phase == "main" else ():
             cases.append(
                 (f"interleaved:{name}", lambda n=name: case_interleaved(mesh, n, RULES[n]()))

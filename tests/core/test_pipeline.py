@@ -3,10 +3,12 @@
 Four gloo processes on the CPU, one launch for every case (`pipeline_ranks`):
 FSDP2 and DDP data parallel, the six DL4J modes, ``ClipGlobalNorm`` (p = 2, 3
 and inf), AGC, ZClip and AutoClip in both scopes, a chain, overrides whose
-group spans both stages, and ranks holding two stages (``stages=``). Every
-rank's gradients match the single-process run within 1e-5 relative over 20
-steps; a steady step runs at most one collective, and none on replicated
-gradients when every rule decides layer by layer.
+group spans both stages, and ranks holding two stages (``stages=``); and an
+expert-parallel model (experts sharded over an EP mesh of 2, the rest FSDP2
+over all 4 ranks). Every rank's gradients match the single-process run within
+1e-5 relative over 20 steps; a steady step runs at most one collective, and
+none on replicated gradients when every rule decides layer by layer. A DCP
+checkpoint of the stages, loaded in fresh processes, resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ CASES = [
     for dp in ("fsdp2", "ddp")
     for name in [*pipeline_ranks.RULES, "overrides-across-stages"]
 ] + [f"interleaved:{n}" for n in ("global-2", "zclip-global", "ClipL2PerLayer")]
+CASES += [f"ep:{name}" for name in pipeline_ranks.EP_RULES]
 CHECKPOINT = ["checkpoint:save", "checkpoint:resume"]
 
 
@@ -50,7 +53,7 @@ def test_stages_match_the_unsplit_model(results: list[dict[str, Any]], case: str
         assert result["total_error"] <= pipeline_ranks.RTOL, (rank, result["total_error"])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.split(":")[0] in ("fsdp2", "ddp")])
+@pytest.mark.parametrize("case", [c for c in CASES if c.split(":")[0] in ("fsdp2", "ddp", "ep")])
 def test_a_steady_step_runs_at_most_one_collective(
     results: list[dict[str, Any]], case: str
 ) -> None:

@@ -403,8 +403,17 @@ class Engine:
 
     def _dp_ranks(self) -> int:
         """How many ranks the sharded parameters are spread over (their mesh's size)."""
-        mesh = next(p.device_mesh for p in self.params if is_dtensor(p))  # type: ignore[attr-defined]
-        return int(mesh.size())
+        meshes: list[Any] = []
+        for p in self.params:
+            if is_dtensor(p) and p.device_mesh not in meshes:  # type: ignore[attr-defined]
+                meshes.append(p.device_mesh)  # type: ignore[attr-defined]
+        if len(meshes) > 1:
+            raise NotImplementedError(
+                "pipeline stages whose parameters live on several device meshes (expert "
+                "parallel) are not supported: the stages' one collective needs one "
+                "data-parallel mesh per stage"
+            )
+        return int(meshes[0].size())
 
     def _trainable(self) -> list[bool]:
         check = self._check_frozen
