@@ -288,6 +288,16 @@ def case_expert_parallel(name: str, rule: Any) -> dict[str, Any]:
     return {"worst": worst, "collectives": counts, "total_error": 0.0}
 
 
+def case_bench(mesh: Any) -> dict[str, Any]:
+    """The pipeline benchmark's rows (tiny, one repeat): what `bench --distributed` counts."""
+    from gradclip.commands import bench_pipeline
+
+    config = {"layers": 4, "width": 8, "repeats": 1}
+    rows = bench_pipeline._rows(mesh, "fsdp2", config) + bench_pipeline._rows(mesh, "ddp", config)
+    counted = {f"{r['dp']}:{r['method']}": [r["collectives"], r["floats_sent"]] for r in rows}
+    return {"worst": 0.0, "total_error": 0.0, "collectives": [], "rows": counted}
+
+
 CHECKPOINT_RULE = gradclip.ZClip(warmup_steps=3)  # global state: the same on every stage
 CHECKPOINT_OVERRIDES = {  # per-layer state on both stages
     "layers.0": gradclip.AutoClip(percentile=50.0, scope="layer"),
@@ -408,6 +418,8 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
                     ),
                 )
             )
+        if phase == "main":
+            cases.append(("bench:pipeline", lambda: case_bench(mesh)))
         for name in EP_RULES if phase == "main" else ():
             cases.append((f"ep:{name}", lambda n=name: case_expert_parallel(n, RULES[n]())))
         for name in ("global-2", "zclip-global", "ClipL2PerLayer") if phase == "main" else ():

@@ -34,6 +34,7 @@ CASES = [
 ] + [f"interleaved:{n}" for n in ("global-2", "zclip-global", "ClipL2PerLayer")]
 CASES += [f"ep:{name}" for name in pipeline_ranks.EP_RULES]
 CHECKPOINT = ["checkpoint:save", "checkpoint:resume"]
+BENCH = ["bench:pipeline"]
 
 
 @pytest.fixture(scope="module")
@@ -76,4 +77,17 @@ def test_a_dcp_checkpoint_of_the_stages_resumes_exactly(
 
 def test_every_rank_ran_every_case(results: list[dict[str, Any]]) -> None:
     for out in results:
-        assert sorted(out) == sorted(CASES + CHECKPOINT)
+        assert sorted(out) == sorted(CASES + CHECKPOINT + BENCH)
+
+
+def test_the_pipeline_bench_counts_one_collective_and_none_for_ddp_per_layer(
+    results: list[dict[str, Any]],
+) -> None:
+    out = results[0]["bench:pipeline"]
+    assert out["ok"], out.get("msg")
+    rows = out["rows"]
+    assert rows["fsdp2:torchtitan clip_grad_norm_(pp_mesh)"][0] == 2  # dp, then pp
+    assert rows["fsdp2:gradclip ClipGlobalNorm"][0] == 1
+    assert rows["fsdp2:gradclip ClipL2PerLayer"][0] == 1
+    assert rows["ddp:gradclip ClipGlobalNorm"][0] == 1
+    assert rows["ddp:gradclip ClipL2PerLayer"] == [0, 0]
