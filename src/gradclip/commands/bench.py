@@ -439,6 +439,6 @@ def run(args: argparse.Namespace) -> int:
 
         print()
         print("pipeline: 2 stages x 2 data-parallel gloo CPU ranks, medians of rank 0")
-        rows = bench_pipeline.run_pipeline_bench(repeats=5 if args.quick else 20)
-        print(bench_pipeline.format_rows(rows))
+        staged = bench_pipeline.run_pipeline_bench(repeats=5 if args.quick else 20)
+        print(bench_pipeline.format_rows(staged))
     return 0

@@ -112,6 +112,9 @@ class Pipeline:
     slots: tuple[tuple[str, float], ...] = ()
     _sum_of: dict[str, int] = field(default_factory=dict, repr=False)
     _max_of: dict[str, int] = field(default_factory=dict, repr=False)
+    _plan_slots: tuple[Plan, list[tuple[int, float, bool, int]]] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         sums = maxima = 0
@@ -159,25 +162,38 @@ class Pipeline:
             if not plan.all_measured:
                 full = parts.norms.new_zeros(plan.num_tensors)
                 full.index_copy_(0, plan.measured_positions_t, parts.norms)
-        for gi, group in enumerate(plan.groups):
-            key = _slot_key(group.rule)
-            if key not in self._sum_of and key not in self._max_of:
-                continue
-            p = group.stages[0].rule.norm_type
-            assert p is not None
+        for gi, p, is_max, index in self._slots_of(plan):
+            group = plan.groups[gi]
             norms = parts.p_norms.get(gi)
             if norms is None:  # the step's L2 norms of the group's tensors
                 assert full is not None
                 norms = full if group.covers_all else full.index_select(0, group.positions_t)
-            if key in self._max_of:
-                top = norms.amax() if norms.numel() else norms.new_zeros(())
-                maxima[self._max_of[key]] = top
+            if is_max:
+                maxima[index] = norms.amax() if norms.numel() else norms.new_zeros(())
             else:
                 powers = norms.pow(p)
                 if group.shard_weights is not None:
                     powers = powers * group.shard_weights
-                sums[self._sum_of[key]] = powers.sum()
+                sums[index] = powers.sum()
         return sums, maxima
+
+    def _slots_of(self, plan: Plan) -> list[tuple[int, float, bool, int]]:
+        """``(group index, p, is a maximum, slot)`` of the plan's spanning groups (cached)."""
+        cached = self._plan_slots
+        if cached is not None and cached[0] is plan:
+            return cached[1]
+        out = []
+        for gi, group in enumerate(plan.groups):
+            key = _slot_key(group.rule)
+            p = group.stages[0].rule.norm_type
+            if p is None or (key not in self._sum_of and key not in self._max_of):
+                continue
+            if key in self._max_of:
+                out.append((gi, p, True, self._max_of[key]))
+            else:
+                out.append((gi, p, False, self._sum_of[key]))
+        self._plan_slots = (plan, out)
+        return out
 
     def totals(
         self, plan: Plan, sum_rows: torch.Tensor, max_rows: torch.Tensor
@@ -192,15 +208,8 @@ class Pipeline:
         summed = sum_rows.sum(dim=0)
         top = max_rows.amax(dim=0) if max_rows.numel() else max_rows.new_zeros(0)
         out: dict[int, dict[float, torch.Tensor]] = {}
-        for gi, group in enumerate(plan.groups):
-            key = _slot_key(group.rule)
-            p = group.stages[0].rule.norm_type
-            if key in self._max_of and p is not None:
-                out[gi] = {p: top[self._max_of[key]]}
-            elif key in self._sum_of and p is not None:
-                out[gi] = {p: summed[self._sum_of[key]].pow(1.0 / p)}
-            else:
-                out[gi] = {}
+        for gi, p, is_max, index in self._slots_of(plan):
+            out[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
         return out, summed[0]
 
 
@@ -284,8 +293,8 @@ class StageTransport:
         blocks = self._learn_blocks(length) if self.sharded else [0] * pipe.size
         head = sum(blocks)
         s, m = sums.numel(), maxima.numel()
-        vector = torch.zeros(head + pipe.size * s + self.ranks * m, dtype=sums.dtype)
-        vector = vector.to(sums.device)
+        size = head + pipe.size * s + self.ranks * m
+        vector = torch.zeros(size, dtype=sums.dtype, device=sums.device)
         offset = sum(blocks[: pipe.rank])
         if block is not None:
             vector[offset : offset + length] = block
