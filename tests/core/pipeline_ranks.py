@@ -136,6 +136,8 @@ def _set(model: nn.Module, grads: dict[str, torch.Tensor], dp_group: Any) -> Non
         g = grads[name].clone()
         if isinstance(p, DTensor):
             p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+        elif dp_group is None:  # replicated on every rank of a tensor-parallel stage
+            p.grad = g
         else:  # DDP: each replica's own gradient, then the average over the replicas
             local = g * (0.5 + dist.get_rank(dp_group))
             dist.all_reduce(local, group=dp_group)
@@ -288,6 +290,53 @@ def case_expert_parallel(name: str, rule: Any) -> dict[str, Any]:
     return {"worst": worst, "collectives": counts, "total_error": 0.0}
 
 
+TP_RULES = [
+    "RenormalizeL2PerLayer",
+    "ClipL2PerLayer",
+    "ClipL2PerParamType",
+    "global-2",
+    "global-inf",
+    "agc",
+    "zclip-global",
+    "autoclip-layer",
+]
+
+
+def case_tensor_parallel(name: str, rule: Any) -> dict[str, Any]:
+    """Two stages x tensor parallel of 2 inside each (column- and row-wise layers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    stage = mesh.get_local_rank("pp")
+    reference = Tiny()
+    ref_norm = _normalizer(reference, rule)
+    model = split(Tiny(), stage)
+    plan = {"attn": ColwiseParallel(), "mlp.0": ColwiseParallel(), "mlp.2": RowwiseParallel()}
+    for block in model.layers.values():
+        parallelize_module(block, mesh["tp"], plan)
+    normalizer = _normalizer(model, rule, pp_mesh=mesh["pp"])
+    worst, counts = 0.0, []
+    for step in range(STEPS):
+        grads = full_grads(step, reference)
+        for n, p in reference.named_parameters():
+            p.grad = grads[n].clone()
+        ref_norm.apply()
+        _set(model, grads, None)
+        counter = CollectiveCounter() if step in (0, 2) else contextlib.nullcontext()
+        with counter:
+            normalizer.apply()
+        if isinstance(counter, CollectiveCounter):
+            counts.append(len(counter.ops))
+        for n, p in model.named_parameters():
+            worst = max(worst, _mismatch(_full(p.grad), reference.get_parameter(n).grad))
+    return {"worst": worst, "collectives": counts, "total_error": 0.0}
+
+
 def case_bench(mesh: Any) -> dict[str, Any]:
     """The pipeline benchmark's rows (tiny, one repeat): what `bench --distributed` counts."""
     from gradclip.commands import bench_pipeline
@@ -420,13 +469,18 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
             )
         if phase == "main":
             cases.append(("bench:pipeline", lambda: case_bench(mesh)))
+        for name in TP_RULES if phase == "main" else ():
+            cases.append((f"tp:{name}", lambda n=name: case_tensor_parallel(n, RULES[n]())))
         for name in EP_RULES if phase == "main" else ():
             cases.append((f"ep:{name}", lambda n=name: case_expert_parallel(n, RULES[n]())))
         for name in ("global-2", "zclip-global", "ClipL2PerLayer") if phase == "main" else ():
             cases.append(
                 (f"interleaved:{name}", lambda n=name: case_interleaved(mesh, n, RULES[n]()))
             )
+        only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
         for case, call in cases:
+            if only and not case.startswith(only):
+                continue
             try:
                 results[case] = {"ok": True, **call()}
             except Exception:

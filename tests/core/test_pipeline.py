@@ -4,7 +4,8 @@ Four gloo processes on the CPU, one launch for every case (`pipeline_ranks`; its
 own, as `two_ranks` runs two ranks, plus one in fresh processes for the resume):
 FSDP2 and DDP data parallel, the six DL4J modes, ``ClipGlobalNorm`` (p = 2, 3
 and inf), AGC, ZClip and AutoClip in both scopes, a chain, overrides whose
-group spans both stages, and ranks holding two stages (``stages=``); and an
+group spans both stages, ranks holding two stages (``stages=``), stages
+with tensor parallel of 2 inside (column- and row-wise layers); and an
 expert-parallel model (experts sharded over an EP mesh of 2, the rest FSDP2
 over all 4 ranks). Every rank's gradients match the single-process run within
 1e-5 relative over 20 steps; a steady step runs at most one collective, and
@@ -34,6 +35,7 @@ RUN_CASES = [
     for name in [*pipeline_ranks.RULES, "overrides-across-stages"]
 ] + [f"interleaved:{n}" for n in ("global-2", "zclip-global", "ClipL2PerLayer")]
 RUN_CASES += [f"ep:{name}" for name in pipeline_ranks.EP_RULES]
+RUN_CASES += [f"tp:{name}" for name in pipeline_ranks.TP_RULES]
 CHECKPOINT = ["checkpoint:save", "checkpoint:resume"]
 BENCH = ["bench:pipeline"]
 
@@ -55,7 +57,7 @@ def test_stages_match_the_unsplit_model(results: list[dict[str, Any]], case: str
         assert result["total_error"] <= pipeline_ranks.RTOL, (rank, result["total_error"])
 
 
-COUNTED = [c for c in RUN_CASES if c.split(":")[0] in ("fsdp2", "ddp", "ep")]
+COUNTED = [c for c in RUN_CASES if c.split(":")[0] in ("fsdp2", "ddp", "ep", "tp")]
 
 
 @pytest.mark.parametrize("case", COUNTED)
