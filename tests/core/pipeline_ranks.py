@@ -30,6 +30,9 @@ from torch import nn
 import gradclip
 from gradclip.commands.bench_distributed import CollectiveCounter
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers import HostReadCounter
+
 WORLD = 4
 STEPS = 20
 RTOL = 1e-5
@@ -171,7 +174,7 @@ def run_case(
             fully_shard(block, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
     normalizer = _normalizer(model, rule, overrides=overrides, pp_mesh=pp_mesh)
-    worst, counts, totals = 0.0, [], []
+    worst, counts, totals, host_reads = 0.0, [], [], -1
     for step in range(STEPS):
         grads = full_grads(step, reference)
         if dp == "ddp":
@@ -181,17 +184,25 @@ def run_case(
         ref_report = ref_norm.apply()
         _set(model, grads, dp_mesh.get_group())
         counter = CollectiveCounter() if step in (0, 2) else contextlib.nullcontext()
-        with counter:
+        reads = HostReadCounter() if step == 3 else contextlib.nullcontext()
+        with counter, reads:
             report = normalizer.apply()
         if isinstance(counter, CollectiveCounter):
             counts.append(len(counter.ops))
+        if isinstance(reads, HostReadCounter):
+            host_reads = sum(reads.calls.values())
         for n, p in model.named_parameters():
             worst = max(worst, _mismatch(_full(p.grad), reference.get_parameter(n).grad))
         if rule == "ClipL2PerLayer" or name == "global-2":
             got, want = float(report.total_norm()), float(ref_report.total_norm())
             totals.append(abs(got - want) / want)
     dist.barrier()
-    return {"worst": worst, "collectives": counts, "total_error": max(totals, default=0.0)}
+    return {
+        "worst": worst,
+        "collectives": counts,
+        "total_error": max(totals, default=0.0),
+        "host_reads": host_reads,
+    }
 
 
 def case_interleaved(mesh: Any, name: str, rule: Any) -> dict[str, Any]:

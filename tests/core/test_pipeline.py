@@ -81,6 +81,17 @@ def test_a_dcp_checkpoint_of_the_stages_resumes_exactly(
         assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
 
 
+@pytest.mark.parametrize("case", [c for c in RUN_CASES if c.split(":")[0] in ("fsdp2", "ddp")])
+def test_a_steady_step_reads_nothing_to_the_host_but_the_agreement_flag(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    # replicated gradients: no read at all; sharded: the one read of the ranks'
+    # agreement verdict that a sharded step has without stages too
+    allowed = 0 if case.startswith("ddp") else 1
+    for out in results:
+        assert 0 <= out[case]["host_reads"] <= allowed, (case, out[case]["host_reads"])
+
+
 def test_every_rank_ran_every_case(results: list[dict[str, Any]]) -> None:
     for out in results:
         assert sorted(out) == sorted(RUN_CASES + CHECKPOINT + BENCH)
