@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradclip.config import parse_config
+from gradclip.core.agreement import check_process_group, ddp_group
 from gradclip.core.engine import Engine
 from gradclip.core.layers import (
     Layer,
@@ -29,6 +30,7 @@ from gradclip.core.layers import (
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
+from gradclip.core.sharding import RankGroup
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
@@ -86,6 +88,13 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
+        process_group: the ranks that hold replicas of ``model`` (e.g. the
+            data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
+            their configurations are compared at the first step, and a difference
+            raises `RankMismatchError` on all of them. Without it, the ranks of a
+            ``DistributedDataParallel`` target, or of the ``DTensor`` parameters'
+            mesh, are compared; a plain module under a process group is not
+            assumed to be replicated.
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -112,7 +121,9 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        process_group: Any = None,
     ) -> None:
+        self.process_group = check_process_group(process_group)
         self.nonfinite = check_nonfinite(nonfinite)
         self.threshold = check_threshold(threshold)
         self.default = resolve_rule(mode, self.threshold)
@@ -164,7 +175,14 @@ class GradientNormalizer:
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
             store=None if previous is None else previous.store,
+            replicas=self._replicas(),
         )
+
+    def _replicas(self) -> RankGroup | None:
+        """The group whose ranks hold replicas of the model: explicit, or DDP's."""
+        if self.process_group is not None:
+            return RankGroup(self.process_group)
+        return ddp_group(self._module())
 
     def _refresh(self, force: bool = False) -> bool:
         """Rebuild the layers if the model's structure changed; returns whether it did.
