@@ -200,6 +200,8 @@ def agree(config: Configuration, replicas: RankGroup, params: Sequence[torch.Ten
         return
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, config.values(), group=group)
+    if "layers" in differing and len({len(v["rules"]) for v in gathered}) > 1:
+        differing.remove("rules")  # other layers: their rules cannot be compared one by one
     from gradclip.core.collective import RankMismatchError
 
     message, layers, settings = mismatch_message(differing, gathered)
@@ -277,8 +279,6 @@ def _differing_rules(
     names = [layer.split("(", 1)[0] for layer in per_rank[0]["layers"]]
     count = min(len(v) for v in values.values())
     bad = [i for i in range(count) if len({v[i] for v in values.values()}) > 1]
-    if not bad:  # only the number of layers differs; the layers' message says which
-        return "the number of layers with a rule differs", []
     described = []
     for i in bad[:10]:
         shown = ", ".join(f"rank {r}: {v[i]}" for r, v in values.items())

@@ -87,6 +87,7 @@ class Engine:
         self.rules = list(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
+        self._measure_all_setting = bool(measure_all)  # as configured, for the replicas
         self.store = store if store is not None else StateStore()
         self.params = [p for layer in self.layers for p in layer.params]
         self._names = [
@@ -352,7 +353,7 @@ class Engine:
             [layer.param_names for layer in self.layers],
             [rule.describe() for rule in self.rules],
             self.nonfinite,
-            self.measure_all,
+            self._measure_all_setting,
         )
         agree(config, self._replicas, self.params)
         self._agreed = True
