@@ -14,7 +14,6 @@ without ``process_group=`` are not compared (pipeline stages differ).
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from collections.abc import Callable
@@ -233,7 +232,7 @@ def _case_plain_module_not_compared(rank: int, out: dict[str, Any]) -> None:
 
 def _case_bad_process_group(rank: int, out: dict[str, Any]) -> None:
     name = "config:process-group-type-checked"
-    with pytest.raises(TypeError, match="takes a torch.distributed.ProcessGroup"):
+    with pytest.raises(TypeError, match=r"takes a torch\.distributed\.ProcessGroup"):
         gradclip.GradientNormalizer(_mlp(), "ClipL2PerLayer", process_group="world")
     out[name] = {"ok": True, "collectives": 0, "same_on_ranks": ""}
 
