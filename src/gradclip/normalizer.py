@@ -33,8 +33,9 @@ from gradclip.core.rule import Rule
 from gradclip.core.sharding import RankGroup
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
-from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
+from gradclip.hooks import AttachHandle, attach_pre_hook
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
+from gradclip.step_guard import attach_guarded, unwrap_optimizer
 
 __all__ = ["GradientNormalizer", "Mode"]
 
@@ -293,10 +294,17 @@ class GradientNormalizer:
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
 
+        ``optimizer`` may be a framework's wrapper (accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the
+        optimizer inside it is hooked. With ``nonfinite="skip"`` steps stay
+        normalized and skipped when something replaces ``optimizer.step``
+        afterwards (see `gradclip.step_guard`).
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper of one).
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), got "
@@ -318,7 +326,7 @@ class GradientNormalizer:
                 attached.pop(opt, None)
 
         if self.nonfinite == "skip":
-            handle = attach_skipping(optimizer, lambda: not self.apply_skipping(), forget)
+            handle = attach_guarded(optimizer, lambda: not self.apply_skipping(), forget)
         else:
             handle = attach_pre_hook(optimizer, self.apply, forget)
         attached[optimizer] = handle
