@@ -6,6 +6,7 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 import weakref
@@ -427,6 +428,16 @@ class GradientNormalizer:
         state["_attached"] = None  # attachments belong to the original's optimizers
         state["last_report"] = None  # it refers to the original's plan
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradientNormalizer:
+        # a process group is a handle of this process, which does not copy: a copy shares it
+        for group in (self.process_group, getattr(self._engine._replicas, "group", None)):
+            if group is not None:
+                memo[id(group)] = group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -230,6 +230,25 @@ def _case_plain_module_not_compared(rank: int, out: dict[str, Any]) -> None:
     out[name] = {"ok": True, "collectives": 0, "same_on_ranks": ""}
 
 
+def _case_copy_shares_the_group(rank: int, out: dict[str, Any]) -> None:
+    """A deep copy of a normalizer with ``process_group=`` shares the group and compares."""
+    import copy
+
+    import torch.distributed as dist
+
+    name = "config:copy-shares-process-group"
+    model = _mlp()
+    original = gradclip.GradientNormalizer(
+        model, "ClipL2PerLayer", (1.0, 0.5)[rank], process_group=dist.group.WORLD
+    )
+    clone = copy.deepcopy(original)
+    assert clone.process_group is dist.group.WORLD
+    _backward(model, rank)
+    with pytest.raises(gradclip.RankMismatchError, match="the rules differ") as caught:
+        clone.apply()
+    out[name] = {"ok": True, "collectives": 0, "same_on_ranks": str(caught.value)}
+
+
 def _case_bad_process_group(rank: int, out: dict[str, Any]) -> None:
     name = "config:process-group-type-checked"
     with pytest.raises(TypeError, match=r"takes a torch\.distributed\.ProcessGroup"):
@@ -241,6 +260,7 @@ CASES: list[Callable[[int, dict[str, Any]], None]] = [
     _case_disagreements,
     _case_agreeing,
     _case_plain_module_not_compared,
+    _case_copy_shares_the_group,
     _case_bad_process_group,
 ]
 CASE_NAMES = [
@@ -248,6 +268,7 @@ CASE_NAMES = [
     "config:fsdp2-agree",
     "config:ddp-agree",
     "config:plain-module-not-compared",
+    "config:copy-shares-process-group",
     "config:process-group-type-checked",
 ]
 
