@@ -36,7 +36,7 @@ from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
-from gradclip.step_guard import attach_guarded, unwrap_optimizer
+from gradclip.step_guard import attach_guarded, is_hookable, unwrap_optimizer
 
 __all__ = ["GradientNormalizer", "Mode"]
 
@@ -306,11 +306,11 @@ class GradientNormalizer:
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
         optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        if not is_hookable(optimizer):
             raise TypeError(
-                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), got "
-                f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
-                "before the update"
+                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), or a "
+                f"wrapper keeping one in .optimizer, got {type(optimizer).__name__}; for other "
+                "training loops call normalizer.apply() before the update"
             )
         if optimizer in self._attached:
             raise RuntimeError(

@@ -30,11 +30,14 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip.hooks import AttachHandle, attach_skipping
 
-__all__ = ["attach_guarded", "guard_skipping", "unwrap_optimizer"]
+__all__ = ["attach_guarded", "guard_skipping", "is_hookable", "unwrap_optimizer"]
 
 
-def _is_real(optimizer: object) -> bool:
-    # a real optimizer has the hooks Optimizer.__init__ creates; a wrapper does not
+def is_hookable(optimizer: object) -> bool:
+    """Whether ``optimizer`` is a ``torch.optim.Optimizer`` with its step hooks.
+
+    A subclass that never ran ``Optimizer.__init__`` (a wrapper) has none.
+    """
     return isinstance(optimizer, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in vars(
         optimizer
     )
@@ -54,7 +57,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     """
     current = optimizer
     for _ in range(8):  # wrappers of wrappers, never a cycle
-        if _is_real(current):
+        if is_hookable(current):
             return current
         current = getattr(current, "optimizer", None)
         if current is None:

@@ -86,6 +86,16 @@ def test_attach_accepts_an_accelerated_optimizer(accelerator: Any) -> None:
     assert max(unclipped[0].values()) > THRESHOLD
 
 
+def test_a_wrapper_without_the_optimizer_inside_is_refused() -> None:
+    class Hollow(torch.optim.Optimizer):  # a subclass that never ran Optimizer.__init__
+        def __init__(self) -> None:
+            pass
+
+    normalizer = gradclip.GradientNormalizer(_model(), "ClipL2PerLayer")
+    with pytest.raises(TypeError, match=r"or a wrapper keeping one in \.optimizer, got Hollow"):
+        normalizer.attach(Hollow())
+
+
 def test_integrations_see_the_optimizer_inside(accelerator: Any) -> None:
     sgd = torch.optim.SGD(_model().parameters(), lr=1.0)
     wrapped = accelerator.prepare(sgd)
