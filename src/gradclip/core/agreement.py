@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradclip.core.collective import RankMismatchError
 from gradclip.core.sharding import RankGroup, is_dtensor
 
 if TYPE_CHECKING:
@@ -202,8 +203,6 @@ def agree(config: Configuration, replicas: RankGroup, params: Sequence[torch.Ten
     dist.all_gather_object(gathered, config.values(), group=group)
     if "layers" in differing and len({len(v["rules"]) for v in gathered}) > 1:
         differing.remove("rules")  # other layers: their rules cannot be compared one by one
-    from gradclip.core.collective import RankMismatchError
-
     message, layers, settings = mismatch_message(differing, gathered)
     raise RankMismatchError(message, layers, 0, settings=settings)
 
