@@ -6,6 +6,7 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 import weakref
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from gradclip.config import parse_config
+from gradclip.core.agreement import check_process_group, ddp_group
 from gradclip.core.engine import Engine
 from gradclip.core.layers import (
     Layer,
@@ -29,10 +31,12 @@ from gradclip.core.layers import (
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
+from gradclip.core.sharding import RankGroup
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
-from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
+from gradclip.hooks import AttachHandle, attach_pre_hook
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
+from gradclip.step_guard import attach_guarded, is_hookable, unwrap_optimizer
 
 __all__ = ["GradientNormalizer", "Mode"]
 
@@ -86,6 +90,13 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
+        process_group: the ranks that hold replicas of ``model`` (e.g. the
+            data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
+            their configurations are compared at the first step, and a difference
+            raises `RankMismatchError` on all of them. Without it, the ranks of a
+            ``DistributedDataParallel`` target, or of the ``DTensor`` parameters'
+            mesh, are compared; a plain module under a process group is not
+            assumed to be replicated.
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -112,7 +123,9 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        process_group: Any = None,
     ) -> None:
+        self.process_group = check_process_group(process_group)
         self.nonfinite = check_nonfinite(nonfinite)
         self.threshold = check_threshold(threshold)
         self.default = resolve_rule(mode, self.threshold)
@@ -164,7 +177,14 @@ class GradientNormalizer:
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
             store=None if previous is None else previous.store,
+            replicas=self._replicas(),
         )
+
+    def _replicas(self) -> RankGroup | None:
+        """The group whose ranks hold replicas of the model: explicit, or DDP's."""
+        if self.process_group is not None:
+            return RankGroup(self.process_group)
+        return ddp_group(self._module())
 
     def _refresh(self, force: bool = False) -> bool:
         """Rebuild the layers if the model's structure changed; returns whether it did.
@@ -275,15 +295,22 @@ class GradientNormalizer:
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
 
+        ``optimizer`` may be a framework's wrapper (accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the
+        optimizer inside it is hooked. With ``nonfinite="skip"`` steps stay
+        normalized and skipped when something replaces ``optimizer.step``
+        afterwards (see `gradclip.step_guard`).
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper of one).
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
+        if not is_hookable(optimizer):
             raise TypeError(
-                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), got "
-                f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
-                "before the update"
+                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), or a "
+                f"wrapper keeping one in .optimizer, got {type(optimizer).__name__}; for other "
+                "training loops call normalizer.apply() before the update"
             )
         if optimizer in self._attached:
             raise RuntimeError(
@@ -300,7 +327,7 @@ class GradientNormalizer:
                 attached.pop(opt, None)
 
         if self.nonfinite == "skip":
-            handle = attach_skipping(optimizer, lambda: not self.apply_skipping(), forget)
+            handle = attach_guarded(optimizer, lambda: not self.apply_skipping(), forget)
         else:
             handle = attach_pre_hook(optimizer, self.apply, forget)
         attached[optimizer] = handle
@@ -401,6 +428,16 @@ class GradientNormalizer:
         state["_attached"] = None  # attachments belong to the original's optimizers
         state["last_report"] = None  # it refers to the original's plan
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradientNormalizer:
+        # a process group is a handle of this process, which does not copy: a copy shares it
+        for group in (self.process_group, getattr(self._engine._replicas, "group", None)):
+            if group is not None:
+                memo[id(group)] = group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from gradclip.core.agreement import Configuration, agree, dtensor_group
 from gradclip.core.collective import ShardedModel, sharded_model
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
@@ -42,7 +43,7 @@ from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, stages_of
-from gradclip.core.sharding import is_dtensor, local_tensors
+from gradclip.core.sharding import RankGroup, is_dtensor, local_tensors
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -64,6 +65,10 @@ class Engine:
             `gradclip.core.nonfinite`); any policy but ``"propagate"`` measures
             every layer.
         store: the rules' state, kept when the engine is rebuilt for a changed model.
+        replicas: the ranks that hold replicas of these layers (a DDP target's group,
+            an explicit ``process_group=``); ``None``: those of the ``DTensor``
+            parameters' mesh, if any. Their configurations are compared at the
+            first step (`gradclip.core.agreement`).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class Engine:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         store: StateStore | None = None,
+        replicas: RankGroup | None = None,
     ) -> None:
         if len(layers) != len(rules):
             raise ValueError("one rule per layer is required")
@@ -81,6 +87,7 @@ class Engine:
         self.rules = list(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
+        self._measure_all_setting = bool(measure_all)  # as configured, for the replicas
         self.store = store if store is not None else StateStore()
         self.params = [p for layer in self.layers for p in layer.params]
         self._names = [
@@ -109,6 +116,9 @@ class Engine:
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
         self._sharded: ShardedModel | None = None if plain else _UNKNOWN
+        # replicas compare configurations once, before this engine's first collective
+        self._replicas = replicas if replicas is not None else dtensor_group(self.params)
+        self._agreed = self._replicas is None
         self._init_state()
         self._predict_plan()
 
@@ -284,6 +294,8 @@ class Engine:
         `gradclip.core.collective`), before anything is modified. Returns the
         report of a step without any gradient instead of measuring.
         """
+        if not self._agreed:
+            self._agree()
         if self._sharded is _UNKNOWN:
             self._sharded = sharded_model(
                 self.layers,
@@ -331,6 +343,20 @@ class Engine:
             return plan, grads, finish(plan, parts)
         values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
         return plan, grads, finish(plan, parts, values)
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # once per engine: a collective
+    def _agree(self) -> None:
+        """Compare this engine's configuration with its replicas' (raises on every rank)."""
+        assert self._replicas is not None
+        config = Configuration.of(
+            [layer.name for layer in self.layers],
+            [layer.param_names for layer in self.layers],
+            [rule.describe() for rule in self.rules],
+            self.nonfinite,
+            self._measure_all_setting,
+        )
+        agree(config, self._replicas, self.params)
+        self._agreed = True
 
     def _trainable(self) -> list[bool]:
         check = self._check_frozen
