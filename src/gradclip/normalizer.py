@@ -6,6 +6,7 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 import weakref
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from gradclip.config import parse_config
+from gradclip.core.agreement import check_process_group, ddp_group
 from gradclip.core.engine import Engine
 from gradclip.core.layers import (
     Layer,
@@ -27,44 +29,26 @@ from gradclip.core.layers import (
     watch_module_structure,
 )
 from gradclip.core.nonfinite import check_nonfinite
-from gradclip.core.pipeline import (
+from gradclip.core.pipeline import spanning_slots
+from gradclip.core.report import NormReport
+from gradclip.core.rule import Rule
+from gradclip.core.sharding import RankGroup
+from gradclip.core.stages import (
     check_stage_identity,
-    check_stages,
-    pipeline_of,
     present_overrides,
-    spanning_slots,
+    setup_stages,
     stage_identity,
     stage_layers,
 )
-from gradclip.core.report import NormReport
-from gradclip.core.rule import Rule
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
-from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
-from gradclip.rules.dl4j import GradientNormalization, resolve_rule
+from gradclip.hooks import AttachHandle, attach_pre_hook
+from gradclip.rules.dl4j import GradientNormalization, resolve_override, resolve_rule
+from gradclip.step_guard import attach_guarded, is_hookable, unwrap_optimizer
 
 __all__ = ["GradientNormalizer", "Mode"]
 
 Mode = GradientNormalization | str | Rule | None
-
-
-def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
-    """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise ValueError(
-                f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
-            )
-        return resolve_rule(value[0], value[1])
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"mode", "threshold"}
-        if unknown or "mode" not in value:
-            raise ValueError(
-                f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
-                f"got {sorted(value)}"
-            )
-        return resolve_rule(value["mode"], value.get("threshold", default_threshold))
-    return resolve_rule(value, default_threshold)
 
 
 class GradientNormalizer:
@@ -95,11 +79,17 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
-        pp_mesh: for a model split into pipeline stages, the 1-D ``DeviceMesh``
-            (or ``ProcessGroup``) of the ranks holding the stages. Rules that span
-            layers (``ClipGlobalNorm``, global AutoClip/ZClip) and the report's
-            `total_norm` then span every stage; overrides may name layers of other
-            stages. See `gradclip.core.pipeline`.
+        process_group: the ranks that hold replicas of ``model`` (e.g. the
+            data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
+            their configurations are compared at the first step, and a difference
+            raises `RankMismatchError` on all of them. Without it, the ranks of a
+            ``DistributedDataParallel`` target, or of the ``DTensor`` parameters'
+            mesh, are compared; a plain module under a process group is not
+            assumed to be replicated.
+        pp_mesh: for a model split into pipeline stages, the 1-D ``DeviceMesh`` (or
+            ``ProcessGroup``) of the stages' ranks: rules that span layers (global
+            clips) and the report's `total_norm` then span every stage, and
+            overrides may name other stages' layers (`gradclip.core.pipeline`).
         stages: the stage modules this rank holds, when it holds several
             (interleaved schedules); ``model`` is then ``None``.
 
@@ -128,18 +118,13 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        process_group: Any = None,
         pp_mesh: Any = None,
         stages: Sequence[nn.Module] | None = None,
     ) -> None:
+        self.process_group = check_process_group(process_group)
         self.nonfinite = check_nonfinite(nonfinite)
-        self._stages = check_stages(model, stages)
-        if self._stages is not None:
-            model = self._stages[0]
-        if pp_mesh is not None and self.nonfinite in ("zero", "skip"):
-            raise ValueError(
-                f"nonfinite={self.nonfinite!r} decides per rank, and on pipeline stages the "
-                "other stages would not know: use 'propagate' or 'error' with pp_mesh"
-            )
+        self._stages, model, self._pipeline = setup_stages(model, stages, pp_mesh, self.nonfinite)
         self.threshold = check_threshold(threshold)
         self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
@@ -150,7 +135,6 @@ class GradientNormalizer:
         if self._model is not None:
             watch_module_structure()
         self._version = structure_version()
-        self._pipeline = None if pp_mesh is None else pipeline_of(pp_mesh)
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
@@ -178,18 +162,14 @@ class GradientNormalizer:
         chunks = self._stages if self._stages is not None else [target]
         layers = stage_layers(chunks) if self._stages is not None else build_layers(target)
         names = [layer.name for layer in layers]
-        overrides = self.overrides
-        resolved = {
-            key: _resolve_override(value, self.threshold, key) for key, value in overrides.items()
-        }
-        pipeline = None
+        overrides, pipeline = self.overrides, None
         if self._pipeline is not None:  # keys naming other stages' layers are theirs
-            pipeline = self._pipeline.with_slots(spanning_slots([self.default, *resolved.values()]))
+            every = [resolve_override(v, self.threshold, k) for k, v in overrides.items()]
+            pipeline = self._pipeline.with_slots(spanning_slots([self.default, *every]))
             overrides = present_overrides(chunks, names, overrides)
-            resolved = {k: _resolve_override(v, self.threshold, k) for k, v in overrides.items()}
         elif isinstance(target, nn.Module):  # a tied module's name names its layer
             overrides = resolve_override_keys(target, overrides)
-            resolved = {k: _resolve_override(v, self.threshold, k) for k, v in overrides.items()}
+        resolved = {k: resolve_override(v, self.threshold, k) for k, v in overrides.items()}
         chosen = match_overrides(names, overrides)
         rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
         return Engine(
@@ -198,8 +178,15 @@ class GradientNormalizer:
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
             store=None if previous is None else previous.store,
+            replicas=self._replicas(),
             pipeline=pipeline,
         )
+
+    def _replicas(self) -> RankGroup | None:
+        """The group whose ranks hold replicas of the model: explicit, or DDP's."""
+        if self.process_group is not None:
+            return RankGroup(self.process_group)
+        return ddp_group(self._module())
 
     def _refresh(self, force: bool = False) -> bool:
         """Rebuild the layers if the model's structure changed; returns whether it did.
@@ -310,15 +297,22 @@ class GradientNormalizer:
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
 
+        ``optimizer`` may be a framework's wrapper (accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the
+        optimizer inside it is hooked. With ``nonfinite="skip"`` steps stay
+        normalized and skipped when something replaces ``optimizer.step``
+        afterwards (see `gradclip.step_guard`).
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper of one).
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
+        if not is_hookable(optimizer):
             raise TypeError(
-                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), got "
-                f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
-                "before the update"
+                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), or a "
+                f"wrapper keeping one in .optimizer, got {type(optimizer).__name__}; for other "
+                "training loops call normalizer.apply() before the update"
             )
         if optimizer in self._attached:
             raise RuntimeError(
@@ -335,7 +329,7 @@ class GradientNormalizer:
                 attached.pop(opt, None)
 
         if self.nonfinite == "skip":
-            handle = attach_skipping(optimizer, lambda: not self.apply_skipping(), forget)
+            handle = attach_guarded(optimizer, lambda: not self.apply_skipping(), forget)
         else:
             handle = attach_pre_hook(optimizer, self.apply, forget)
         attached[optimizer] = handle
@@ -439,6 +433,16 @@ class GradientNormalizer:
         state["_attached"] = None  # attachments belong to the original's optimizers
         state["last_report"] = None  # it refers to the original's plan
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradientNormalizer:
+        # a process group is a handle of this process, which does not copy: a copy shares it
+        for group in (self.process_group, getattr(self._engine._replicas, "group", None)):
+            if group is not None:
+                memo[id(group)] = group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

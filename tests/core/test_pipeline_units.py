@@ -12,17 +12,16 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip.core.pipeline import (
-    Pipeline,
+from gradclip.core.pipeline import Pipeline, pipeline_of, spanning_slots
+from gradclip.core.rule import Measured
+from gradclip.core.stages import (
     check_stage_identity,
     check_stages,
-    pipeline_of,
     present_overrides,
-    spanning_slots,
+    setup_stages,
     stage_identity,
     stage_layers,
 )
-from gradclip.core.rule import Measured
 from gradclip.rules.dl4j import resolve_rule
 
 
@@ -72,6 +71,8 @@ def test_bad_stage_arguments_are_refused_with_the_fix() -> None:
         check_stages(None, [torch.ones(2)])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="init_process_group"):
         pipeline_of(object())
+    with pytest.raises(ValueError, match="pipeline stages"):
+        setup_stages(nn.Linear(2, 2), None, object(), "zero")
     with pytest.raises(ValueError, match="pipeline stages"):
         gradclip.GradientNormalizer(nn.Linear(2, 2), "ClipL2PerLayer", nonfinite="skip", pp_mesh=1)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from gradclip.core.agreement import Configuration, agree, dtensor_group
 from gradclip.core.collective import ShardedModel, sharded_model
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
@@ -43,7 +44,7 @@ from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, stages_of
-from gradclip.core.sharding import is_dtensor, local_tensors
+from gradclip.core.sharding import RankGroup, is_dtensor, local_tensors
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -65,6 +66,10 @@ class Engine:
             `gradclip.core.nonfinite`); any policy but ``"propagate"`` measures
             every layer.
         store: the rules' state, kept when the engine is rebuilt for a changed model.
+        replicas: the ranks that hold replicas of these layers (a DDP target's group,
+            an explicit ``process_group=``); ``None``: those of the ``DTensor``
+            parameters' mesh, if any. Their configurations are compared at the
+            first step (`gradclip.core.agreement`).
         pipeline: this rank's pipeline stage(s) and the slots of the rules that
             span layers (see `gradclip.core.pipeline`); ``None`` for a whole model.
     """
@@ -77,6 +82,7 @@ class Engine:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         store: StateStore | None = None,
+        replicas: RankGroup | None = None,
         pipeline: Pipeline | None = None,
     ) -> None:
         if len(layers) != len(rules):
@@ -85,6 +91,7 @@ class Engine:
         self.rules = list(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
+        self._measure_all_setting = bool(measure_all)  # as configured, for the replicas
         self.store = store if store is not None else StateStore()
         self.pipeline = pipeline
         self._transport: StageTransport | None = None
@@ -116,6 +123,9 @@ class Engine:
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
         self._sharded: ShardedModel | None = None if plain else _UNKNOWN
+        # replicas compare configurations once, before this engine's first collective
+        self._replicas = replicas if replicas is not None else dtensor_group(self.params)
+        self._agreed = self._replicas is None
         self._init_state()
         self._predict_plan()
 
@@ -299,6 +309,8 @@ class Engine:
         `gradclip.core.collective`), before anything is modified. Returns the
         report of a step without any gradient instead of measuring.
         """
+        if not self._agreed:
+            self._agree()
         if self._sharded is _UNKNOWN:
             self._sharded = sharded_model(
                 self.layers,
@@ -414,6 +426,20 @@ class Engine:
                 "data-parallel mesh per stage"
             )
         return int(meshes[0].size())
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # once per engine: a collective
+    def _agree(self) -> None:
+        """Compare this engine's configuration with its replicas' (raises on every rank)."""
+        assert self._replicas is not None
+        config = Configuration.of(
+            [layer.name for layer in self.layers],
+            [layer.param_names for layer in self.layers],
+            [rule.describe() for rule in self.rules],
+            self.nonfinite,
+            self._measure_all_setting,
+        )
+        agree(config, self._replicas, self.params)
+        self._agreed = True
 
     def _trainable(self) -> list[bool]:
         check = self._check_frozen

@@ -11,6 +11,7 @@ from torch.utils.hooks import RemovableHandle
 from gradclip.core.report import NormReport
 from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import resolve_rule
+from gradclip.step_guard import unwrap_optimizer
 
 __all__ = [
     "CallbackSettings",
@@ -25,14 +26,10 @@ def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The ``torch.optim.Optimizer`` inside a framework's wrapper, or ``None``.
 
     Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer``
-    both keep the wrapped optimizer in ``.optimizer``.
+    both keep the wrapped optimizer in ``.optimizer`` (see
+    `gradclip.step_guard.unwrap_optimizer`).
     """
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
-        optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            return None
-        seen += 1
+    optimizer = unwrap_optimizer(optimizer)
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 

@@ -33,6 +33,7 @@ References:
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +59,7 @@ __all__ = [
     "NoNormalization",
     "RenormalizeL2PerLayer",
     "RenormalizeL2PerParamType",
+    "resolve_override",
     "resolve_rule",
 ]
 
@@ -293,3 +295,28 @@ def resolve_rule(mode: object, threshold: Any = 1.0) -> Rule:
             f"'ClipL2PerLayer', or a gradclip rule object; got {type(mode).__name__}"
         )
     return GradientNormalization.parse(mode).rule(check_threshold(threshold))
+
+
+def resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
+    """An override value as a rule: a mode, ``(mode, threshold)`` or
+    ``{"mode": ..., "threshold": ...}``; a mode without one takes ``default_threshold``.
+
+    Examples:
+        >>> resolve_override(("ClipL2PerLayer", 0.5), 1.0, "head")
+        ClipL2PerLayer(threshold=0.5)
+    """
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError(
+                f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
+            )
+        return resolve_rule(value[0], value[1])
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"mode", "threshold"}
+        if unknown or "mode" not in value:
+            raise ValueError(
+                f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
+                f"got {sorted(value)}"
+            )
+        return resolve_rule(value["mode"], value.get("threshold", default_threshold))
+    return resolve_rule(value, default_threshold)
