@@ -29,7 +29,8 @@ from gradclip.core.layers import (
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
-from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
+from gradclip.core.identity import LoadResult, row_key
+from gradclip.core.state import FORMAT
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
@@ -37,6 +38,24 @@ from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 __all__ = ["GradientNormalizer", "Mode"]
 
 Mode = GradientNormalization | str | Rule | None
+
+
+_KEEP: Any = object()  # reconfigure(): leave the default rule as it is
+
+
+def _covers(engine: Engine) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``{slot: {row: covered layers}}`` of an engine's state."""
+    return {
+        name: {row: slot.covers.get(row, ()) for row in slot.rows}
+        for name, slot in engine.store.slots.items()
+    }
+
+
+def _materialize(target: Target) -> Target:
+    """A custom grouping that can be walked again: an iterator becomes a list."""
+    if isinstance(target, torch.Tensor | Mapping | list | tuple):
+        return target
+    return list(target)  # type: ignore[arg-type]
 
 
 def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
@@ -120,9 +139,10 @@ class GradientNormalizer:
         self.measure_all = bool(measure_all)
         self._model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self._model_ref: weakref.ref[nn.Module] | None = None
-        self._target = None if isinstance(model, nn.Module) else model
-        if self._model is not None:
-            watch_module_structure()
+        self._target = None if isinstance(model, nn.Module) else _materialize(model)
+        # registrations (model.head = ..., load_state_dict(assign=True)) are followed for
+        # modules inside a custom grouping too
+        watch_module_structure()
         self._version = structure_version()
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
@@ -164,6 +184,7 @@ class GradientNormalizer:
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
             store=None if previous is None else previous.store,
+            tags=[chosen.get(n) for n in names],
         )
 
     def _refresh(self, force: bool = False) -> bool:
@@ -174,7 +195,7 @@ class GradientNormalizer:
         ``fully_shard``) is caught by comparing the modules' entries with the
         parameters in use, or by ``force``, which walks the model.
         """
-        model = self._module()
+        model = self._target if self._target is not None else self._module()
         if model is None:
             return False
         stale = force or self._version != structure_version() or self._engine.swapped()
@@ -328,31 +349,122 @@ class GradientNormalizer:
             self._refresh()
             return {**self._engine.store.state_dict(), **self._identity()}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Restore `state_dict`; it takes effect at the next step.
 
+        A saved state is restored into a rule here when that rule's
+        state-relevant fields and the layers it covers match (see
+        `gradclip.core.identity`): thresholds, caps and stateless rules may
+        differ.
+
+        Args:
+            state_dict: what `state_dict` returned (this version or gradclip 0.2's).
+            strict: refuse, changing nothing, unless every stateful rule here is
+                restored and every saved state used (the default). With
+                ``False``, what matches is restored, the rest starts afresh.
+
+        Returns:
+            What was left, as torch's ``Module.load_state_dict`` returns it:
+            ``missing_keys`` (rows here that start afresh), ``unexpected_keys``
+            (saved rows unused) and ``reasons``.
+
         Raises:
-            ValueError: the state dict belongs to another configuration (rules,
-                layers, tensor shapes) or another version; nothing is changed.
+            ValueError: not a state dict of this format, or (``strict``) one of
+                another configuration; nothing is changed.
+
+        Examples:
+            >>> net = torch.nn.Linear(4, 2)
+            >>> saved = gradclip.GradientNormalizer(net, gradclip.ZClip(z_thresh=2.5)).state_dict()
+            >>> later = gradclip.GradientNormalizer(net, gradclip.ZClip(z_thresh=3.0))
+            >>> later.load_state_dict(saved)  # a threshold is not part of the state's identity
+            LoadResult(missing_keys=[], unexpected_keys=[], reasons={})
         """
         with self._lock:
             self._refresh()
-            if isinstance(state_dict, Mapping) and state_dict.get("version") in READABLE_VERSIONS:
-                check_identity(state_dict, self._identity())
-            # values are copied into the existing tensors: the cached plans stay valid
-            self._engine.store.load_state_dict(state_dict)
+            store = self._engine.store
+            if (
+                isinstance(state_dict, Mapping)
+                and state_dict.get("version") == 2
+                and state_dict.get("format") == FORMAT
+            ):
+                mine = self._identity()
+                if any(state_dict.get(k) != mine[k] for k in ("layers", "params")):
+                    if strict:
+                        raise ValueError(
+                            "this state dict (format version 2, gradclip 0.2) was saved for a "
+                            "different model: its layers or parameters differ; nothing was "
+                            "loaded (strict=False starts every rule afresh instead)"
+                        )
+                    return store.load_state_dict({**state_dict, "rules": {}}, strict=False)
+            result = store.load_state_dict(state_dict, strict)
+            # values were copied into the existing tensors; a grown buffer bumped the
+            # store's generation, which makes the plan rebuild its row indices
+            return result
 
     def _identity(self) -> dict[str, list[str]]:
         engine = self._engine
-        return identity(
-            [layer.name for layer in engine.layers],
-            [
+        return {
+            "layers": [layer.name for layer in engine.layers],
+            "params": [
                 f"{layer.qualified(k)}{tuple(p.shape)}"
                 for layer in engine.layers
                 for k, p in enumerate(layer.params)
             ],
-            [rule.describe() for rule in engine.rules],
-        )
+            "layer_rules": [rule.describe() for rule in engine.rules],
+        }
+
+    def reconfigure(
+        self,
+        mode: Mode | object = _KEEP,
+        threshold: float | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Change the rules between steps, keeping the state that still applies.
+
+        For threshold schedules (a warm-up of ``max_grad_norm``, a decaying
+        ``z_thresh``): each stateful rule keeps its state when its
+        state-relevant fields and the layers it covers are unchanged (see
+        `gradclip.core.identity`); the others start afresh. Costs a new plan,
+        as a changed model does: call it when the value changes, not every step.
+
+        Args:
+            mode: the new default rule (unchanged if not given).
+            threshold: the new default threshold (unchanged if ``None``).
+            overrides: the new overrides (unchanged if ``None``).
+
+        Returns:
+            The state rows that started afresh (empty when every state was kept).
+
+        Raises:
+            ValueError / TypeError / KeyError: as the constructor; nothing changes then.
+
+        Examples:
+            >>> net = torch.nn.Linear(4, 2)
+            >>> normalizer = gradclip.GradientNormalizer(net, gradclip.ZClip(z_thresh=4.0))
+            >>> normalizer.reconfigure(gradclip.ZClip(z_thresh=2.5))  # the EMA is kept
+            []
+        """
+        with self._lock:
+            threshold_ = self.threshold if threshold is None else check_threshold(threshold)
+            mode_ = self.default if mode is _KEEP else mode
+            default = resolve_rule(mode_, threshold_)  # type: ignore[arg-type]
+            saved = self.threshold, self.default, self.overrides
+            self.threshold, self.default = threshold_, default
+            if overrides is not None:
+                self.overrides = dict(overrides)
+            before = _covers(self._engine)
+            try:
+                engine = self._build(self._engine)
+            except Exception:
+                self.threshold, self.default, self.overrides = saved
+                raise
+            self._engine = engine
+            return [
+                row_key(name, row)
+                for name, rows in _covers(engine).items()
+                for row, covered in rows.items()
+                if before.get(name, {}).get(row) != covered
+            ]
 
     # -- inspection ----------------------------------------------------------------------------
     @property

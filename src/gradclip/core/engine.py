@@ -43,6 +43,7 @@ from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, stages_of
 from gradclip.core.sharding import is_dtensor, local_tensors
+from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -64,6 +65,10 @@ class Engine:
             `gradclip.core.nonfinite`); any policy but ``"propagate"`` measures
             every layer.
         store: the rules' state, kept when the engine is rebuilt for a changed model.
+        tags: per layer, the override key that chose its rule (``None``: the
+            default rule). Layers with equal rules but different tags are
+            different groups: a global-scope rule clips each key's layers on
+            their own, and a stateful one keeps one state per key.
     """
 
     def __init__(
@@ -74,11 +79,13 @@ class Engine:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         store: StateStore | None = None,
+        tags: Sequence[str | None] | None = None,
     ) -> None:
-        if len(layers) != len(rules):
-            raise ValueError("one rule per layer is required")
+        if len(layers) != len(rules) or (tags is not None and len(tags) != len(rules)):
+            raise ValueError("one rule (and one tag) per layer is required")
         self.layers = list(layers)
         self.rules = list(rules)
+        self.tags: list[str | None] = list(tags) if tags is not None else [None] * len(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
         self.store = store if store is not None else StateStore()
@@ -86,6 +93,14 @@ class Engine:
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
         ]
+        # Layers whose rule reads nothing (DL4J None) are not even gathered, unless
+        # a norm is asked for: their gradients may be anything (sparse, say).
+        inert = [
+            not self.measure_all and not any(s.reads_gradient for s in stages_of(rule))
+            for layer, rule in zip(self.layers, self.rules)
+            for _ in layer.params
+        ]
+        self._inert: list[bool] | None = inert if any(inert) else None
         frozen_checks = [not layer.explicit for layer in self.layers for _ in layer.params]
         self._check_frozen: bool | list[bool] = (
             (frozen_checks[0] if len(set(frozen_checks)) == 1 else frozen_checks)
@@ -136,22 +151,42 @@ class Engine:
         self._checked = signature
 
     def _init_state(self) -> None:
-        """Give every stateful rule its slot and rows now, before any step (for checkpoints)."""
+        """Give every stateful rule its slot and rows now, before any step (for checkpoints).
+
+        Each row records the layers it covers (`gradclip.core.identity`); a row
+        kept from before that now covers other layers starts afresh.
+        """
         device = self.params[0].device if self.params else torch.device("cpu")
         dtype = accumulation_dtype_of(device)
         groups: dict[object, list[int]] = {}
-        for lid, rule in enumerate(self.rules):
-            groups.setdefault(rule.group_key(), []).append(lid)
+        for lid, (rule, tag) in enumerate(zip(self.rules, self.tags)):
+            groups.setdefault((tag, rule.group_key()), []).append(lid)
         keep: dict[str, list[str]] = {}
         for layer_ids in groups.values():
-            rule = self.rules[layer_ids[0]]
+            rule, tag = self.rules[layer_ids[0]], self.tags[layer_ids[0]]
             stages = stages_of(rule)
+            names = [self.layers[i].name for i in layer_ids]
+            signatures = tuple(layer_signature(self.layers[i]) for i in layer_ids)
             for k, stage in enumerate(stages):
-                slot = state_slot(rule, k, stage, len(stages) > 1)
-                if slot is not None:
-                    rows = state_rows(stage, [self.layers[i].name for i in layer_ids])
-                    self.store.ensure(slot, stage, rows, device, dtype)
-                    keep[slot] = rows
+                many = len(stages) > 1
+                slot = state_slot(rule, k, stage, many)
+                if slot is None:
+                    continue
+                rows = state_rows(stage, names, tag)
+                taken = set(keep.get(slot, ())) & set(rows)
+                if taken:
+                    raise ValueError(
+                        f"two groups of {stage.describe()} would share the state row(s) "
+                        f"{sorted(taken)}: give each group of layers its own tag"
+                    )
+                per_layer = rows == names
+                covers = dict(zip(rows, ((s,) for s in signatures))) if per_layer else {
+                    rows[0]: signatures
+                }
+                old = legacy_slot_name(rule, k, stage, many)
+                legacy = {r: (old, r if per_layer else GROUP_ROW) for r in rows}
+                self.store.ensure(slot, stage, rows, device, dtype, covers, legacy)
+                keep.setdefault(slot, []).extend(rows)
         self.store.prune(keep)
 
     # -- layout ----------------------------------------------------------------------------
@@ -181,6 +216,8 @@ class Engine:
             grads = [
                 p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
             ]
+        if self._inert is not None:
+            grads = [None if skip else g for g, skip in zip(grads, self._inert)]
         signature: Signature = [None if g is None else (g.device, g.dtype, g.layout) for g in grads]
         if signature == self._checked:
             # the very list the plan was keyed by: `plan` then compares identities
@@ -207,6 +244,7 @@ class Engine:
                 grads=grads,
                 measure_all=self.measure_all,
                 store=self.store,
+                tags=self.tags,
             )
             self._signature = signature
         return plan
@@ -293,6 +331,7 @@ class Engine:
                 trainable=self._trainable(),
                 measure_all=self.measure_all,
                 store=self.store,
+                tags=self.tags,
             )
         sharded = self._sharded
         collective = None if sharded is None else sharded.collective
@@ -335,4 +374,5 @@ class Engine:
     def _trainable(self) -> list[bool]:
         check = self._check_frozen
         flags = [check] * len(self.params) if isinstance(check, bool) else check
-        return [p.requires_grad or not c for p, c in zip(self.params, flags)]
+        inert = self._inert or [False] * len(self.params)
+        return [(p.requires_grad or not c) and not i for p, c, i in zip(self.params, flags, inert)]

@@ -13,10 +13,11 @@ parameters, or a list of parameter lists.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -188,11 +189,29 @@ def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dic
     return resolved
 
 
+def _module_params(module: nn.Module) -> Layer:
+    """A module given as one layer of a custom grouping, with the owners of its parameters
+    (so that a parameter replaced in it is followed, as for a module target)."""
+    seen: set[int] = set()
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    owners: list[tuple[Mapping[str, Any], str]] = []
+    for prefix, submodule in module.named_modules():
+        for key, param in submodule._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(_clean_name(f"{prefix}.{key}" if prefix else key))
+            params.append(param)
+            owners.append((submodule._parameters, key))
+    return Layer("", tuple(names), tuple(params), False, tuple(owners))
+
+
 def _named_tensors(value: Any, where: str) -> tuple[list[str], list[torch.Tensor]]:
     """Parameters of one user-given layer: a module, a tensor, a name->tensor mapping or a list."""
     if isinstance(value, nn.Module):
-        named = [(_clean_name(n), p) for n, p in value.named_parameters()]
-        return [n for n, _ in named], [p for _, p in named]
+        layer = _module_params(value)
+        return list(layer.param_names), list(layer.params)
     if isinstance(value, torch.Tensor):
         return ["0"], [value]
     if isinstance(value, Mapping):
@@ -219,11 +238,17 @@ def _dedup(layers: list[Layer]) -> list[Layer]:
     seen: set[int] = set()
     result: list[Layer] = []
     for layer in layers:
-        keep = [(n, p) for n, p in zip(layer.param_names, layer.params) if id(p) not in seen]
-        seen.update(id(p) for _, p in keep)
+        owners: Sequence[Any] = layer.owners or [None] * len(layer.params)
+        keep = [
+            (n, p, o)
+            for n, p, o in zip(layer.param_names, layer.params, owners)
+            if id(p) not in seen
+        ]
+        seen.update(id(p) for _, p, _ in keep)
         if keep:
-            names, params = tuple(n for n, _ in keep), tuple(p for _, p in keep)
-            result.append(Layer(layer.name, names, params, layer.explicit))
+            names, params = tuple(n for n, _, _ in keep), tuple(p for _, p, _ in keep)
+            kept_owners = tuple(o for _, _, o in keep) if layer.owners else ()
+            result.append(Layer(layer.name, names, params, layer.explicit, kept_owners))
     return result
 
 
@@ -255,9 +280,11 @@ def build_layers(target: Target) -> list[Layer]:
         for name, value in target.items():
             if not isinstance(name, str):
                 raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
+            if isinstance(value, nn.Module):
+                layers.append(dataclasses.replace(_module_params(value), name=name))
+                continue
             names, tensors = _named_tensors(value, f"target[{name!r}]")
-            explicit = not isinstance(value, nn.Module)
-            layers.append(Layer(name, tuple(names), tuple(tensors), explicit))
+            layers.append(Layer(name, tuple(names), tuple(tensors), True))
         return _dedup(layers)
     if isinstance(target, Iterable) and not isinstance(target, str | bytes):
         items = list(target)
@@ -278,9 +305,11 @@ def build_layers(target: Target) -> list[Layer]:
                     "target mixes tensors and lists of tensors; pass either a flat list of "
                     "parameters (one layer) or a list of parameter lists (one layer each)"
                 )
+            if isinstance(item, nn.Module):
+                layers.append(dataclasses.replace(_module_params(item), name=str(i)))
+                continue
             names, tensors = _named_tensors(item, f"target[{i}]")
-            explicit = not isinstance(item, nn.Module)
-            layers.append(Layer(str(i), tuple(names), tuple(tensors), explicit))
+            layers.append(Layer(str(i), tuple(names), tuple(tensors), True))
         return _dedup(layers)
     raise TypeError(
         "target must be an nn.Module, a tensor, a mapping of layer names to parameters, or a "

@@ -224,6 +224,12 @@ class Rule:
     * `per_layer_fields`: fields whose value may differ between the layers
       the rule runs on as one group (the DL4J thresholds); read them with
       ``m.layout.layer_values(name)``.
+    * `schedulable_fields`: fields that do not change what the state means (a
+      threshold, a cap): changing them between steps keeps the state (see
+      `gradclip.core.identity`).
+    * `reads_gradient`: ``False`` for a rule that neither reads nor changes
+      the gradients (DL4J ``None``): its layers are not even gathered unless a
+      norm is asked for.
     * `per_layer_state`: one state row per layer instead of one for the group.
     * `growable_state`: state entries the rule may grow along their non-row
       dims (a history buffer); the engine zero-pads the other rows to match.
@@ -232,6 +238,8 @@ class Rule:
 
     norm_type: ClassVar[float | None] = 2.0
     per_layer_fields: ClassVar[tuple[str, ...]] = ()
+    schedulable_fields: ClassVar[tuple[str, ...]] = ()
+    reads_gradient: ClassVar[bool] = True
 
     @property
     def per_layer_state(self) -> bool:

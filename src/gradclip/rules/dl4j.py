@@ -135,6 +135,7 @@ class NoNormalization(InPlaceRule):
     """DL4J ``None``: the gradients are left as they are (and not even read)."""
 
     norm_type: ClassVar[float | None] = None
+    reads_gradient: ClassVar[bool] = False
 
     def describe(self) -> str:
         return "None()"  # DL4J's name of the mode
