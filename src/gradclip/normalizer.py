@@ -30,7 +30,7 @@ from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
 from gradclip.core.identity import LoadResult, row_key
-from gradclip.core.state import FORMAT
+from gradclip.core.state import FORMAT, StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
@@ -96,8 +96,11 @@ class GradientNormalizer:
             overrides that name a DL4J mode without one.
         overrides: ``{key: mode}``, ``{key: (mode, threshold)}`` or
             ``{key: {"mode": ..., "threshold": ...}}``. A key is a layer name, the
-            name of a module containing layers, or a glob pattern; the most
-            specific key wins. A mode given without a threshold takes the default
+            name of a module containing layers, or a glob pattern; an exact name
+            beats a glob, a glob beats a module name (see
+            `gradclip.core.layers.match_overrides`). Each key's layers are one
+            group: a global rule clips exactly them, a stateful one keeps a state
+            per key. A mode given without a threshold takes the default
             threshold, as in DL4J.
         measure_all: also measure norms of layers whose mode does not need them
             (``None``, element-wise clipping), at the cost of one read of those
@@ -132,6 +135,28 @@ class GradientNormalizer:
         measure_all: bool = False,
         nonfinite: str = "propagate",
     ) -> None:
+        self._setup(model, mode, threshold, overrides, measure_all, nonfinite, None)
+
+    @classmethod
+    def _sharing(
+        cls, model: Target, mode: Mode, nonfinite: str, store: StateStore | None
+    ) -> GradientNormalizer:
+        """A normalizer whose rules' state is ``store`` (how `gradclip.normalize_` keeps
+        the state of a target it cannot hold a normalizer for)."""
+        self = cls.__new__(cls)
+        self._setup(model, mode, 1.0, None, False, nonfinite, store)
+        return self
+
+    def _setup(
+        self,
+        model: Target,
+        mode: Mode,
+        threshold: float,
+        overrides: Mapping[str, Any] | None,
+        measure_all: bool,
+        nonfinite: str,
+        store: StateStore | None,
+    ) -> None:
         self.nonfinite = check_nonfinite(nonfinite)
         self.threshold = check_threshold(threshold)
         self.default = resolve_rule(mode, self.threshold)
@@ -148,7 +173,7 @@ class GradientNormalizer:
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
         )
-        self._engine = self._build(None)
+        self._engine = self._build(store)
         self.last_report: NormReport | None = None
 
     # -- the model -------------------------------------------------------------------------
@@ -164,7 +189,7 @@ class GradientNormalizer:
             return self._model_ref()
         return self._model
 
-    def _build(self, previous: Engine | None) -> Engine:
+    def _build(self, store: StateStore | None) -> Engine:
         target = self._target if self._target is not None else self._module()
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
@@ -183,7 +208,7 @@ class GradientNormalizer:
             rules,
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
-            store=None if previous is None else previous.store,
+            store=store,
             tags=[chosen.get(n) for n in names],
         )
 
@@ -211,7 +236,7 @@ class GradientNormalizer:
             for a, b in zip(layers, old)
         )
         if not same:
-            self._engine = self._build(self._engine)
+            self._engine = self._build(self._engine.store)
         return not same
 
     @classmethod
@@ -454,7 +479,7 @@ class GradientNormalizer:
                 self.overrides = dict(overrides)
             before = _covers(self._engine)
             try:
-                engine = self._build(self._engine)
+                engine = self._build(self._engine.store)
             except Exception:
                 self.threshold, self.default, self.overrides = saved
                 raise

@@ -317,15 +317,23 @@ def build_layers(target: Target) -> list[Layer]:
     )
 
 
-def _specificity(key: str, layer_name: str) -> int:
-    """How closely an override key names a layer: 3 exact, 2 ancestor module, 1 glob, 0 no match."""
+def _is_glob(key: str) -> bool:
+    return any(ch in key for ch in "*?[")
+
+
+def _specificity(key: str, layer_name: str) -> tuple[int, int]:
+    """How closely an override key names a layer, higher wins; ``(0, 0)``: no match.
+
+    An exact name ``(3, 0)``; a glob ``(2, literal components)``; the name of
+    an enclosing module ``(1, its length)``.
+    """
     if key == layer_name:
-        return 3
+        return (3, 0)
+    if _is_glob(key) and fnmatch.fnmatchcase(layer_name, key):
+        return (2, sum(not _is_glob(part) for part in key.split(".")))
     if key == "" or layer_name.startswith(key + "."):
-        return 2
-    if any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(layer_name, key):
-        return 1
-    return 0
+        return (1, len(key))
+    return (0, 0)
 
 
 def _closest(key: str, layer_names: list[str]) -> str:
@@ -341,10 +349,18 @@ def _closest(key: str, layer_names: list[str]) -> str:
 def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Assign each layer the override that names it most specifically.
 
-    A key matches a layer if it is the layer's name (most specific), the name of
-    a module containing it (``"encoder"`` covers ``"encoder.0"``; a longer prefix
-    is more specific), or a glob pattern (``"blocks.*.attn"``). Among equally
-    specific keys the later one wins. Wrapper components in a key
+    A key matches a layer if it is the layer's name, a glob pattern
+    (``"blocks.*.attn"``) or the name of a module containing it (``"encoder"``
+    covers ``"encoder.0"``). When several keys match a layer:
+
+    1. an exact layer name wins over any other key;
+    2. then a glob wins over a module name; among globs, the one with more
+       literal dot-separated components (``"blocks.*.attn"`` has two,
+       ``"blocks.*"`` one);
+    3. among module names, the longer one (the innermost module);
+    4. a tie goes to the later key.
+
+    Wrapper components in a key
     (``"body._orig_mod.2"`` of a ``torch.compile``-d ``body``) are ignored, as
     they are in layer names.
 
@@ -358,8 +374,10 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
     Examples:
         >>> match_overrides(["body.0", "body.2", "head"], {"body": "None", "body.2": "None"})
         {'body.0': 'body', 'body.2': 'body.2'}
+        >>> match_overrides(["blocks.0.attn", "blocks.0.mlp"], {"blocks.*.attn": 1, "blocks": 2})
+        {'blocks.0.attn': 'blocks.*.attn', 'blocks.0.mlp': 'blocks'}
     """
-    best: dict[str, tuple[int, int, int, str]] = {}
+    best: dict[str, tuple[tuple[int, int], int, str]] = {}
     for order, key in enumerate(overrides):
         if not isinstance(key, str):
             raise TypeError(f"override keys must be layer names or patterns, got {key!r}")
@@ -367,11 +385,11 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
         matched = False
         for name in layer_names:
             rank = _specificity(clean, name)
-            if rank == 0:
+            if rank[0] == 0:
                 continue
             matched = True
-            score = (rank, len(clean), order, key)
-            if name not in best or score[:3] > best[name][:3]:
+            score = (rank, order, key)
+            if name not in best or score[:2] > best[name][:2]:
                 best[name] = score
         if not matched:
             shown = ", ".join(repr(n) for n in layer_names[:50])
@@ -382,7 +400,7 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
                 "parameters are all shared with an earlier one (tied weights) is part of that "
                 f"earlier layer. The layers are: {shown}{more}"
             )
-    return {name: score[3] for name, score in best.items()}
+    return {name: score[2] for name, score in best.items()}
 
 
 # Bumped whenever any module registers a parameter or a submodule, so that a
