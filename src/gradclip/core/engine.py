@@ -21,6 +21,7 @@ vectors, built once per `Plan`.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,13 @@ import torch
 from gradclip.core.collective import ShardedModel, sharded_model
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
-from gradclip.core.measure import finish, judged_layer_norms, measure, measure_local
+from gradclip.core.measure import (
+    finish,
+    judged_layer_norms,
+    layer_norms,
+    measure,
+    measure_local,
+)
 from gradclip.core.nonfinite import (
     NonFiniteGradientError,
     bad_layers,
@@ -93,7 +100,7 @@ class Engine:
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
         ]
-        # Layers whose rule reads nothing (DL4J None) are not even gathered, unless
+        # Layers whose rule reads nothing (DL4J None) are not even validated, unless
         # a norm is asked for: their gradients may be anything (sparse, say).
         inert = [
             not self.measure_all and not any(s.reads_gradient for s in stages_of(rule))
@@ -216,14 +223,13 @@ class Engine:
             grads = [
                 p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
             ]
-        if self._inert is not None:
-            grads = [None if skip else g for g, skip in zip(grads, self._inert)]
         signature: Signature = [None if g is None else (g.device, g.dtype, g.layout) for g in grads]
         if signature == self._checked:
             # the very list the plan was keyed by: `plan` then compares identities
             return grads, self._checked
-        for name, g in zip(self._names, grads):
-            if g is not None:
+        inert = self._inert or [False] * len(grads)
+        for name, g, skip in zip(self._names, grads, inert):
+            if g is not None and not skip:
                 check_gradient(name, g)
         self._checked = signature
         return grads, signature
@@ -278,6 +284,8 @@ class Engine:
         plan, grads, measured = prepared
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
+        if self.nonfinite != "propagate" and plan.sharding is None:
+            judged = _judge_unsquared(plan, grads, judged)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
         if self.nonfinite in ("error", "skip"):
@@ -374,5 +382,27 @@ class Engine:
     def _trainable(self) -> list[bool]:
         check = self._check_frozen
         flags = [check] * len(self.params) if isinstance(check, bool) else check
-        inert = self._inert or [False] * len(self.params)
-        return [(p.requires_grad or not c) and not i for p, c, i in zip(self.params, flags, inert)]
+        return [p.requires_grad or not c for p, c in zip(self.params, flags)]
+
+
+def _judge_unsquared(
+    plan: Plan, grads: Sequence[torch.Tensor], judged: torch.Tensor
+) -> torch.Tensor:
+    """``judged`` with the layers of rules that never square (`Rule.squares`) judged by
+    their largest magnitude: finite exactly when every element is, where the L2 norm of
+    huge finite gradients (float64 at 1e200) would overflow to inf.
+
+    Not on sharded gradients, where a local maximum could differ between ranks.
+    """
+    for group in plan.groups:
+        if any(stage.rule.squares for stage in group.stages):
+            continue
+        tensors = [grads[p] for p in group.positions]
+        maxima = torch.stack(
+            [n.to(judged.dtype) for n in torch._foreach_norm(tensors, ord=math.inf)]
+        )
+        layer = layer_norms(
+            maxima, group.stages[0].layout.tensor_layer, len(group.layer_ids), math.inf
+        )
+        judged = judged.index_copy(0, group.layer_ids_t, layer)
+    return judged

@@ -230,6 +230,9 @@ class Rule:
     * `reads_gradient`: ``False`` for a rule that neither reads nor changes
       the gradients (DL4J ``None``): its layers are not even gathered unless a
       norm is asked for.
+    * `squares`: ``False`` for a rule that never squares a gradient (DL4J
+      ``None``, element-wise clipping): its layers are judged finite by their
+      largest magnitude, so huge finite gradients are not refused.
     * `per_layer_state`: one state row per layer instead of one for the group.
     * `growable_state`: state entries the rule may grow along their non-row
       dims (a history buffer); the engine zero-pads the other rows to match.
@@ -240,6 +243,7 @@ class Rule:
     per_layer_fields: ClassVar[tuple[str, ...]] = ()
     schedulable_fields: ClassVar[tuple[str, ...]] = ()
     reads_gradient: ClassVar[bool] = True
+    squares: ClassVar[bool] = True
 
     @property
     def per_layer_state(self) -> bool:

@@ -308,13 +308,19 @@ class StateStore:
         saved = state_dict.get("rules")
         if not isinstance(saved, Mapping):
             raise ValueError("the state dict has no 'rules' mapping")
+        ambiguous: list[str] = []
         if version == 2:
-            saved = self._upgrade(saved)
+            saved, ambiguous = self._upgrade(saved)
         current = {
             name: {r: slot.covers.get(r, ()) for r in slot.rows}
             for name, slot in self.slots.items()
         }
         matched, left = match_rows(saved, current)
+        for key in ambiguous:
+            left.reasons[key] = (
+                "saved by gradclip 0.2, where equal rules under several override keys shared "
+                "one state; each key now has its own, which that shared state cannot be split into"
+            )
         if strict and (left.missing_keys or left.unexpected_keys):
             raise ValueError(
                 "this state dict was saved for a different model or configuration (state "
@@ -355,7 +361,7 @@ class StateStore:
                 stored[i][tuple(slice(0, n) for n in value.shape)] = value
         slot.steps = steps if len(rows) == len(slot.rows) else max(slot.steps, steps)
 
-    def _upgrade(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+    def _upgrade(self, saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Format version 2's rules as version 3's, through each row's `Slot.legacy` name.
 
         Version 2 gave equal rules under several override keys one shared group
@@ -366,12 +372,16 @@ class StateStore:
             for old in slot.legacy.values():
                 claims[old] = claims.get(old, 0) + 1
         upgraded: dict[str, Any] = {}
+        ambiguous: list[str] = []
         for name, slot in self.slots.items():
             rows: dict[str, Any] = {}
             steps = 0
             for row, (old_slot, old_row) in slot.legacy.items():
                 entry = saved.get(old_slot)
-                if claims[(old_slot, old_row)] > 1 or not isinstance(entry, Mapping):
+                if not isinstance(entry, Mapping):
+                    continue
+                if claims[(old_slot, old_row)] > 1:
+                    ambiguous.append(row_key(name, row))
                     continue
                 old_rows = entry.get("rows")
                 value = old_rows.get(old_row) if isinstance(old_rows, Mapping) else None
@@ -384,7 +394,7 @@ class StateStore:
                     "rows": rows,
                     "covers": {row: list(slot.covers.get(row, ())) for row in rows},
                 }
-        return upgraded
+        return upgraded, ambiguous
 
     def _check_rows(
         self, name: str, entry: Mapping[str, Any], wanted: Sequence[str]

@@ -136,6 +136,7 @@ class NoNormalization(InPlaceRule):
 
     norm_type: ClassVar[float | None] = None
     reads_gradient: ClassVar[bool] = False
+    squares: ClassVar[bool] = False
 
     def describe(self) -> str:
         return "None()"  # DL4J's name of the mode
@@ -239,6 +240,7 @@ class ClipElementWiseAbsoluteValue(_Thresholded, InPlaceRule):
     """
 
     norm_type: ClassVar[float | None] = None
+    squares: ClassVar[bool] = False
 
     def prepare(self, layout: GroupLayout) -> ClampPlan:
         thresholds = [float(rule.threshold) for rule in layout.rules]  # type: ignore[attr-defined]
