@@ -35,7 +35,7 @@ from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 
-__all__ = ["GradientNormalizer", "Mode"]
+__all__ = ["GradientNormalizer", "Mode", "resolve_override"]
 
 Mode = GradientNormalization | str | Rule | None
 
@@ -58,7 +58,7 @@ def _materialize(target: Target) -> Target:
     return list(target)  # type: ignore[arg-type]
 
 
-def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
+def resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
     """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
     if isinstance(value, tuple):
         if len(value) != 2:
@@ -199,7 +199,7 @@ class GradientNormalizer:
         if isinstance(target, nn.Module):  # a tied module's name names its layer
             overrides = resolve_override_keys(target, overrides)
         resolved = {
-            key: _resolve_override(value, self.threshold, key) for key, value in overrides.items()
+            key: resolve_override(value, self.threshold, key) for key, value in overrides.items()
         }
         chosen = match_overrides(names, overrides)
         rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]

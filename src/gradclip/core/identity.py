@@ -38,6 +38,7 @@ from gradclip.core.rule import Rule, stages_of
 __all__ = [
     "GROUP_ROW",
     "LoadResult",
+    "StateNotRestoredWarning",
     "group_row",
     "layer_signature",
     "legacy_slot_name",
@@ -98,6 +99,16 @@ def layer_signature(layer: Layer) -> str:
 def row_key(slot: str, row: str) -> str:
     """How a row is named in `LoadResult` and in warnings."""
     return f"{slot}[{row!r}]"
+
+
+class StateNotRestoredWarning(UserWarning):
+    """A resume left some of the rules' saved state: those rules start afresh.
+
+    The trainer callbacks warn with it and keep training. To make such a
+    mismatch an error instead::
+
+        warnings.simplefilter("error", gradclip.StateNotRestoredWarning)
+    """
 
 
 class LoadResult(NamedTuple):
