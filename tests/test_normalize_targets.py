@@ -141,9 +141,7 @@ def test_a_none_layer_asked_for_its_norm_says_why_a_sparse_gradient_is_refused(
     asks: str,
 ) -> None:
     model = _with_sparse_embedding()
-    kwargs: dict[str, Any] = (
-        {"measure_all": True} if asks == "measure_all" else {"nonfinite": asks}
-    )
+    kwargs: dict[str, Any] = {"measure_all": True} if asks == "measure_all" else {"nonfinite": asks}
     normalizer = gradclip.GradientNormalizer(
         model, "ClipL2PerLayer", overrides={"emb": "None"}, **kwargs
     )

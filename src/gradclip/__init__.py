@@ -14,10 +14,10 @@ Examples:
 
 from gradclip.config import ConfigError
 from gradclip.core.collective import RankMismatchError
+from gradclip.core.identity import LoadResult, StateNotRestoredWarning
 from gradclip.core.layers import Layer, build_layers
 from gradclip.core.nonfinite import NonFiniteGradientError
 from gradclip.core.report import NormReport
-from gradclip.core.identity import LoadResult, StateNotRestoredWarning
 from gradclip.core.rule import (
     GroupLayout,
     InPlaceRule,

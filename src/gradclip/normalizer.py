@@ -17,6 +17,7 @@ from torch import nn
 
 from gradclip.config import parse_config
 from gradclip.core.engine import Engine
+from gradclip.core.identity import LoadResult, row_key
 from gradclip.core.layers import (
     Layer,
     Target,
@@ -29,7 +30,6 @@ from gradclip.core.layers import (
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
-from gradclip.core.identity import LoadResult, row_key
 from gradclip.core.state import FORMAT, StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping

@@ -37,9 +37,7 @@ def _norm(model: nn.Module, name: str) -> float:
 def test_equal_global_rules_under_two_keys_clip_each_key_alone() -> None:
     model = _net()
     rule = gradclip.ClipGlobalNorm(1.0)
-    normalizer = gradclip.GradientNormalizer(
-        model, "None", overrides={"enc": rule, "dec": rule}
-    )
+    normalizer = gradclip.GradientNormalizer(model, "None", overrides={"enc": rule, "dec": rule})
     _set_grads(model, {"enc": 3.0, "dec": 0.5, "head": 7.0})
     normalizer.apply()
     assert _norm(model, "enc") == pytest.approx(1.0, rel=1e-6)
@@ -72,9 +70,7 @@ def test_a_glob_naming_several_layers_is_one_group() -> None:
 @pytest.mark.parametrize("rule", [gradclip.ZClip(warmup_steps=2), gradclip.AutoClip()])
 def test_stateful_global_rules_keep_one_state_per_key(rule: gradclip.Rule) -> None:
     model = _net()
-    normalizer = gradclip.GradientNormalizer(
-        model, "None", overrides={"enc": rule, "dec": rule}
-    )
+    normalizer = gradclip.GradientNormalizer(model, "None", overrides={"enc": rule, "dec": rule})
     (slot,) = normalizer.state_dict()["rules"].values()
     assert sorted(slot["rows"]) == ["*[dec]", "*[enc]"]
     assert slot["covers"]["*[enc]"] == ["enc: weight(4, 4), bias(4,)"]
@@ -130,9 +126,7 @@ def test_the_narrower_glob_applies_under_a_none_module_key() -> None:
     normalizer = gradclip.GradientNormalizer(
         model, "None", overrides={"blocks": "None", "blocks.*.attn": ("ClipL2PerLayer", 0.5)}
     )
-    assert {r.describe() for r in normalizer.rules.values()} == {
-        "ClipL2PerLayer(threshold=0.5)"
-    }
+    assert {r.describe() for r in normalizer.rules.values()} == {"ClipL2PerLayer(threshold=0.5)"}
 
 
 # -- the one definition ----------------------------------------------------------------------
@@ -166,7 +160,10 @@ def test_strict_false_restores_what_matches_and_returns_the_rest() -> None:
     other = gradclip.GradientNormalizer(
         model,
         "ClipL2PerLayer",
-        overrides={"enc": gradclip.ZClip(warmup_steps=2, z_thresh=9.0), "head": gradclip.AdaptiveGradClip()},
+        overrides={
+            "enc": gradclip.ZClip(warmup_steps=2, z_thresh=9.0),
+            "head": gradclip.AdaptiveGradClip(),
+        },
     )
     before = copy.deepcopy(other.state_dict()["rules"])
     with pytest.raises(ValueError, match=r"AutoClip.*no rule here keeps this state.*strict=False"):
@@ -269,7 +266,7 @@ def test_a_version_2_state_shared_by_two_keys_says_why_it_cannot_load() -> None:
     normalizer = gradclip.GradientNormalizer(model, "None", overrides={"enc": rule, "dec": rule})
     old = _as_version_2(normalizer)
     assert legacy_slot_name(rule, 0, rule, False) in old["rules"]
-    with pytest.raises(ValueError, match="gradclip 0.2.*shared one state"):
+    with pytest.raises(ValueError, match=r"gradclip 0\.2.*shared one state"):
         normalizer.load_state_dict(old)
     result = normalizer.load_state_dict(old, strict=False)
     assert len(result.missing_keys) == 2

@@ -156,7 +156,11 @@ def test_state_dict_for_another_model_is_rejected() -> None:
     _step(model, normalizer, 0)
     state = normalizer.state_dict()
     wider = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"different model.*covers \['0: weight\(3, 3\).*here the row covers \['0: weight\(4, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"different model.*covers \['0: weight\(3, 3\).*here the row covers "
+        r"\['0: weight\(4, 3\)",
+    ):
         gradclip.GradientNormalizer(wider, gradclip.ZClip()).load_state_dict(state)
     deeper = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="different model"):

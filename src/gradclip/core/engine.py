@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from gradclip.core.collective import ShardedModel, sharded_model
+from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
 from gradclip.core.measure import (
@@ -50,7 +51,6 @@ from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, stages_of
 from gradclip.core.sharding import is_dtensor, local_tensors
-from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -187,9 +187,11 @@ class Engine:
                         f"{sorted(taken)}: give each group of layers its own tag"
                     )
                 per_layer = rows == names
-                covers = dict(zip(rows, ((s,) for s in signatures))) if per_layer else {
-                    rows[0]: signatures
-                }
+                covers = (
+                    dict(zip(rows, ((s,) for s in signatures)))
+                    if per_layer
+                    else {rows[0]: signatures}
+                )
                 old = legacy_slot_name(rule, k, stage, many)
                 legacy = {r: (old, r if per_layer else GROUP_ROW) for r in rows}
                 self.store.ensure(slot, stage, rows, device, dtype, covers, legacy)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from gradclip.core.report import NormReport
 from gradclip.core.identity import StateNotRestoredWarning
+from gradclip.core.report import NormReport
 from gradclip.normalizer import GradientNormalizer, Mode, resolve_override
 from gradclip.rules.dl4j import resolve_rule
 
