@@ -102,11 +102,13 @@ class Engine:
         ]
         # Layers whose rule reads nothing (DL4J None) are not even validated, unless
         # a norm is asked for: their gradients may be anything (sparse, say).
-        inert = [
-            not self.measure_all and not any(s.reads_gradient for s in stages_of(rule))
+        idle = [
+            not any(s.reads_gradient for s in stages_of(rule))
             for layer, rule in zip(self.layers, self.rules)
             for _ in layer.params
         ]
+        self._idle = idle  # for the message when such a gradient is refused after all
+        inert = [i and not self.measure_all for i in idle]
         self._inert: list[bool] | None = inert if any(inert) else None
         frozen_checks = [not layer.explicit for layer in self.layers for _ in layer.params]
         self._check_frozen: bool | list[bool] = (
@@ -230,9 +232,22 @@ class Engine:
             # the very list the plan was keyed by: `plan` then compares identities
             return grads, self._checked
         inert = self._inert or [False] * len(grads)
-        for name, g, skip in zip(self._names, grads, inert):
+        for name, g, skip, idle in zip(self._names, grads, inert, self._idle):
             if g is not None and not skip:
-                check_gradient(name, g)
+                try:
+                    check_gradient(name, g)
+                except TypeError as error:
+                    if not idle:
+                        raise
+                    asks = (
+                        "measure_all=True"
+                        if self.nonfinite == "propagate"
+                        else (f"nonfinite={self.nonfinite!r}")
+                    )
+                    raise TypeError(
+                        f"{error} Its layer's rule (None) does not read it, but {asks} asks "
+                        "for its norm: without it the gradient is left unread"
+                    ) from None
         self._checked = signature
         return grads, signature
 
