@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradclip.core.identity import state_key
-from gradclip.core.layers import Target
+from gradclip.core.layers import Target, reusable
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.state import StateStore
@@ -144,8 +144,7 @@ def normalize_(
 
 
 def _apply_grouping(target: Target, rule: Any, key: Any, nonfinite: str) -> NormReport:
-    if not isinstance(target, torch.Tensor | Mapping | list | tuple):
-        target = list(target)  # type: ignore[arg-type]  # an iterator, walked once
+    target = reusable(target)  # an iterator is walked once
     try:
         holders_key, holders = _holders(target)
     except TypeError:  # not a grouping: GradientNormalizer says what is wrong

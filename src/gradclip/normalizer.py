@@ -6,6 +6,7 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 
 from __future__ import annotations
 
+import contextvars
 import operator
 import threading
 import weakref
@@ -16,65 +17,34 @@ import torch
 from torch import nn
 
 from gradclip.config import parse_config
+from gradclip.core.checkpoint import covers_of, fresh_rows, load_state, save_state
 from gradclip.core.engine import Engine
-from gradclip.core.identity import LoadResult, row_key
+from gradclip.core.identity import LoadResult
 from gradclip.core.layers import (
     Layer,
     Target,
     build_layers,
-    match_overrides,
     resolve_override_keys,
+    reusable,
     structure_version,
     watch_module_structure,
 )
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
-from gradclip.core.state import FORMAT, StateStore
+from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
-from gradclip.rules.dl4j import GradientNormalization, resolve_rule
+from gradclip.rules.dl4j import GradientNormalization, assign_rules, layer_table, resolve_rule
 
-__all__ = ["GradientNormalizer", "Mode", "resolve_override"]
+__all__ = ["GradientNormalizer", "Mode"]
 
 Mode = GradientNormalization | str | Rule | None
 
 
 _KEEP: Any = object()  # reconfigure(): leave the default rule as it is
-
-
-def _covers(engine: Engine) -> dict[str, dict[str, tuple[str, ...]]]:
-    """``{slot: {row: covered layers}}`` of an engine's state."""
-    return {
-        name: {row: slot.covers.get(row, ()) for row in slot.rows}
-        for name, slot in engine.store.slots.items()
-    }
-
-
-def _materialize(target: Target) -> Target:
-    """A custom grouping that can be walked again: an iterator becomes a list."""
-    if isinstance(target, torch.Tensor | Mapping | list | tuple):
-        return target
-    return list(target)  # type: ignore[arg-type]
-
-
-def resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
-    """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise ValueError(
-                f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
-            )
-        return resolve_rule(value[0], value[1])
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"mode", "threshold"}
-        if unknown or "mode" not in value:
-            raise ValueError(
-                f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
-                f"got {sorted(value)}"
-            )
-        return resolve_rule(value["mode"], value.get("threshold", default_threshold))
-    return resolve_rule(value, default_threshold)
+# the state store a normalizer starts from (GradientNormalizer._sharing); None: a fresh one
+_SEED: contextvars.ContextVar[StateStore | None] = contextvars.ContextVar("seed", default=None)
 
 
 class GradientNormalizer:
@@ -135,51 +105,37 @@ class GradientNormalizer:
         measure_all: bool = False,
         nonfinite: str = "propagate",
     ) -> None:
-        self._setup(model, mode, threshold, overrides, measure_all, nonfinite, None)
-
-    @classmethod
-    def _sharing(
-        cls, model: Target, mode: Mode, nonfinite: str, store: StateStore | None
-    ) -> GradientNormalizer:
-        """A normalizer whose rules' state is ``store`` (how `gradclip.normalize_` keeps
-        the state of a target it cannot hold a normalizer for)."""
-        self = cls.__new__(cls)
-        self._setup(model, mode, 1.0, None, False, nonfinite, store)
-        return self
-
-    def _setup(
-        self,
-        model: Target,
-        mode: Mode,
-        threshold: float,
-        overrides: Mapping[str, Any] | None,
-        measure_all: bool,
-        nonfinite: str,
-        store: StateStore | None,
-    ) -> None:
         self.nonfinite = check_nonfinite(nonfinite)
         self.threshold = check_threshold(threshold)
+        self._mode: Mode = mode  # as given: a new threshold applies to a DL4J mode
         self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
         self.measure_all = bool(measure_all)
         self._model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self._model_ref: weakref.ref[nn.Module] | None = None
-        self._target = None if isinstance(model, nn.Module) else _materialize(model)
-        # registrations (model.head = ..., load_state_dict(assign=True)) are followed for
-        # modules inside a custom grouping too
-        watch_module_structure()
+        self._target = None if isinstance(model, nn.Module) else reusable(model)
+        watch_module_structure()  # model.head = ..., also inside a custom grouping
         self._version = structure_version()
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
         )
-        self._engine = self._build(store)
+        self._engine = self._build(_SEED.get())
         self.last_report: NormReport | None = None
+
+    @classmethod
+    def _sharing(cls, model: Target, mode: Mode, nonfinite: str, store: Any) -> GradientNormalizer:
+        """A normalizer whose rules' state is ``store`` (how `gradclip.normalize_` keeps
+        the state of a target it cannot hold a normalizer for)."""
+        token = _SEED.set(store)
+        try:
+            return cls(model, mode, nonfinite=nonfinite)
+        finally:
+            _SEED.reset(token)
 
     # -- the model -------------------------------------------------------------------------
     def _hold_weakly(self) -> None:
-        # normalize_ caches normalizers in a WeakKeyDictionary keyed by the module,
-        # which a strong reference from the value would keep alive forever.
+        # normalize_'s cache is keyed weakly by the module: a value must not hold it
         if self._model is not None:
             self._model_ref = weakref.ref(self._model)
             self._model = None
@@ -194,22 +150,17 @@ class GradientNormalizer:
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
         layers = build_layers(target)
-        names = [layer.name for layer in layers]
         overrides = self.overrides
         if isinstance(target, nn.Module):  # a tied module's name names its layer
             overrides = resolve_override_keys(target, overrides)
-        resolved = {
-            key: resolve_override(value, self.threshold, key) for key, value in overrides.items()
-        }
-        chosen = match_overrides(names, overrides)
-        rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
+        rules, tags = assign_rules(layers, self.default, self.threshold, overrides)
         return Engine(
             layers,
             rules,
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
             store=store,
-            tags=[chosen.get(n) for n in names],
+            tags=tags,
         )
 
     def _refresh(self, force: bool = False) -> bool:
@@ -372,7 +323,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            return {**self._engine.store.state_dict(), **self._identity()}
+            return save_state(self._engine)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Restore `state_dict`; it takes effect at the next step.
@@ -406,37 +357,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            store = self._engine.store
-            if (
-                isinstance(state_dict, Mapping)
-                and state_dict.get("version") == 2
-                and state_dict.get("format") == FORMAT
-            ):
-                mine = self._identity()
-                if any(state_dict.get(k) != mine[k] for k in ("layers", "params")):
-                    if strict:
-                        raise ValueError(
-                            "this state dict (format version 2, gradclip 0.2) was saved for a "
-                            "different model: its layers or parameters differ; nothing was "
-                            "loaded (strict=False starts every rule afresh instead)"
-                        )
-                    return store.load_state_dict({**state_dict, "rules": {}}, strict=False)
-            result = store.load_state_dict(state_dict, strict)
-            # values were copied into the existing tensors; a grown buffer bumped the
-            # store's generation, which makes the plan rebuild its row indices
-            return result
-
-    def _identity(self) -> dict[str, list[str]]:
-        engine = self._engine
-        return {
-            "layers": [layer.name for layer in engine.layers],
-            "params": [
-                f"{layer.qualified(k)}{tuple(p.shape)}"
-                for layer in engine.layers
-                for k, p in enumerate(layer.params)
-            ],
-            "layer_rules": [rule.describe() for rule in engine.rules],
-        }
+            return load_state(self._engine, state_dict, strict)
 
     def reconfigure(
         self,
@@ -470,26 +391,18 @@ class GradientNormalizer:
             []
         """
         with self._lock:
-            threshold_ = self.threshold if threshold is None else check_threshold(threshold)
-            mode_ = self.default if mode is _KEEP else mode
-            default = resolve_rule(mode_, threshold_)  # type: ignore[arg-type]
-            saved = self.threshold, self.default, self.overrides
-            self.threshold, self.default = threshold_, default
-            if overrides is not None:
-                self.overrides = dict(overrides)
-            before = _covers(self._engine)
+            saved = self._mode, self.threshold, self.default, self.overrides
             try:
-                engine = self._build(self._engine.store)
+                self._mode = self._mode if mode is _KEEP else mode  # type: ignore[assignment]
+                self.threshold = check_threshold(threshold or self.threshold)
+                self.overrides = dict(self.overrides if overrides is None else overrides)
+                self.default = resolve_rule(self._mode, self.threshold)
+                before = covers_of(self._engine.store)
+                self._engine = self._build(self._engine.store)
             except Exception:
-                self.threshold, self.default, self.overrides = saved
+                self._mode, self.threshold, self.default, self.overrides = saved
                 raise
-            self._engine = engine
-            return [
-                row_key(name, row)
-                for name, rows in _covers(engine).items()
-                for row, covered in rows.items()
-                if before.get(name, {}).get(row) != covered
-            ]
+            return fresh_rows(before, self._engine.store)
 
     # -- inspection ----------------------------------------------------------------------------
     @property
@@ -509,16 +422,7 @@ class GradientNormalizer:
     def describe(self) -> str:
         """A table of the layers: name, parameters (with shapes), rule and its settings."""
         self._refresh()
-        rows = [("layer", "parameters", "mode")]
-        for layer, rule in zip(self._engine.layers, self._engine.rules):
-            params = ", ".join(
-                f"{name} {tuple(p.shape)}" for name, p in zip(layer.param_names, layer.params)
-            )
-            rows.append((layer.name or "(root)", params, rule.describe()))
-        widths = [max(len(r[i]) for r in rows) for i in range(2)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join(lines)
+        return layer_table(self._engine.layers, self._engine.rules)
 
     def __str__(self) -> str:
         return self.describe()

@@ -49,7 +49,7 @@ from gradclip.core.nonfinite import (
 from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
-from gradclip.core.rule import Rule, stages_of
+from gradclip.core.rule import Rule, group_of, stages_of
 from gradclip.core.sharding import is_dtensor, local_tensors
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
@@ -169,7 +169,7 @@ class Engine:
         dtype = accumulation_dtype_of(device)
         groups: dict[object, list[int]] = {}
         for lid, (rule, tag) in enumerate(zip(self.rules, self.tags)):
-            groups.setdefault((tag, rule.group_key()), []).append(lid)
+            groups.setdefault(group_of(rule, tag), []).append(lid)
         keep: dict[str, list[str]] = {}
         for layer_ids in groups.values():
             rule, tag = self.rules[layer_ids[0]], self.tags[layer_ids[0]]

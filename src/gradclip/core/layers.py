@@ -30,6 +30,7 @@ __all__ = [
     "build_layers",
     "match_overrides",
     "resolve_override_keys",
+    "reusable",
     "structure_version",
     "tied_layers",
     "unwrap_module",
@@ -250,6 +251,13 @@ def _dedup(layers: list[Layer]) -> list[Layer]:
             kept_owners = tuple(o for _, _, o in keep) if layer.owners else ()
             result.append(Layer(layer.name, names, params, layer.explicit, kept_owners))
     return result
+
+
+def reusable(target: Target) -> Target:
+    """``target`` in a form that can be walked again: an iterator becomes a list."""
+    if isinstance(target, nn.Module | torch.Tensor | Mapping | list | tuple | str | bytes):
+        return target
+    return list(target) if isinstance(target, Iterable) else target
 
 
 def build_layers(target: Target) -> list[Layer]:

@@ -9,7 +9,7 @@ fixes
   other measured ones, then the rest;
 * the *groups*: layers whose rules are equal (or differ only in per-layer
   fields such as the DL4J thresholds) and were chosen by the same override
-  key (or by none) run as one call of the rule;
+  key (or by none; any key for a `Rule.layer_local` rule) run as one call;
 * the *rounds*: round ``k`` runs the ``k``-th rule of every group (a `chain`
   has several; any other rule, one), with one multiply launch per device and
   dtype for all of them;
@@ -31,7 +31,7 @@ import torch
 
 from gradclip.core.kernels import Runs
 from gradclip.core.layers import Layer
-from gradclip.core.rule import GroupLayout, InPlaceRule, Rule, ScalingRule, stages_of
+from gradclip.core.rule import GroupLayout, InPlaceRule, Rule, ScalingRule, group_of, stages_of
 from gradclip.core.sharding import RankGroup, Sharding, local_tensors, sharding_of
 from gradclip.core.state import StateStore, is_stateful, state_rows, state_slot
 
@@ -220,7 +220,7 @@ class Plan:
         keyed: dict[object, list[int]] = {}
         for lid, rule in enumerate(rules):
             if self.layer_has_grad[lid]:
-                keyed.setdefault((self.tags[lid], rule.group_key()), []).append(lid)
+                keyed.setdefault(group_of(rule, self.tags[lid]), []).append(lid)
         positions_of: dict[int, list[int]] = {}
         for p, lid in enumerate(self.tensor_layer_ids):
             positions_of.setdefault(lid, []).append(p)

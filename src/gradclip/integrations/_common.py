@@ -11,8 +11,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip.core.identity import StateNotRestoredWarning
 from gradclip.core.report import NormReport
-from gradclip.normalizer import GradientNormalizer, Mode, resolve_override
-from gradclip.rules.dl4j import resolve_rule
+from gradclip.normalizer import GradientNormalizer, Mode
+from gradclip.rules.dl4j import resolve_override, resolve_rule
 
 __all__ = [
     "CallbackSettings",
