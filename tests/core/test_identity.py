@@ -270,3 +270,31 @@ def test_a_version_2_state_shared_by_two_keys_says_why_it_cannot_load() -> None:
         normalizer.load_state_dict(old)
     result = normalizer.load_state_dict(old, strict=False)
     assert len(result.missing_keys) == 2
+
+
+def test_reconfigure_a_threshold_applies_to_a_dl4j_mode_given_by_name() -> None:
+    model = _net()
+    normalizer = gradclip.GradientNormalizer(
+        model, "ClipL2PerLayer", 1.0, overrides={"head": "ClipElementWiseAbsoluteValue"}
+    )
+    assert normalizer.reconfigure(threshold=0.5) == []
+    assert {r.describe() for r in normalizer.rules.values()} == {
+        "ClipL2PerLayer(threshold=0.5)",
+        "ClipElementWiseAbsoluteValue(threshold=0.5)",
+    }
+    _set_grads(model, {"enc": 3.0, "dec": 0.2, "head": 1.0})
+    normalizer.apply()
+    assert _norm(model, "enc") == pytest.approx(0.5, rel=1e-6)
+    assert _norm(model, "dec") == pytest.approx(0.2, rel=1e-6)
+
+
+def test_layer_local_rules_under_several_keys_run_as_one_group() -> None:
+    model = _net()
+    normalizer = gradclip.GradientNormalizer(
+        model, "ClipL2PerLayer", overrides={"enc": ("ClipL2PerLayer", 0.5), "dec": "ClipL2PerLayer"}
+    )
+    _set_grads(model, {"enc": 3.0, "dec": 3.0, "head": 3.0})
+    normalizer.apply()
+    plan = normalizer._engine._plan
+    assert plan is not None and len(plan.groups) == 1
+    assert [_norm(model, n) for n in ("enc", "dec", "head")] == pytest.approx([0.5, 1.0, 1.0])
