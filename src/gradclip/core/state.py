@@ -5,10 +5,10 @@ state-relevant fields (and its position in a chain; see
 `gradclip.core.identity`). A slot holds the rule's state tensors with one row
 per layer (``per_layer_state``) or one row per group: ``"*"`` for the layers
 of the default rule, ``"*[key]"`` for those of an override key. Each row
-records the layers it covers. A step reads the rows of the layers that have gradients, calls the rule and
-writes the rows back, except rows whose norm was not finite that step: those
-stay exactly as they were, so one bad step cannot spoil the statistics of the
-steps after it.
+records the layers it covers. A step reads the rows of the layers that have
+gradients, calls the rule and writes the rows back, except rows whose norm was
+not finite that step: those stay exactly as they were, so one bad step cannot
+spoil the statistics of the steps after it.
 
 `StateStore.state_dict` holds only plain containers, strings, ints, bytes and
 CPU tensors (``torch.load(..., weights_only=True)`` reads it back); its format
