@@ -22,15 +22,16 @@ state and step count included) and gives them back right after.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from gradclip.hooks import AttachHandle, attach_skipping
+from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 
-__all__ = ["attach_guarded", "guard_skipping", "is_hookable", "unwrap_optimizer"]
+__all__ = ["attach_guarded", "attach_once", "guard_skipping", "is_hookable", "unwrap_optimizer"]
 
 
 def is_hookable(optimizer: object) -> bool:
@@ -144,4 +145,44 @@ def attach_guarded(
         forget()
 
     handle = attach_skipping(optimizer, wrapped_check, remove)
+    return handle
+
+
+def attach_once(
+    attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle],
+    optimizer: Any,
+    apply: Callable[[], Any],
+    apply_skipping: Callable[[], bool],
+    skip: bool,
+) -> AttachHandle:
+    """What ``GradientNormalizer.attach`` does: unwrap, check, hook, remember in ``attached``.
+
+    ``apply`` runs before every step; with ``skip``, ``apply_skipping`` instead,
+    and the step is skipped when it returns True.
+    """
+    optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
+    if not is_hookable(optimizer):
+        raise TypeError(
+            "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), or a "
+            f"wrapper keeping one in .optimizer, got {type(optimizer).__name__}; for other "
+            "training loops call normalizer.apply() before the update"
+        )
+    if optimizer in attached:
+        raise RuntimeError(
+            "this GradientNormalizer is already attached to this optimizer: a second "
+            "attach would normalize twice per step. Keep the first handle (or call its "
+            "remove() before attaching again)"
+        )
+    ref = weakref.ref(optimizer)
+
+    def forget() -> None:
+        opt = ref()
+        if opt is not None:
+            attached.pop(opt, None)
+
+    if skip:
+        handle = attach_guarded(optimizer, lambda: not apply_skipping(), forget)
+    else:
+        handle = attach_pre_hook(optimizer, apply, forget)
+    attached[optimizer] = handle
     return handle

@@ -33,16 +33,15 @@ def _stage(names: list[str]) -> nn.Module:
 
 
 def test_only_rules_that_span_layers_get_a_slot() -> None:
-    slots = spanning_slots(
-        [
-            resolve_rule("ClipL2PerLayer", 1.0),
-            gradclip.ClipGlobalNorm(1.0),
-            gradclip.ClipGlobalNorm(1.0, norm_type="inf"),
-            gradclip.ZClip(scope="layer"),
-            gradclip.AutoClip(),
-            gradclip.AdaptiveGradClip(),
-        ]
-    )
+    rules = [
+        resolve_rule("ClipL2PerLayer", 1.0),
+        gradclip.ClipGlobalNorm(1.0),
+        gradclip.ClipGlobalNorm(1.0, norm_type="inf"),
+        gradclip.ZClip(scope="layer"),
+        gradclip.AutoClip(),
+        gradclip.AdaptiveGradClip(),
+    ]
+    slots = spanning_slots([(rule, None) for rule in rules])
     assert sorted(p for _, p in slots) == [2.0, 2.0, float("inf")]
     pipe = Pipeline(None, 0, 2, slots)
     assert pipe.num_sums == 3 and pipe.num_maxima == 1  # the report's total, two L2 totals
@@ -50,8 +49,10 @@ def test_only_rules_that_span_layers_get_a_slot() -> None:
 
 def test_a_chain_that_spans_layers_after_its_first_rule_is_refused() -> None:
     with pytest.raises(ValueError, match="first rule"):
-        spanning_slots([gradclip.chain(("ClipL2PerLayer", 1.0), gradclip.ClipGlobalNorm(1.0))])
-    assert spanning_slots([gradclip.chain(gradclip.ClipGlobalNorm(1.0), "ClipL2PerLayer")])
+        spanning_slots(
+            [(gradclip.chain(("ClipL2PerLayer", 1.0), gradclip.ClipGlobalNorm(1.0)), None)]
+        )
+    assert spanning_slots([(gradclip.chain(gradclip.ClipGlobalNorm(1.0), "ClipL2PerLayer"), "k")])
 
 
 def test_a_rule_reading_the_total_without_declaring_it_is_refused_on_stages() -> None:

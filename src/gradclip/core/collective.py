@@ -310,6 +310,7 @@ def sharded_model(
     trainable: Sequence[bool],
     measure_all: bool,
     store: StateStore,
+    tags: Sequence[str | None] | None = None,
 ) -> ShardedModel | None:
     """Size the collective of an engine's steps from its parameters.
 
@@ -340,6 +341,7 @@ def sharded_model(
                 grads=params,
                 measure_all=measure_all,
                 store=store,
+                tags=tags,
             )
             break
         except Exception:

@@ -21,6 +21,7 @@ vectors, built once per `Plan`.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -28,10 +29,14 @@ from typing import Any
 import torch
 
 from gradclip.core.agreement import Configuration, agree, dtensor_group
-from gradclip.core.collective import ShardedModel, sharded_model
+from gradclip.core.collective import ShardedModel
+from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
-from gradclip.core.measure import finish, judged_layer_norms, measure, measure_local
+from gradclip.core.measure import (
+    judged_layer_norms,
+    layer_norms,
+)
 from gradclip.core.nonfinite import (
     NonFiniteGradientError,
     bad_layers,
@@ -39,18 +44,17 @@ from gradclip.core.nonfinite import (
     read_bad_layers,
     zero_layers_,
 )
-from gradclip.core.pipeline import Pipeline, StageTransport, transport_for
+from gradclip.core.pipeline import Pipeline, StageTransport
 from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
-from gradclip.core.rule import Rule, stages_of
-from gradclip.core.sharding import RankGroup, is_dtensor, local_tensors
+from gradclip.core.rule import Rule, group_of, stages_of
+from gradclip.core.sharding import RankGroup, is_dtensor
+from gradclip.core.stage_step import UNKNOWN, prepare_step
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
 __all__ = ["Engine"]
-
-_UNKNOWN: Any = object()  # the sharded model's collective, before the first step sizes it
 
 
 class Engine:
@@ -70,6 +74,9 @@ class Engine:
             an explicit ``process_group=``); ``None``: those of the ``DTensor``
             parameters' mesh, if any. Their configurations are compared at the
             first step (`gradclip.core.agreement`).
+        tags: per layer, the override key that chose its rule (``None``: the default
+            rule). Equal rules under different tags are different groups: a global
+            rule clips each key's layers alone, a stateful one keeps a state per key.
         pipeline: this rank's pipeline stage(s) and the slots of the rules that
             span layers (see `gradclip.core.pipeline`); ``None`` for a whole model.
     """
@@ -82,13 +89,15 @@ class Engine:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         store: StateStore | None = None,
+        tags: Sequence[str | None] | None = None,
         replicas: RankGroup | None = None,
         pipeline: Pipeline | None = None,
     ) -> None:
-        if len(layers) != len(rules):
-            raise ValueError("one rule per layer is required")
+        if len(layers) != len(rules) or (tags is not None and len(tags) != len(rules)):
+            raise ValueError("one rule (and one tag) per layer is required")
         self.layers = list(layers)
         self.rules = list(rules)
+        self.tags: list[str | None] = list(tags) if tags is not None else [None] * len(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
         self._measure_all_setting = bool(measure_all)  # as configured, for the replicas
@@ -100,6 +109,16 @@ class Engine:
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
         ]
+        # Layers whose rule reads nothing (DL4J None) are not even validated, unless
+        # a norm is asked for: their gradients may be anything (sparse, say).
+        idle = [
+            not any(s.reads_gradient for s in stages_of(rule))
+            for layer, rule in zip(self.layers, self.rules)
+            for _ in layer.params
+        ]
+        self._idle = idle  # for the message when such a gradient is refused after all
+        inert = [i and not self.measure_all for i in idle]
+        self._inert: list[bool] | None = inert if any(inert) else None
         frozen_checks = [not layer.explicit for layer in self.layers for _ in layer.params]
         self._check_frozen: bool | list[bool] = (
             (frozen_checks[0] if len(set(frozen_checks)) == 1 else frozen_checks)
@@ -122,7 +141,7 @@ class Engine:
         # known now for plain tensors (no collective), so that a compiled first step
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
-        self._sharded: ShardedModel | None = None if plain else _UNKNOWN
+        self._sharded: ShardedModel | None = None if plain else UNKNOWN
         # replicas compare configurations once, before this engine's first collective
         self._replicas = replicas if replicas is not None else dtensor_group(self.params)
         self._agreed = self._replicas is None
@@ -153,22 +172,44 @@ class Engine:
         self._checked = signature
 
     def _init_state(self) -> None:
-        """Give every stateful rule its slot and rows now, before any step (for checkpoints)."""
+        """Give every stateful rule its slot and rows now, before any step (for checkpoints).
+
+        Each row records the layers it covers (`gradclip.core.identity`); a row
+        kept from before that now covers other layers starts afresh.
+        """
         device = self.params[0].device if self.params else torch.device("cpu")
         dtype = accumulation_dtype_of(device)
         groups: dict[object, list[int]] = {}
-        for lid, rule in enumerate(self.rules):
-            groups.setdefault(rule.group_key(), []).append(lid)
+        for lid, (rule, tag) in enumerate(zip(self.rules, self.tags)):
+            groups.setdefault(group_of(rule, tag), []).append(lid)
         keep: dict[str, list[str]] = {}
         for layer_ids in groups.values():
-            rule = self.rules[layer_ids[0]]
+            rule, tag = self.rules[layer_ids[0]], self.tags[layer_ids[0]]
             stages = stages_of(rule)
+            names = [self.layers[i].name for i in layer_ids]
+            signatures = tuple(layer_signature(self.layers[i]) for i in layer_ids)
             for k, stage in enumerate(stages):
-                slot = state_slot(rule, k, stage, len(stages) > 1)
-                if slot is not None:
-                    rows = state_rows(stage, [self.layers[i].name for i in layer_ids])
-                    self.store.ensure(slot, stage, rows, device, dtype)
-                    keep[slot] = rows
+                many = len(stages) > 1
+                slot = state_slot(rule, k, stage, many)
+                if slot is None:
+                    continue
+                rows = state_rows(stage, names, tag)
+                taken = set(keep.get(slot, ())) & set(rows)
+                if taken:
+                    raise ValueError(
+                        f"two groups of {stage.describe()} would share the state row(s) "
+                        f"{sorted(taken)}: give each group of layers its own tag"
+                    )
+                per_layer = rows == names
+                covers = (
+                    dict(zip(rows, ((s,) for s in signatures)))
+                    if per_layer
+                    else {rows[0]: signatures}
+                )
+                old = legacy_slot_name(rule, k, stage, many)
+                legacy = {r: (old, r if per_layer else GROUP_ROW) for r in rows}
+                self.store.ensure(slot, stage, rows, device, dtype, covers, legacy)
+                keep.setdefault(slot, []).extend(rows)
         self.store.prune(keep)
 
     # -- layout ----------------------------------------------------------------------------
@@ -202,9 +243,23 @@ class Engine:
         if signature == self._checked:
             # the very list the plan was keyed by: `plan` then compares identities
             return grads, self._checked
-        for name, g in zip(self._names, grads):
-            if g is not None:
-                check_gradient(name, g)
+        inert = self._inert or [False] * len(grads)
+        for name, g, skip, idle in zip(self._names, grads, inert, self._idle):
+            if g is not None and not skip:
+                try:
+                    check_gradient(name, g)
+                except TypeError as error:
+                    if not idle:
+                        raise
+                    asks = (
+                        "measure_all=True"
+                        if self.nonfinite == "propagate"
+                        else (f"nonfinite={self.nonfinite!r}")
+                    )
+                    raise TypeError(
+                        f"{error} Its layer's rule (None) does not read it, but {asks} asks "
+                        "for its norm: without it the gradient is left unread"
+                    ) from None
         self._checked = signature
         return grads, signature
 
@@ -224,6 +279,7 @@ class Engine:
                 grads=grads,
                 measure_all=self.measure_all,
                 store=self.store,
+                tags=self.tags,
             )
             self._signature = signature
         return plan
@@ -265,6 +321,8 @@ class Engine:
             measured.stage_totals = {}  # nothing from other stages: a total would be refused
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
+        if self.nonfinite != "propagate" and plan.sharding is None:
+            judged = _judge_unsquared(plan, grads, judged)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
         if self.nonfinite in ("error", "skip"):
@@ -302,130 +360,8 @@ class Engine:
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)
 
     def _prepare(self) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
-        """Gather, plan and measure the step: on a sharded model, with its one collective.
-
-        Every rank of a sharded model takes part in the collective, with or
-        without gradients, and raises the same error if the ranks disagree (see
-        `gradclip.core.collective`), before anything is modified. Returns the
-        report of a step without any gradient instead of measuring.
-        """
-        if not self._agreed:
-            self._agree()
-        if self._sharded is _UNKNOWN:
-            self._sharded = sharded_model(
-                self.layers,
-                self.rules,
-                self.params,
-                self._names,
-                trainable=self._trainable(),
-                measure_all=self.measure_all,
-                store=self.store,
-            )
-        sharded = self._sharded
-        collective = None if sharded is None else sharded.collective
-        pipe = self.pipeline if self.pipeline is not None and self.pipeline.active else None
-        self._stage_squares = None
-        if pipe is not None and self._transport is None:
-            self._transport = transport_for(pipe, None if sharded is None else self._dp_ranks())
-        if pipe is not None and collective is None:
-            return self._prepare_stages(pipe, sharded)
-        if collective is None:  # plain tensors, or a configuration that reduces nothing
-            grads_by_param, signature = self.gather()
-            plan = self.plan(signature, grads_by_param)
-            plan.changes_group = None if sharded is None else sharded.changes
-            grads = plan.select(grads_by_param)
-            if plan.sharding is not None:
-                grads = local_tensors(grads)
-            if not grads:
-                return NormReport.empty(plan)
-            return plan, grads, measure(plan, grads)
-        body = None
-        transport = self._transport
-        sums, maxima = (None, None) if pipe is None else pipe.partials(None, None, *self._acc())
-        try:
-            grads_by_param, signature = self.gather()
-            plan = self.plan(signature, grads_by_param)
-            grads = local_tensors(plan.select(grads_by_param))
-            parts = measure_local(plan, grads)
-            if pipe is not None:
-                sums, maxima = pipe.partials(plan, parts, *self._acc())
-            if plan.sharding is not None:
-                body = plan.sharding.pack(parts.norms, parts.extras, collective.capacity)
-            fingerprint = collective.cached(plan)
-            if fingerprint is None:
-                dtypes = [None if sig is None else sig[1] for sig in signature]
-                fingerprint = collective.fingerprint(dtypes, key=plan)
-        except Exception as error:  # still take part, so that no rank waits for this one
-            raw = [p.grad if t else None for p, t in zip(self.params, self._trainable())]
-            dtypes = [None if g is None else g.dtype for g in raw]
-            reduce = None
-            if transport is not None and pipe is not None:
-                zeros = pipe.partials(None, None, *self._acc())
-                reduce = transport.reducer(*zeros)
-            collective.exchange(collective.fingerprint(dtypes), True, None, reduce)
-            raise error
-        reduce = None
-        if transport is not None and sums is not None and maxima is not None:
-            reduce = transport.reducer(sums, maxima)
-        reduced = collective.exchange(fingerprint, False, body, reduce)
-        plan.changes_group = sharded.changes  # type: ignore[union-attr]
-        if not grads:
-            return NormReport.empty(plan)
-        if plan.sharding is None:  # no DTensor gradient on any rank: nothing to reduce
-            return plan, grads, self._across_stages(plan, finish(plan, parts))
-        values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
-        return plan, grads, self._across_stages(plan, finish(plan, parts, values))
-
-    # -- pipeline stages -----------------------------------------------------------------------
-    def _prepare_stages(
-        self, pipe: Pipeline, sharded: ShardedModel | None
-    ) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
-        """A step on pipeline stages without a data-parallel collective: the stages'
-        slots are the step's one collective, which every rank takes part in."""
-        transport = self._transport
-        assert transport is not None
-        try:
-            grads_by_param, signature = self.gather()
-            plan = self.plan(signature, grads_by_param)
-            plan.changes_group = None if sharded is None else sharded.changes
-            grads = plan.select(grads_by_param)
-            if plan.sharding is not None:
-                grads = local_tensors(grads)
-            parts = measure_local(plan, grads)
-            sums, maxima = pipe.partials(plan, parts, *self._acc())
-        except Exception:  # still take part, so that no rank waits for this one
-            transport.run(None, *pipe.partials(None, None, *self._acc()))
-            raise
-        transport.run(None, sums, maxima)
-        if not grads:
-            return NormReport.empty(plan)
-        return plan, grads, self._across_stages(plan, finish(plan, parts))
-
-    def _across_stages(self, plan: Plan, measured: _Measurement) -> _Measurement:
-        """``measured`` with the totals over every stage (after the collective)."""
-        transport, pipe = self._transport, self.pipeline
-        if transport is None or pipe is None or transport.reduced is None:
-            return measured
-        measured.stage_totals, self._stage_squares = pipe.totals(plan, *transport.reduced)
-        return measured
-
-    def _acc(self) -> tuple[torch.dtype, torch.device]:
-        device = self.params[0].device if self.params else torch.device("cpu")
-        return accumulation_dtype_of(device), device
-
-    def _dp_ranks(self) -> int:
-        """How many ranks the sharded parameters are spread over (their mesh's size)."""
-        meshes: list[Any] = []
-        for p in self.params:
-            if is_dtensor(p) and p.device_mesh not in meshes:  # type: ignore[attr-defined]
-                meshes.append(p.device_mesh)  # type: ignore[attr-defined]
-        if len(meshes) > 1:
-            raise NotImplementedError(
-                "pipeline stages whose parameters live on several device meshes (expert "
-                "parallel) are not supported: the stages' one collective needs one "
-                "data-parallel mesh per stage"
-            )
-        return int(meshes[0].size())
+        """Gather, plan and measure the step (`gradclip.core.stage_step.prepare_step`)."""
+        return prepare_step(self)
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # once per engine: a collective
     def _agree(self) -> None:
@@ -445,3 +381,26 @@ class Engine:
         check = self._check_frozen
         flags = [check] * len(self.params) if isinstance(check, bool) else check
         return [p.requires_grad or not c for p, c in zip(self.params, flags)]
+
+
+def _judge_unsquared(
+    plan: Plan, grads: Sequence[torch.Tensor], judged: torch.Tensor
+) -> torch.Tensor:
+    """``judged`` with the layers of rules that never square (`Rule.squares`) judged by
+    their largest magnitude: finite exactly when every element is, where the L2 norm of
+    huge finite gradients (float64 at 1e200) would overflow to inf.
+
+    Not on sharded gradients, where a local maximum could differ between ranks.
+    """
+    for group in plan.groups:
+        if any(stage.rule.squares for stage in group.stages):
+            continue
+        tensors = [grads[p] for p in group.positions]
+        maxima = torch.stack(
+            [n.to(judged.dtype) for n in torch._foreach_norm(tensors, ord=math.inf)]
+        )
+        layer = layer_norms(
+            maxima, group.stages[0].layout.tensor_layer, len(group.layer_ids), math.inf
+        )
+        judged = judged.index_copy(0, group.layer_ids_t, layer)
+    return judged

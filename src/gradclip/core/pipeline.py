@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradclip.core.rule import Rule, stages_of
+from gradclip.core.rule import Rule, group_of, stages_of
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -58,12 +58,13 @@ __all__ = [
 ]
 
 
-def _slot_key(rule: Rule) -> str:
-    return repr(rule.group_key())
+def _slot_key(rule: Rule, tag: str | None) -> str:
+    return repr(group_of(rule, tag))
 
 
-def spanning_slots(rules: Iterable[Rule]) -> tuple[tuple[str, float], ...]:
-    """``(group key, p)`` of every rule of the configuration that spans layers, sorted.
+def spanning_slots(rules: Iterable[tuple[Rule, str | None]]) -> tuple[tuple[str, float], ...]:
+    """``(group key, p)`` of every ``(rule, override key)`` of the configuration that
+    spans layers, sorted (the default rule's key is ``None``).
 
     Raises:
         ValueError: a chain member after the first spans layers (its norms are
@@ -71,7 +72,7 @@ def spanning_slots(rules: Iterable[Rule]) -> tuple[tuple[str, float], ...]:
             collective), or a rule that spans layers reads no norm.
     """
     slots: set[tuple[str, float]] = set()
-    for rule in rules:
+    for rule, tag in rules:
         members = stages_of(rule)
         for later in members[1:]:
             if later.spans_layers:
@@ -85,7 +86,7 @@ def spanning_slots(rules: Iterable[Rule]) -> tuple[tuple[str, float], ...]:
         if first.spans_layers:
             if first.norm_type is None:
                 raise ValueError(f"{first.describe()} spans layers but reads no norm (norm_type)")
-            slots.add((_slot_key(rule), float(first.norm_type)))
+            slots.add((_slot_key(rule, tag), float(first.norm_type)))
     return tuple(sorted(slots))
 
 
@@ -178,7 +179,7 @@ class Pipeline:
             return cached[1]
         out = []
         for gi, group in enumerate(plan.groups):
-            key = _slot_key(group.rule)
+            key = _slot_key(group.rule, plan.tags[group.layer_ids[0]])
             p = group.stages[0].rule.norm_type
             if p is None or (key not in self._sum_of and key not in self._max_of):
                 continue

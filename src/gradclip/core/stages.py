@@ -11,16 +11,17 @@ collective across stages is in `gradclip.core.pipeline`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gradclip.core.layers import Layer, build_layers, match_overrides, resolve_override_keys
-from gradclip.core.pipeline import Pipeline, pipeline_of
+from gradclip.core.pipeline import Pipeline, pipeline_of, spanning_slots
 from gradclip.core.rule import Rule
 
 __all__ = [
     "check_stage_identity",
     "check_stages",
+    "configure_layers",
     "present_overrides",
     "setup_stages",
     "stage_identity",
@@ -155,3 +156,36 @@ def setup_stages(
         )
     pipeline = None if pp_mesh is None else pipeline_of(pp_mesh)
     return chunks, (chunks[0] if chunks is not None else model), pipeline
+
+
+def configure_layers(
+    target: Any,
+    chunks: Sequence[Any] | None,
+    pipeline: Pipeline | None,
+    config: tuple[Rule, float, Mapping[str, Any]],
+    rules_of: tuple[
+        Callable[..., tuple[list[Rule], list[str | None]]], Callable[[Any, float, str], Rule]
+    ],
+) -> tuple[list[Layer], list[Rule], list[str | None], Pipeline | None]:
+    """A normalizer's layers, each one's rule and override key, and its pipeline's slots.
+
+    ``config`` is ``(default rule, threshold, overrides)``; ``rules_of`` is
+    ``(assign, resolve)``: ``assign(layers, default, threshold, overrides)`` gives the
+    rules and keys, ``resolve(value, threshold, key)`` one override's rule. On
+    pipeline stages the overrides that name other stages' layers are theirs, and
+    the slots come from every override (each rank has them alike).
+    """
+    default, threshold, overrides = config
+    assign, resolve = rules_of
+    from torch import nn
+
+    layers = stage_layers(chunks) if chunks is not None else build_layers(target)
+    if pipeline is not None:
+        names = [layer.name for layer in layers]
+        every = [(resolve(v, threshold, k), k) for k, v in overrides.items()]
+        pipeline = pipeline.with_slots(spanning_slots([(default, None), *every]))
+        overrides = present_overrides(chunks or [target], names, overrides)
+    elif isinstance(target, nn.Module):  # a tied module's name names its layer
+        overrides = resolve_override_keys(target, overrides)
+    rules, tags = assign(layers, default, threshold, overrides)
+    return layers, rules, tags, pipeline
