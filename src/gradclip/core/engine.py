@@ -44,7 +44,7 @@ from gradclip.core.nonfinite import (
     read_bad_layers,
     zero_layers_,
 )
-from gradclip.core.pipeline import Pipeline, StageTransport
+from gradclip.core.pipeline import EVERY_STAGE, Pipeline, StageTransport
 from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
@@ -201,10 +201,11 @@ class Engine:
                         f"{sorted(taken)}: give each group of layers its own tag"
                     )
                 per_layer = rows == names
+                # on pipeline stages a group row covers the group's layers on every
+                # stage: the same entry on each (a checkpoint keeps one copy)
+                whole = signatures if self.pipeline is None else (EVERY_STAGE,)
                 covers = (
-                    dict(zip(rows, ((s,) for s in signatures)))
-                    if per_layer
-                    else {rows[0]: signatures}
+                    dict(zip(rows, ((s,) for s in signatures))) if per_layer else {rows[0]: whole}
                 )
                 old = legacy_slot_name(rule, k, stage, many)
                 legacy = {r: (old, r if per_layer else GROUP_ROW) for r in rows}

@@ -50,12 +50,17 @@ if TYPE_CHECKING:
     from gradclip.core.plan import Plan
 
 __all__ = [
+    "EVERY_STAGE",
     "Pipeline",
     "StageTransport",
     "pipeline_of",
     "spanning_slots",
     "transport_for",
 ]
+
+
+# what a group row's state covers on pipeline stages (each stage holds part of it)
+EVERY_STAGE = "the group's layers on every pipeline stage"
 
 
 def _slot_key(rule: Rule, tag: str | None) -> str:
