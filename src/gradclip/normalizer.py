@@ -92,8 +92,9 @@ class GradientNormalizer:
             mesh, are compared; a plain module under a process group is not
             assumed to be replicated.
 
-        pp_mesh, stages: pipeline stages (`gradclip.core.stages.setup_stages`): the 1-D
-            mesh (or group) of the stages' ranks; the stage modules this rank holds.
+        pp_mesh: the 1-D mesh (or group) of the pipeline stages' ranks: global rules
+            and `NormReport.total_norm` span the stages (`gradclip.core.pipeline`).
+        stages: the stage modules this rank holds, when several (``model`` is ``None``).
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         >>> normalizer = gradclip.GradientNormalizer(
