@@ -78,7 +78,8 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
     """
     if tensor.is_contiguous():
         return tensor.view(-1)
-    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    strides = tensor.stride()
+    order = sorted(range(tensor.dim()), key=lambda d: -strides[d])
     permuted = tensor.permute(order)
     return permuted.view(-1) if permuted.is_contiguous() else None
 
@@ -151,7 +152,7 @@ class RowNorms:
                 torch.linalg.vector_norm(flat[full * width :], p, out=out[full])
             return
         at = 0
-        for chunk in flat.split(HALF_CHUNK):
+        for chunk in torch.split(flat, HALF_CHUNK):
             n = chunk.numel()
             rows = -(-n // width)
             scratch = self.scratch[: rows * width]
