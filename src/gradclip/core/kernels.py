@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradclip.core.row_norms import RowNorms, by_rows
+from gradclip.core.row_norms import RowNorms, by_rows, row_width
 
 if TYPE_CHECKING:
     from gradclip.core.triton_scale import TritonScale
@@ -199,7 +199,8 @@ class _Run:
     coefficients: torch.Tensor | None = None  # reused buffer of the multiply
     views: tuple[torch.Tensor, ...] = ()  # its 0-d views, made once
     kernel: TritonScale | None = None  # the Triton multiply, where chosen
-    rows: RowNorms | None = None  # its large CPU tensors, measured by rows
+    numels: tuple[int, ...] = ()  # set where its large CPU tensors are measured by rows
+    rows: dict[int, RowNorms] | None = None  # their row layouts, by row width
     pick_small: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
@@ -262,8 +263,11 @@ class Runs:
                 if kernel_path(key[0], key[1], mode) == "triton":
                     run.kernel = _triton_kernel(key[0], key[1], mode)
             if numels is not None and any(by_rows(key[0], key[1], numels[p]) for p in chosen):
-                run.rows = RowNorms(key[1], [numels[p] for p in chosen])
-                small = [chosen[i] for i in run.rows.small]
+                run.numels = tuple(numels[p] for p in chosen)
+                run.rows = {}
+                width = row_width(key[1], 2.0)
+                run.rows[width] = RowNorms(key[1], run.numels, width)
+                small = [chosen[i] for i in run.rows[width].small]
                 run.pick_small = _picker(small) if small else None
             self.runs.append(run)
             start = stop
@@ -292,7 +296,11 @@ class Runs:
                 small = None
                 if run.pick_small is not None:
                     small = foreach_norms(run.pick_small(tensors), norm_type)
-                measured = run.rows.norms(run.pick(tensors), norm_type, small)
+                width = row_width(run.dtype, norm_type)
+                layout = run.rows.get(width)
+                if layout is None:  # another order: its rows, made on the first step
+                    layout = run.rows[width] = RowNorms(run.dtype, run.numels, width)
+                measured = layout.norms(run.pick(tensors), norm_type, small)
                 parts.append(measured.to(device, dtype, non_blocking=True))
                 continue
             chunk = run.pick(tensors)
