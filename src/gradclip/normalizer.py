@@ -31,6 +31,7 @@ from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
+from gradclip.fused import FusedStep, attach_fused, fusable
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 
@@ -264,13 +265,19 @@ class GradientNormalizer:
 
     __call__ = apply
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
+    def attach(self, optimizer: torch.optim.Optimizer, *, fold: bool = True) -> AttachHandle:
         """Apply this normalizer inside every ``optimizer.step()``.
 
         Before the update, on the gradients of the last backward pass; for an
         optimizer stepped with a closure (``LBFGS``), after every evaluation of
         the closure instead. See `gradclip.hooks`. The latest report is kept in
         `last_report`.
+
+        A fused optimizer (``fused=True``) does the rest of the work in its own
+        pass (`gradclip.fused`): with ``GradScaler`` no ``scaler.unscale_`` is
+        needed, ``nonfinite="skip"`` skips without a host read, and, with
+        ``fold`` and one coefficient for all of the optimizer's parameters, the
+        coefficient goes into its ``grad_scale`` instead of a multiply.
 
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
@@ -299,7 +306,22 @@ class GradientNormalizer:
             if opt is not None:
                 attached.pop(opt, None)
 
-        if self.nonfinite == "skip":
+        if fusable(optimizer) is None:
+            fused_step = FusedStep(optimizer, fold, skip_on_device=self.nonfinite == "skip")
+
+            def run(
+                scale: torch.Tensor | None, found: torch.Tensor | None
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                with self._lock:  # as `apply`
+                    self._refresh()
+                    report = fused_step(self._engine, scale, found)
+                    if report.tensor_norms.numel() == 0 and self._refresh(force=True):
+                        report = fused_step(self._engine, scale, found)
+                    self.last_report = report
+                    return self._engine.divisor, self._engine.bad_step
+
+            handle: AttachHandle = attach_fused(optimizer, run, forget)
+        elif self.nonfinite == "skip":
             handle = attach_skipping(optimizer, lambda: not self.apply_skipping(), forget)
         else:
             handle = attach_pre_hook(optimizer, self.apply, forget)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from gradclip.core.collective import ShardedModel, sharded_model
+from gradclip.core.folding import foldable, in_place_rules, true_norms
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
 from gradclip.core.measure import finish, judged_layer_norms, measure, measure_local
@@ -105,6 +106,11 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        #: after a step with ``divisor`` or ``fold``: what the fused optimizer must
+        #: divide the gradients by (its ``grad_scale``); ``None`` otherwise
+        self.divisor: torch.Tensor | None = None
+        #: after a step with ``skip_on_device``: 0-d bool, a layer was not finite
+        self.bad_step: torch.Tensor | None = None
         # known now for plain tensors (no collective), so that a compiled first step
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
@@ -228,21 +234,58 @@ class Engine:
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> NormReport:
+    def step(
+        self,
+        *,
+        divisor: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+        fold: bool = False,
+        skip_on_device: bool = False,
+    ) -> NormReport:
         """Normalize the current gradients in place and report what was measured.
 
         Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
         with ``create_graph=True`` are rescaled without recording autograd history.
+
+        For a fused optimizer's step (`gradclip.core.folding`): ``divisor`` is the
+        scale the gradients still carry (``GradScaler``'s ``S``); ``skip`` a 0-d
+        device flag of a step that will be skipped (no rule's state changes);
+        ``fold`` leaves a uniform coefficient to the optimizer instead of
+        multiplying it in; ``skip_on_device`` (``nonfinite="skip"``) marks a step
+        with a non-finite layer in `bad_step` instead of reading it on the host.
+        Afterwards `divisor` is the optimizer's ``grad_scale``.
+
+        Raises:
+            RuntimeError: ``divisor`` with a rule that changes gradients in place
+                (nothing is modified).
         """
+        self.divisor, self.bad_step = None, None
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
+            self.divisor = divisor
             return prepared
         plan, grads, measured = prepared
+        if divisor is not None:
+            refused = in_place_rules(plan)
+            if refused:
+                raise RuntimeError(
+                    f"the gradients are still scaled by GradScaler and {', '.join(refused)} "
+                    "changes them in place: call scaler.unscale_(optimizer) before "
+                    "scaler.step(optimizer)"
+                )
+            measured = true_norms(measured, divisor)
+        carried = divisor
+        fold = fold and foldable(plan)
+        if fold and carried is None:
+            carried = torch.ones((), dtype=plan.acc_dtype, device=plan.device)
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
-        if self.nonfinite in ("error", "skip"):
+        if self.nonfinite == "skip" and skip_on_device:
+            self.bad_step = bad_layers(plan, judged).any()
+            skip = self.bad_step if skip is None else self.bad_step | skip
+        elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
             if self.last_nonfinite and self.nonfinite == "error":
@@ -264,14 +307,29 @@ class Engine:
                 measured.reduced,
             )
         finite = torch.isfinite(judged) if plan.has_state else None
+        if finite is not None and skip is not None:
+            finite = finite & ~skip.to(device=plan.device, dtype=torch.bool)
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
         unknown: list[list[int]] = []  # layers whose rule cannot tell if it changed them
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
         for k in range(len(plan.rounds)):
-            run_round(
-                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats, seen
+            carried = run_round(
+                self.store,
+                plan,
+                k,
+                grads,
+                measured,
+                zeroed,
+                finite,
+                changed,
+                unknown,
+                stats,
+                seen,
+                carried,
+                fold,
             )
+        self.divisor = carried
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)

@@ -169,6 +169,9 @@ class RenormalizeL2PerLayer(ScalingRule):
         1.0
     """
 
+    def uniform(self, layout: GroupLayout) -> bool:
+        return len(layout.layer_names) == 1
+
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.layer_norms is not None
         return _renormalize(m.per_tensor(m.layer_norms)), state
@@ -210,6 +213,9 @@ class ClipL2PerLayer(_Thresholded, ScalingRule):
         >>> round(float(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()), 6)
         2.0
     """
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return len(layout.layer_names) == 1
 
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.layer_norms is not None
