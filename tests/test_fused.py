@@ -369,3 +369,44 @@ def test_remove_restores_the_plain_step() -> None:
     opt.step()
     assert opt.seen == [(None, None)]
     assert "step" not in opt.__dict__
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "GradScaler"])
+def test_on_cuda_folded_steps_agree_and_skip_without_a_sync(amp: bool) -> None:
+    def twin(fold: bool) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        model = _model().cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+        normalizer = gradclip.GradientNormalizer(
+            model, gradclip.ClipGlobalNorm(0.05), nonfinite="skip"
+        )
+        return model, opt, normalizer.attach(opt, fold=fold)
+
+    (a, opt_a, handle), (b, opt_b, _) = twin(True), twin(False)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**10) if amp else None for _ in "ab"]
+    for k in range(3):
+        for model, opt, scaler in ((a, opt_a, scalers[0]), (b, opt_b, scalers[1])):
+            opt.zero_grad()
+            gen = torch.Generator().manual_seed(k)
+            loss = model(torch.randn(16, 6, generator=gen).cuda()).square().mean() * 10
+            if scaler is not None:
+                loss = scaler.scale(loss)
+            loss.backward()
+            if k == 2:
+                next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
+            torch.cuda.set_sync_debug_mode("error" if k else "default")  # planned at k = 0
+            try:
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if scaler is not None:
+                scaler.update()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert _within_ulps(p.detach(), q.detach(), ulps=4)
+    assert handle.skipped_steps == 1

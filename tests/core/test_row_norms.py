@@ -145,3 +145,20 @@ def test_rules_and_the_report_read_the_exact_norms() -> None:
         sum(_exact(p.grad, 2.0) ** 2 for p in model.parameters() if p.grad is not None)
     )
     assert clipped == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_norms_are_within_1e_6_of_float64(dtype: torch.dtype) -> None:
+    sizes = (1000, 100_000, 10_000_000) + ((10**8,) if dtype == torch.float32 else ())
+    tensors = [torch.rand(n, device="cuda", generator=None).to(dtype) for n in sizes]
+    runs = Runs(
+        range(len(tensors)),
+        [(t.device, t.dtype) for t in tensors],
+        [False] * len(tensors),
+        numels=list(sizes),
+    )
+    got = runs.norms(tensors, 2.0, tensors[0].device, torch.float32).tolist()
+    for t, value in zip(tensors, got, strict=True):
+        want = _exact(t, 2.0)
+        assert abs(value - want) <= 1e-6 * want, (dtype, t.numel())
