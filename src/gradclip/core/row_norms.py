@@ -81,7 +81,19 @@ def _row_count(dtype: torch.dtype, width: int, numel: int) -> int:
     if dtype in _HALF:
         full, rest = divmod(numel, HALF_CHUNK)
         return full * (HALF_CHUNK // width) + math.ceil(rest / width)
-    return math.ceil(numel / width)
+    return math.ceil(numel / (_exact_width(numel, width) or width))
+
+
+def _exact_width(numel: int, width: int) -> int:
+    """The largest row length in ``[width / 4, width]`` dividing ``numel``, or 0.
+
+    Rows that divide a tensor exactly make it one ``(rows, width)`` view and one
+    reduction, without a last partial row reduced apart.
+    """
+    for w in range(width, width // 4 - 1, -1):
+        if numel % w == 0:
+            return w
+    return 0
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -127,6 +139,12 @@ class RowNorms:
         self.small_t = torch.tensor(self.small, dtype=torch.long)
         self.large_t = torch.tensor(self.large, dtype=torch.long)
         self.scratch = torch.zeros(HALF_CHUNK if self.dtype in _HALF else 0, dtype=torch.float32)
+        # made once: each large tensor's slice of the row buffer, and its exact row length
+        self.outs = [self.rows[s : s + c] for s, c in zip(self.starts, counts, strict=True)]
+        self.exact = [
+            0 if self.dtype in _HALF else _exact_width(self.numels[i], self.width)
+            for i in self.large
+        ]
 
     def norms(
         self, tensors: list[torch.Tensor], p: float, small: torch.Tensor | None
@@ -135,8 +153,12 @@ class RowNorms:
 
         ``p`` is finite and positive.
         """
-        for k, i in enumerate(self.large):
-            self._rows(tensors[i], p, self.rows[self.starts[k] : self.starts[k] + self.counts[k]])
+        for i, out, width in zip(self.large, self.outs, self.exact, strict=True):
+            tensor = tensors[i]
+            if width and tensor.is_contiguous():  # the usual case: one view, one reduction
+                torch.linalg.vector_norm(tensor.view(-1, width), p, dim=1, out=out)
+            else:
+                self._rows(tensor, p, out, width or self.width)
         wide = self.rows.to(torch.float64)
         powered = wide.square() if p == 2.0 else wide.pow(p)
         sums = torch.zeros(len(self.large), dtype=torch.float64)
@@ -148,8 +170,8 @@ class RowNorms:
         out.index_copy_(0, self.small_t, small.to(self.rows.dtype))
         return out.index_copy_(0, self.large_t, large)
 
-    def _rows(self, tensor: torch.Tensor, p: float, out: torch.Tensor) -> None:
-        """Write the p-norms of ``tensor``'s rows into ``out``."""
+    def _rows(self, tensor: torch.Tensor, p: float, out: torch.Tensor, width: int) -> None:
+        """Write the p-norms of ``tensor``'s rows of ``width`` values into ``out``."""
         flat = _flat(tensor)
         if flat is None:
             # an overlapping or sliced view (rare): its whole norm, accumulated in
@@ -157,7 +179,6 @@ class RowNorms:
             out[0] = torch.linalg.vector_norm(tensor, p, dtype=torch.float64)
             out[1:].zero_()
             return
-        width = self.width
         if self.dtype not in _HALF:
             full = flat.numel() // width
             if full:
