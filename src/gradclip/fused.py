@@ -34,15 +34,16 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from gradclip.core.engine import Engine
+from gradclip.core.folding import FusedArgs
 from gradclip.core.report import NormReport
 from gradclip.hooks import AttachHandle
 
-__all__ = ["FusedHandle", "FusedStep", "ParamCover", "attach_fused", "fusable"]
+__all__ = ["FusedHandle", "FusedStep", "ParamCover", "attach_fused", "fusable", "fused_hook"]
 
 _MISSING: Any = object()
 
@@ -123,12 +124,8 @@ class FusedStep:
         if cover is None:
             self._covers.clear()
             cover = self._covers[id(engine)] = ParamCover(engine.params)
-        return engine.step(
-            divisor=scale,
-            skip=found,
-            fold=self.fold and cover.same(self.optimizer),
-            skip_on_device=self.skip_on_device,
-        )
+        fold = self.fold and cover.same(self.optimizer)
+        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device))
 
 
 class FusedHandle(AttachHandle):
@@ -234,3 +231,44 @@ def attach_fused(
 
     handle = FusedHandle(remove)
     return handle
+
+
+class _Normalizer(Protocol):
+    """What `fused_hook` uses of a `GradientNormalizer`."""
+
+    _engine: Engine
+    _lock: Any
+    last_report: NormReport | None
+    nonfinite: str
+
+    def _refresh(self, force: bool = False) -> bool: ...
+
+
+def fused_hook(
+    normalizer: _Normalizer, fold: bool
+) -> Callable[[torch.optim.Optimizer, Callable[[], None]], AttachHandle | None]:
+    """How `GradientNormalizer.attach` hooks an optimizer: `attach_fused` where `fusable`.
+
+    Returns a function of the optimizer and the handle's ``forget``, which gives
+    ``None`` for an optimizer that is not fused (it is then hooked as before).
+    """
+
+    def hook(optimizer: torch.optim.Optimizer, forget: Callable[[], None]) -> AttachHandle | None:
+        if fusable(optimizer) is not None:
+            return None
+        fused_step = FusedStep(optimizer, fold, skip_on_device=normalizer.nonfinite == "skip")
+
+        def run(
+            scale: torch.Tensor | None, found: torch.Tensor | None
+        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            with normalizer._lock:  # as `GradientNormalizer.apply`
+                normalizer._refresh()
+                report = fused_step(normalizer._engine, scale, found)
+                if report.tensor_norms.numel() == 0 and normalizer._refresh(force=True):
+                    report = fused_step(normalizer._engine, scale, found)
+                normalizer.last_report = report
+                return normalizer._engine.divisor, normalizer._engine.bad_step
+
+        return attach_fused(optimizer, run, forget)
+
+    return hook

@@ -20,13 +20,15 @@ true ones times ``1 / D``, so a later round's re-measured norms are divided by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gradclip.core.measure import Measurement
 from gradclip.core.plan import Plan
 from gradclip.core.rule import ScalingRule
 
-__all__ = ["foldable", "in_place_rules", "true_norms"]
+__all__ = ["FusedArgs", "foldable", "in_place_rules", "true_norms"]
 
 
 def foldable(plan: Plan) -> bool:
@@ -67,3 +69,45 @@ def true_norms(measured: Measurement, divisor: torch.Tensor) -> Measurement:
         {gi: norms / divisor.to(norms.dtype) for gi, norms in measured.p_norms.items()},
         measured.reduced,
     )
+
+
+@dataclass(frozen=True)
+class FusedArgs:
+    """What a fused optimizer's step passes to `Engine.step`.
+
+    Attributes:
+        divisor: the scale the gradients still carry (``GradScaler``'s ``S``).
+        skip: 0-d device flag of a step that will be skipped: no rule's state changes.
+        fold: leave a uniform coefficient to the optimizer instead of multiplying it in.
+        skip_on_device: ``nonfinite="skip"`` marks a step with a non-finite layer in
+            ``Engine.bad_step`` instead of reading it on the host.
+    """
+
+    divisor: torch.Tensor | None = None
+    skip: torch.Tensor | None = None
+    fold: bool = False
+    skip_on_device: bool = False
+
+    def begin(
+        self, plan: Plan, measured: Measurement
+    ) -> tuple[Measurement, torch.Tensor | None, bool]:
+        """The true norms, the divisor to carry through the rounds, and whether to fold.
+
+        Raises:
+            RuntimeError: a ``divisor`` with a rule that changes gradients in place
+                (nothing is modified).
+        """
+        if self.divisor is not None:
+            refused = in_place_rules(plan)
+            if refused:
+                raise RuntimeError(
+                    f"the gradients are still scaled by GradScaler and {', '.join(refused)} "
+                    "changes them in place: call scaler.unscale_(optimizer) before "
+                    "scaler.step(optimizer)"
+                )
+            measured = true_norms(measured, self.divisor)
+        fold = self.fold and foldable(plan)
+        carried = self.divisor
+        if fold and carried is None:
+            carried = torch.ones((), dtype=plan.acc_dtype, device=plan.device)
+        return measured, carried, fold
