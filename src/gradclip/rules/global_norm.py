@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradclip.core.rule import Measured, ScalingRule, State, set_fields
+from gradclip.core.rule import GroupLayout, Measured, ScalingRule, State, set_fields
 from gradclip.core.validation import check_threshold
 
 __all__ = ["TORCH_CLIP_EPS", "ClipGlobalNorm", "clip_coefficient"]
@@ -92,6 +92,10 @@ class ClipGlobalNorm(ScalingRule):
 
     @property
     def spans_layers(self) -> bool:
+        return True
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        """One coefficient for all the tensors: always."""
         return True
 
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
