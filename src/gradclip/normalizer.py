@@ -93,8 +93,7 @@ class GradientNormalizer:
             mesh, are compared; a plain module under a process group is not
             assumed to be replicated.
 
-        pp_mesh: the 1-D mesh (or group) of the pipeline stages' ranks: global rules
-            and `NormReport.total_norm` span the stages (`gradclip.core.pipeline`).
+        pp_mesh: the 1-D mesh or group of the pipeline stages (`gradclip.core.pipeline`).
         stages: the stage modules this rank holds, when several (``model`` is ``None``).
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -171,10 +170,7 @@ class GradientNormalizer:
         target = self._target if self._target is not None else self._module()
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
-        config = (self.default, self.threshold, self.overrides)
-        layers, rules, tags, pipeline = configure_layers(
-            target, self._stages, self._pipeline, config, _RULES_OF
-        )
+        layers, rules, tags, pipeline = configure_layers(target, self, _RULES_OF)
         return Engine(
             layers,
             rules,

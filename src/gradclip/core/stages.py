@@ -160,22 +160,24 @@ def setup_stages(
 
 def configure_layers(
     target: Any,
-    chunks: Sequence[Any] | None,
-    pipeline: Pipeline | None,
-    config: tuple[Rule, float, Mapping[str, Any]],
+    normalizer: Any,
     rules_of: tuple[
         Callable[..., tuple[list[Rule], list[str | None]]], Callable[[Any, float, str], Rule]
     ],
 ) -> tuple[list[Layer], list[Rule], list[str | None], Pipeline | None]:
     """A normalizer's layers, each one's rule and override key, and its pipeline's slots.
 
-    ``config`` is ``(default rule, threshold, overrides)``; ``rules_of`` is
+    ``normalizer`` gives its stage modules (``_stages``), pipeline (``_pipeline``),
+    ``default`` rule, ``threshold`` and ``overrides``; ``rules_of`` is
     ``(assign, resolve)``: ``assign(layers, default, threshold, overrides)`` gives the
     rules and keys, ``resolve(value, threshold, key)`` one override's rule. On
     pipeline stages the overrides that name other stages' layers are theirs, and
     the slots come from every override (each rank has them alike).
     """
-    default, threshold, overrides = config
+    chunks: Sequence[Any] | None = normalizer._stages
+    pipeline: Pipeline | None = normalizer._pipeline
+    default, threshold = normalizer.default, normalizer.threshold
+    overrides: Mapping[str, Any] = normalizer.overrides
     assign, resolve = rules_of
     from torch import nn
 
