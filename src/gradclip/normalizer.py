@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ from gradclip.core.layers import (
     Layer,
     Target,
     build_layers,
-    resolve_override_keys,
     reusable,
     same_layers,
     structure_version,
@@ -35,16 +34,19 @@ from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
 from gradclip.core.sharding import RankGroup
+from gradclip.core.stages import configure_layers, setup_stages, stage_layers
 from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.fused import fused_hook
 from gradclip.hooks import AttachHandle
-from gradclip.rules.dl4j import GradientNormalization, assign_rules, layer_table, resolve_rule
+from gradclip.rules import dl4j
+from gradclip.rules.dl4j import GradientNormalization, layer_table, resolve_rule
 from gradclip.step_guard import attach_once
 
 __all__ = ["GradientNormalizer", "Mode"]
 
 Mode = GradientNormalization | str | Rule | None
+_RULES_OF = (dl4j.assign_rules, dl4j.resolve_override)  # for core.stages.configure_layers
 
 
 _KEEP: Any = object()  # reconfigure(): leave the default rule as it is
@@ -91,6 +93,8 @@ class GradientNormalizer:
             mesh, are compared; a plain module under a process group is not
             assumed to be replicated.
 
+        pp_mesh: the 1-D mesh or group of the pipeline stages (`gradclip.core.pipeline`).
+        stages: the stage modules this rank holds, when several (``model`` is ``None``).
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         >>> normalizer = gradclip.GradientNormalizer(
@@ -117,9 +121,12 @@ class GradientNormalizer:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         process_group: Any = None,
+        pp_mesh: Any = None,
+        stages: Sequence[nn.Module] | None = None,
     ) -> None:
         self.process_group = check_process_group(process_group)
         self.nonfinite = check_nonfinite(nonfinite)
+        self._stages, model, self._pipeline = setup_stages(model, stages, pp_mesh, self.nonfinite)
         self.threshold = check_threshold(threshold)
         self._mode: Mode = mode  # as given: a new threshold applies to a DL4J mode
         self.default = resolve_rule(mode, self.threshold)
@@ -163,11 +170,7 @@ class GradientNormalizer:
         target = self._target if self._target is not None else self._module()
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
-        layers = build_layers(target)
-        overrides = self.overrides
-        if isinstance(target, nn.Module):  # a tied module's name names its layer
-            overrides = resolve_override_keys(target, overrides)
-        rules, tags = assign_rules(layers, self.default, self.threshold, overrides)
+        layers, rules, tags, pipeline = configure_layers(target, self, _RULES_OF)
         return Engine(
             layers,
             rules,
@@ -176,6 +179,7 @@ class GradientNormalizer:
             store=store,
             tags=tags,
             replicas=self._replicas(),
+            pipeline=pipeline,
         )
 
     def _replicas(self) -> RankGroup | None:
@@ -199,7 +203,7 @@ class GradientNormalizer:
         if not stale:
             return False
         self._version = structure_version()
-        layers = build_layers(model)
+        layers = stage_layers(self._stages) if self._stages is not None else build_layers(model)
         same = same_layers(layers, self._engine.layers)
         if not same:
             self._engine = self._build(self._engine.store)
@@ -323,7 +327,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            return save_state(self._engine)
+            return save_state(self._engine, staged=self._pipeline is not None)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Restore `state_dict`; it takes effect at the next step.
@@ -357,7 +361,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            return load_state(self._engine, state_dict, strict)
+            return load_state(self._engine, state_dict, strict, staged=self._pipeline is not None)
 
     def reconfigure(
         self,

@@ -385,7 +385,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--distributed",
         action="store_true",
-        help="also time apply() on 2 gloo ranks against clip_grad_norm_ (FSDP2 shards)",
+        help="also time apply() on 2 gloo ranks against clip_grad_norm_ (FSDP2 shards), and "
+        "on 2 pipeline stages x 2 data-parallel ranks against torchtitan's pipeline clip",
     )
     parser.add_argument(
         "--accuracy",
@@ -429,4 +430,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("distributed: FSDP2 on 2 gloo CPU ranks, medians of rank 0")
         print(format_rows(run_distributed_bench(repeats=5 if args.quick else 30)))
+        from gradclip.commands import bench_pipeline
+
+        print()
+        print("pipeline: 2 stages x 2 data-parallel gloo CPU ranks, medians of rank 0")
+        staged = bench_pipeline.run_pipeline_bench(repeats=5 if args.quick else 20)
+        print(bench_pipeline.format_rows(staged))
     return 0

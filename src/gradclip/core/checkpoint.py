@@ -7,6 +7,7 @@ from typing import Any
 
 from gradclip.core.engine import Engine
 from gradclip.core.identity import LoadResult, row_key
+from gradclip.core.stages import check_stage_identity, stage_identity
 from gradclip.core.state import FORMAT, StateStore
 
 __all__ = ["covers_of", "fresh_rows", "load_state", "model_identity", "save_state"]
@@ -25,17 +26,27 @@ def model_identity(engine: Engine) -> dict[str, list[str]]:
     }
 
 
-def save_state(engine: Engine) -> dict[str, Any]:
-    """The engine's state dict: its rules' state and `model_identity`."""
+def save_state(engine: Engine, staged: bool = False) -> dict[str, Any]:
+    """The engine's state dict: its rules' state and `model_identity` (on pipeline
+    stages, ``staged``: `gradclip.core.stages.stage_identity`, keyed by layer)."""
+    if staged:
+        return {**engine.store.state_dict(), **stage_identity(engine.layers, engine.rules)}
     return {**engine.store.state_dict(), **model_identity(engine)}
 
 
-def load_state(engine: Engine, state_dict: Mapping[str, Any], strict: bool) -> LoadResult:
+def load_state(
+    engine: Engine, state_dict: Mapping[str, Any], strict: bool, staged: bool = False
+) -> LoadResult:
     """Load a state dict into the engine's store (see `StateStore.load_state_dict`).
+
+    On pipeline stages (``staged``) the state dict's ``stage_layers`` must hold this
+    stage's layers as they are (`gradclip.core.stages.check_stage_identity`).
 
     A format-2 state (gradclip 0.2) recorded no layers per row: it is read only
     for the model it was saved for (same layers and parameters).
     """
+    if staged and isinstance(state_dict, Mapping):
+        check_stage_identity(state_dict, stage_identity(engine.layers, engine.rules))
     if (
         isinstance(state_dict, Mapping)
         and state_dict.get("version") == 2

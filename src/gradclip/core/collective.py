@@ -37,7 +37,7 @@ normalizes its own pieces, which needs nothing from the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -188,7 +188,11 @@ class StepCollective:
         return out
 
     def exchange(
-        self, fingerprint: torch.Tensor, failed: bool, body: torch.Tensor | None
+        self,
+        fingerprint: torch.Tensor,
+        failed: bool,
+        body: torch.Tensor | None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the step's collective; return the reduced body, or raise on every rank.
 
@@ -198,6 +202,9 @@ class StepCollective:
                 after the collective; the others raise `RankMismatchError`).
             body: this rank's packed quantities
                 (`gradclip.core.sharding.Sharding.pack`), or ``None`` for zeros.
+            reduce: ``vector -> its sum over this group``, run instead of the
+                ``all_reduce`` over ``group`` when the vector travels inside a larger
+                one (pipeline stages, `gradclip.core.pipeline.StageTransport`).
 
         Raises:
             RankMismatchError: ranks disagree on the gradients, or another rank failed.
@@ -208,7 +215,10 @@ class StepCollective:
             body = torch.zeros(self.capacity.size(self.world), dtype=self.dtype, device=self.device)
         flag = torch.full((1,), float(failed), dtype=self.dtype, device=self.device)
         vector = torch.cat([fingerprint, flag, body])
-        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)
+        if reduce is None:
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)
+        else:
+            vector = reduce(vector)
         n = fingerprint.numel()
         if failed:
             return vector[n + 1 :]  # the caller raises this rank's own error

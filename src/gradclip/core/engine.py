@@ -28,16 +28,13 @@ from typing import Any
 import torch
 
 from gradclip.core.agreement import Configuration, agree, dtensor_group
-from gradclip.core.collective import ShardedModel, sharded_model
+from gradclip.core.collective import ShardedModel
 from gradclip.core.folding import FusedArgs
 from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
 from gradclip.core.measure import (
-    finish,
     judged_layer_norms,
-    measure,
-    measure_local,
 )
 from gradclip.core.nonfinite import (
     NonFiniteGradientError,
@@ -47,17 +44,17 @@ from gradclip.core.nonfinite import (
     read_bad_layers,
     zero_layers_,
 )
+from gradclip.core.pipeline import EVERY_STAGE, Pipeline, StageTransport
 from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, group_of, stages_of
-from gradclip.core.sharding import RankGroup, is_dtensor, local_tensors
+from gradclip.core.sharding import RankGroup, is_dtensor
+from gradclip.core.stage_step import UNKNOWN, prepare_step
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
 __all__ = ["Engine"]
-
-_UNKNOWN: Any = object()  # the sharded model's collective, before the first step sizes it
 
 
 class Engine:
@@ -80,6 +77,8 @@ class Engine:
         tags: per layer, the override key that chose its rule (``None``: the default
             rule). Equal rules under different tags are different groups: a global
             rule clips each key's layers alone, a stateful one keeps a state per key.
+        pipeline: this rank's pipeline stage(s) and the slots of the rules that
+            span layers (see `gradclip.core.pipeline`); ``None`` for a whole model.
     """
 
     def __init__(
@@ -92,6 +91,7 @@ class Engine:
         store: StateStore | None = None,
         tags: Sequence[str | None] | None = None,
         replicas: RankGroup | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         if len(layers) != len(rules) or (tags is not None and len(tags) != len(rules)):
             raise ValueError("one rule (and one tag) per layer is required")
@@ -102,6 +102,9 @@ class Engine:
         self.measure_all = measure_all or self.nonfinite != "propagate"
         self._measure_all_setting = bool(measure_all)  # as configured, for the replicas
         self.store = store if store is not None else StateStore()
+        self.pipeline = pipeline
+        self._transport: StageTransport | None = None
+        self._stage_squares: torch.Tensor | None = None
         self.params = [p for layer in self.layers for p in layer.params]
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
@@ -143,7 +146,7 @@ class Engine:
         # known now for plain tensors (no collective), so that a compiled first step
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
-        self._sharded: ShardedModel | None = None if plain else _UNKNOWN
+        self._sharded: ShardedModel | None = None if plain else UNKNOWN
         # replicas compare configurations once, before this engine's first collective
         self._replicas = replicas if replicas is not None else dtensor_group(self.params)
         self._agreed = self._replicas is None
@@ -203,10 +206,11 @@ class Engine:
                         f"{sorted(taken)}: give each group of layers its own tag"
                     )
                 per_layer = rows == names
+                # on pipeline stages a group row covers the group's layers on every
+                # stage: the same entry on each (a checkpoint keeps one copy)
+                whole = signatures if self.pipeline is None else (EVERY_STAGE,)
                 covers = (
-                    dict(zip(rows, ((s,) for s in signatures)))
-                    if per_layer
-                    else {rows[0]: signatures}
+                    dict(zip(rows, ((s,) for s in signatures))) if per_layer else {rows[0]: whole}
                 )
                 old = legacy_slot_name(rule, k, stage, many)
                 legacy = {r: (old, r if per_layer else GROUP_ROW) for r in rows}
@@ -311,12 +315,20 @@ class Engine:
         ``fused``: a fused optimizer's step (`gradclip.core.folding.FusedArgs`);
         `divisor` is then its ``grad_scale`` and `bad_step` its skip flag.
         """
+        report = self._step(fused)
+        if self.pipeline is not None:
+            report.stages = (self.pipeline, self._stage_squares)
+        return report
+
+    def _step(self, fused: FusedArgs | None) -> NormReport:
         self.divisor, self.bad_step = None, None
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
             self.divisor = None if fused is None else fused.divisor
             return prepared
         plan, grads, measured = prepared
+        if self.pipeline is not None and measured.stage_totals is None:
+            measured.stage_totals = {}  # nothing from other stages: a total would be refused
         fused = fused or FusedArgs()
         measured, carried, fold = fused.begin(plan, measured)
         skip = fused.skip
@@ -368,63 +380,8 @@ class Engine:
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)
 
     def _prepare(self) -> tuple[Plan, list[torch.Tensor], _Measurement] | NormReport:
-        """Gather, plan and measure the step: on a sharded model, with its one collective.
-
-        Every rank of a sharded model takes part in the collective, with or
-        without gradients, and raises the same error if the ranks disagree (see
-        `gradclip.core.collective`), before anything is modified. Returns the
-        report of a step without any gradient instead of measuring.
-        """
-        if not self._agreed:
-            self._agree()
-        if self._sharded is _UNKNOWN:
-            self._sharded = sharded_model(
-                self.layers,
-                self.rules,
-                self.params,
-                self._names,
-                trainable=self._trainable(),
-                measure_all=self.measure_all,
-                store=self.store,
-                tags=self.tags,
-            )
-        sharded = self._sharded
-        collective = None if sharded is None else sharded.collective
-        if collective is None:  # plain tensors, or a configuration that reduces nothing
-            grads_by_param, signature = self.gather()
-            plan = self.plan(signature, grads_by_param)
-            plan.changes_group = None if sharded is None else sharded.changes
-            grads = plan.select(grads_by_param)
-            if plan.sharding is not None:
-                grads = local_tensors(grads)
-            if not grads:
-                return NormReport.empty(plan)
-            return plan, grads, measure(plan, grads)
-        body = None
-        try:
-            grads_by_param, signature = self.gather()
-            plan = self.plan(signature, grads_by_param)
-            grads = local_tensors(plan.select(grads_by_param))
-            parts = measure_local(plan, grads)
-            if plan.sharding is not None:
-                body = plan.sharding.pack(parts.norms, parts.extras, collective.capacity)
-            fingerprint = collective.cached(plan)
-            if fingerprint is None:
-                dtypes = [None if sig is None else sig[1] for sig in signature]
-                fingerprint = collective.fingerprint(dtypes, key=plan)
-        except Exception as error:  # still take part, so that no rank waits for this one
-            raw = [p.grad if t else None for p, t in zip(self.params, self._trainable())]
-            dtypes = [None if g is None else g.dtype for g in raw]
-            collective.exchange(collective.fingerprint(dtypes), True, None)
-            raise error
-        reduced = collective.exchange(fingerprint, False, body)
-        plan.changes_group = sharded.changes  # type: ignore[union-attr]
-        if not grads:
-            return NormReport.empty(plan)
-        if plan.sharding is None:  # no DTensor gradient on any rank: nothing to reduce
-            return plan, grads, finish(plan, parts)
-        values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
-        return plan, grads, finish(plan, parts, values)
+        """Gather, plan and measure the step (`gradclip.core.stage_step.prepare_step`)."""
+        return prepare_step(self)
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # once per engine: a collective
     def _agree(self) -> None:

@@ -42,6 +42,8 @@ class Measurement:
     layer_norms: torch.Tensor  # (L,) L2, NaN where not measured
     p_norms: dict[int, torch.Tensor]  # group index -> (T_g,) norms of its rule's order p != 2
     reduced: dict[int, CrossRank]  # group index -> its rule's reduced cross-rank quantities
+    # pipeline stages: group index -> {p: norm of its gradients on every stage}
+    stage_totals: dict[int, dict[float, torch.Tensor]] | None = None
 
 
 @dataclass(eq=False)

@@ -71,6 +71,9 @@ class NormReport:
         self.stats = list(stats)
         # layers whose rule could not tell whether it changed them, read when needed
         self._unknown = unknown
+        #: on pipeline stages: the stages (`gradclip.core.pipeline.Pipeline`) and the
+        #: sum of squared norms over every stage, when the step's collective brought it
+        self.stages: tuple[Any, torch.Tensor | None] | None = None
 
     @property
     def param_names(self) -> list[str]:
@@ -154,15 +157,33 @@ class NormReport:
         return combined
 
     def total_norm(self) -> torch.Tensor:
-        """0-d L2 norm of all measured gradients together (NaN-free only if all were measured)."""
+        """0-d L2 norm of all measured gradients together (NaN-free only if all were measured).
+
+        On pipeline stages (``pp_mesh``) it spans every stage: from the step's
+        collective when the configuration has a rule that spans layers, else with
+        one ``all_reduce`` of one float over the stages, a collective to call on
+        every rank.
+        """
         plan = self._plan
         measured = (
             self.tensor_norms
             if plan.all_measured
             else self.tensor_norms.index_select(0, plan.measured_positions_t)
         )
-        total: torch.Tensor = torch.linalg.vector_norm(measured.to(plan.acc_dtype))
-        return total.to(self.tensor_norms.dtype)
+        if self.stages is None:
+            total: torch.Tensor = torch.linalg.vector_norm(measured.to(plan.acc_dtype))
+            return total.to(self.tensor_norms.dtype)
+        pipeline, every_stage = self.stages
+        squares = measured.to(plan.acc_dtype).square().sum()
+        if every_stage is not None:
+            squares = every_stage
+        else:
+            import torch.distributed as dist
+
+            squares = squares.reshape(1).clone()
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=pipeline.group)
+            squares = squares[0]
+        return squares.sqrt().to(self.tensor_norms.dtype)
 
     # -- host side (one transfer) ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

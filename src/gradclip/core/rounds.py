@@ -155,7 +155,16 @@ def measured_for(
         prepared=stage.prepared,
         step=_host_steps(store, stage),
         shards=shards,
+        stage_totals=_stage_totals(measured, index, k),
     )
+
+
+def _stage_totals(measured: Measurement, index: int, k: int) -> dict[float, torch.Tensor] | None:
+    # on pipeline stages, only round 0 has the totals over the stages (chains are
+    # checked to read the total in their first rule only)
+    if measured.stage_totals is None:
+        return None
+    return measured.stage_totals.get(index, {}) if k == 0 else {}
 
 
 def _host_steps(store: StateStore, stage: Stage) -> int:
@@ -179,6 +188,9 @@ def _keep_rows(
     ok = finite if group.covers_all else finite.index_select(0, group.layer_ids_t)
     if m.layer_norms is not None:
         ok = ok & torch.isfinite(m.layer_norms)
+    if m.stage_totals:  # a total over the stages is finite only if every stage's part is
+        for total in m.stage_totals.values():
+            ok = ok & torch.isfinite(total)
     if not stage.rule.per_layer_state:
         ok = ok.all().reshape(1)
     return ~ok

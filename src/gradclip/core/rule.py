@@ -185,6 +185,10 @@ class Measured:
         step: how many steps this rule has run before in this normalizer, counted
             on the host (an upper bound of any state row's own count).
         shards: how the gradients are sharded, or ``None``.
+        stage_totals: on pipeline stages (``pp_mesh``), for a rule that
+            `Rule.spans_layers`, ``{p: total}``: the p-norm (0-d) of all the group's
+            gradients on every stage, which `total_norm` returns (the same on every
+            rank); ``{}`` for a rule that does not span layers; ``None`` off pipelines.
     """
 
     grads: list[torch.Tensor]
@@ -195,6 +199,7 @@ class Measured:
     prepared: Any = None
     step: int = 0
     shards: Shards | None = None
+    stage_totals: dict[float, torch.Tensor] | None = None
     _total: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -207,11 +212,29 @@ class Measured:
         return layer_values.index_select(0, self.layout.tensor_layer)
 
     def total_norm(self, norm_type: float = 2.0) -> torch.Tensor:
-        """0-d norm of all the gradients together, from `norms` (memoized per step)."""
+        """0-d norm of all the gradients together, from `norms` (memoized per step).
+
+        On pipeline stages it is the total over every stage (`stage_totals`).
+
+        Raises:
+            RuntimeError: the rule reads no norms, or runs on pipeline stages
+                without declaring `Rule.spans_layers` (its total would be this
+                stage's alone).
+        """
         if self.norms is None:
             raise RuntimeError("this rule reads no norms (norm_type is None)")
         if norm_type not in self._total:
-            self._total[norm_type] = torch.linalg.vector_norm(self.norms, ord=norm_type)
+            if self.stage_totals is not None:
+                if norm_type not in self.stage_totals:
+                    raise RuntimeError(
+                        f"a rule read the total {norm_type}-norm of its layers on a pipeline "
+                        "stage, where the other stages hold the rest of them: declare "
+                        "spans_layers = True (and norm_type = the order it reads) on the rule "
+                        "so that the step's collective brings the other stages' part"
+                    )
+                self._total[norm_type] = self.stage_totals[norm_type]
+            else:
+                self._total[norm_type] = torch.linalg.vector_norm(self.norms, ord=norm_type)
         return self._total[norm_type]
 
 
@@ -240,6 +263,8 @@ class Rule:
     * `per_layer_state`: one state row per layer instead of one for the group.
     * `growable_state`: state entries the rule may grow along their non-row
       dims (a history buffer); the engine zero-pads the other rows to match.
+    * `spans_layers`: whether the rule reads ``m.total_norm()`` of all its
+      layers together (a global clip), which on pipeline stages spans ranks.
     * `uniform`: whether `ScalingRule.scale` gives every tensor of a layout the
       same coefficient (a global rule, or a per-layer one over one layer): the
       engine may then fold it into a fused optimizer's ``grad_scale``.
@@ -256,6 +281,16 @@ class Rule:
     @property
     def per_layer_state(self) -> bool:
         """Whether the state has one row per layer (else one row for the group)."""
+        return False
+
+    @property
+    def spans_layers(self) -> bool:
+        """Whether the rule reads the total norm (of order `norm_type`) of all its layers.
+
+        On a model split into pipeline stages (``pp_mesh``) the engine then adds
+        the other stages' part of that total in the step's one collective
+        (`Measured.stage_totals`); rules that decide layer by layer need nothing.
+        """
         return False
 
     @property

@@ -385,37 +385,44 @@ def sharding_of(
         A `Sharding`, or ``None`` for a step without ``DTensor`` gradients.
 
     Raises:
-        ValueError: a ``DTensor`` gradient with a ``Partial`` placement, or gradients
-            on different device meshes.
+        ValueError: a ``DTensor`` gradient with a ``Partial`` placement.
         NotImplementedError: a multi-dimensional mesh that is a strict subset of
-            the default group.
+            the default group, or meshes that are not slices of one world mesh.
+
+    Gradients on several meshes (expert parallel: the experts on an EP mesh, the
+    rest on the data-parallel one) are reduced over every rank of the job. Each
+    mesh is then taken to be a slice of one world mesh, with the slices along
+    its other dims holding the same gradients (replicated there, as data
+    parallel leaves them): a piece is weighted ``1 / (replicas · world / |mesh|)``.
     """
     cls = _dtensor_type()
     if cls is None or not any(isinstance(g, cls) for g in grads):
         return None
-    mesh: Any = None
-    mesh_owner = ""
+    meshes: list[Any] = []  # the distinct meshes, in order of first use
     replicas: list[int | None] = []
+    mesh_of: list[int | None] = []
     for name, grad in zip(names, grads):
         if not isinstance(grad, cls):
             replicas.append(None)
+            mesh_of.append(None)
             continue
         dgrad: Any = grad
         grad_mesh: Any = dgrad.device_mesh
-        if mesh is None:
-            mesh, mesh_owner = grad_mesh, name
-        elif grad_mesh != mesh:
-            raise ValueError(
-                f"gradients live on different device meshes: {mesh_owner!r} on {mesh} and "
-                f"{name!r} on {grad_mesh}. gradclip reduces all norms with one collective over "
-                "one mesh; normalize each mesh's parameters with their own GradientNormalizer "
-                "(a custom grouping)."
-            )
+        if grad_mesh not in meshes:
+            meshes.append(grad_mesh)
+        mesh_of.append(meshes.index(grad_mesh))
         replicas.append(_replicas(grad_mesh, dgrad.placements, name))
     import torch.distributed as dist
 
-    group, group_size = _reduction_group(mesh)
-    counts = [group_size if r is None else r for r in replicas]
+    if len(meshes) == 1:
+        group, group_size = _reduction_group(meshes[0])
+        counts = [group_size if r is None else r for r in replicas]
+    else:  # expert parallel: some parameters on another mesh
+        group, group_size = None, dist.get_world_size()
+        counts = [
+            group_size if r is None else r * _copies(meshes[m], group_size, names[i])  # type: ignore[index]
+            for i, (r, m) in enumerate(zip(replicas, mesh_of))
+        ]
     weights = None
     if any(c != 1 for c in counts):
         weights = torch.tensor([1.0 / c for c in counts], dtype=dtype, device=device)
@@ -423,6 +430,18 @@ def sharding_of(
     split_dims = [_split_dims(g) if isinstance(g, cls) else () for g in grads]
     rank = dist.get_rank(group)
     return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype)
+
+
+def _copies(mesh: Any, world: int, name: str) -> int:
+    """How many copies of ``mesh`` the world holds (expert parallel: one per slice of the
+    world mesh along its other dims), each holding the same gradients."""
+    if world % mesh.size():
+        raise NotImplementedError(
+            f"{name!r} is on a device mesh of {mesh.size()} ranks, which does not divide the "
+            f"{world} ranks of the job: with parameters on several meshes (expert parallel) "
+            "gradclip reduces over every rank and needs each mesh to be a slice of one world mesh"
+        )
+    return int(world // mesh.size())
 
 
 def _split_dims(grad: Any) -> tuple[int, ...]:

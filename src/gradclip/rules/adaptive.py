@@ -140,6 +140,10 @@ class AutoClip(ScalingRule):
         return self.scope == "global" or len(layout.layer_names) == 1
 
     @property
+    def spans_layers(self) -> bool:
+        return self.scope == "global"
+
+    @property
     def growable_state(self) -> frozenset[str]:
         # the whole history: a buffer that doubles as the run goes on
         return frozenset() if self.history_size is not None else frozenset({"history"})
@@ -250,6 +254,10 @@ class ZClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    @property
+    def spans_layers(self) -> bool:
+        return self.scope == "global"
 
     def uniform(self, layout: GroupLayout) -> bool:
         return self.scope == "global" or len(layout.layer_names) == 1

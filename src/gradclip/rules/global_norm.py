@@ -90,6 +90,10 @@ class ClipGlobalNorm(ScalingRule):
             norm_type=_norm_order(self.norm_type),
         )
 
+    @property
+    def spans_layers(self) -> bool:
+        return True
+
     def uniform(self, layout: GroupLayout) -> bool:
         """One coefficient for all the tensors: always."""
         return True

@@ -1,0 +1,110 @@
+"""A model split into two pipeline stages x two data-parallel ranks equals the unsplit model.
+
+Four gloo processes on the CPU, one launch for every case (`pipeline_ranks`; its
+own, as `two_ranks` runs two ranks, plus one in fresh processes for the resume):
+FSDP2 and DDP data parallel, the six DL4J modes, ``ClipGlobalNorm`` (p = 2, 3
+and inf), AGC, ZClip and AutoClip in both scopes, a chain, overrides whose
+group spans both stages, ranks holding two stages (``stages=``), stages
+with tensor parallel of 2 inside (column- and row-wise layers); and an
+expert-parallel model (experts sharded over an EP mesh of 2, the rest FSDP2
+over all 4 ranks). Every rank's gradients match the single-process run within
+1e-5 relative over 20 steps; a steady step runs at most one collective, and
+none on replicated gradients when every rule decides layer by layer. A DCP
+checkpoint of the stages, loaded in fresh processes, resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pipeline_ranks
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+TIMEOUT_S = 240
+
+RUN_CASES = [
+    f"{dp}:{name}"
+    for dp in ("fsdp2", "ddp")
+    for name in [*pipeline_ranks.RULES, "overrides-across-stages"]
+] + [f"interleaved:{n}" for n in ("global-2", "zclip-global", "ClipL2PerLayer")]
+RUN_CASES += [f"ep:{name}" for name in pipeline_ranks.EP_RULES]
+RUN_CASES += [f"tp:{name}" for name in pipeline_ranks.TP_RULES]
+CHECKPOINT = ["checkpoint:save", "checkpoint:resume"]
+BENCH = ["bench:pipeline"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    try:
+        return pipeline_ranks.launch(Path(tmp_path_factory.mktemp("pipeline")), TIMEOUT_S)
+    except TimeoutError as err:
+        pytest.fail(str(err))
+
+
+@pytest.mark.parametrize("case", RUN_CASES)
+def test_stages_match_the_unsplit_model(results: list[dict[str, Any]], case: str) -> None:
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        assert result["total_error"] <= pipeline_ranks.RTOL, (rank, result["total_error"])
+
+
+COUNTED = [c for c in RUN_CASES if c.split(":")[0] in ("fsdp2", "ddp", "ep", "tp")]
+
+
+@pytest.mark.parametrize("case", COUNTED)
+def test_a_steady_step_runs_at_most_one_collective(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    dp, name = case.split(":")
+    for out in results:
+        first, steady = out[case]["collectives"]
+        assert steady <= 1, (case, out[case]["collectives"])
+        if dp == "ddp" and name in pipeline_ranks.PER_LAYER:
+            assert first == steady == 0, (case, out[case]["collectives"])
+
+
+@pytest.mark.parametrize("case", CHECKPOINT)
+def test_a_dcp_checkpoint_of_the_stages_resumes_exactly(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+
+
+@pytest.mark.parametrize("case", [c for c in RUN_CASES if c.split(":")[0] in ("fsdp2", "ddp")])
+def test_a_steady_step_reads_nothing_to_the_host_but_the_agreement_flag(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    # replicated gradients: no read at all; sharded: the one read of the ranks'
+    # agreement verdict that a sharded step has without stages too
+    allowed = 0 if case.startswith("ddp") else 1
+    for out in results:
+        assert 0 <= out[case]["host_reads"] <= allowed, (case, out[case]["host_reads"])
+
+
+def test_every_rank_ran_every_case(results: list[dict[str, Any]]) -> None:
+    for out in results:
+        assert sorted(out) == sorted(RUN_CASES + CHECKPOINT + BENCH)
+
+
+def test_the_pipeline_bench_counts_one_collective_and_none_for_ddp_per_layer(
+    results: list[dict[str, Any]],
+) -> None:
+    out = results[0]["bench:pipeline"]
+    assert out["ok"], out.get("msg")
+    rows = out["rows"]
+    assert rows["fsdp2:torchtitan clip_grad_norm_(pp_mesh)"][0] == 2  # dp, then pp
+    assert rows["fsdp2:gradclip ClipGlobalNorm"][0] == 1
+    assert rows["fsdp2:gradclip ClipL2PerLayer"][0] == 1
+    assert rows["ddp:gradclip ClipGlobalNorm"][0] == 1
+    assert rows["ddp:gradclip ClipL2PerLayer"] == [0, 0]
