@@ -7,6 +7,7 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 from __future__ import annotations
 
 import operator
+import os
 import threading
 import weakref
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from gradclip.core.rule import Rule
 from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
+from gradclip.recording import Recording, start_recording
 from gradclip.rules.dl4j import GradientNormalization, resolve_rule
 
 __all__ = ["GradientNormalizer", "Mode"]
@@ -58,7 +60,7 @@ def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
     return resolve_rule(value, default_threshold)
 
 
-class GradientNormalizer:
+class GradientNormalizer(Recording):
     """Per-layer gradient normalization, configured once, applied every step.
 
     Every layer (by default, every module that directly owns parameters) is
@@ -86,6 +88,14 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
+        record: a file to record every step's per-layer norms and clipped flags
+            in (see `gradclip.core.record`; read it with `gradclip.insight`).
+            Implies ``measure_all``; with ``mode=None`` the normalizer is a pure
+            monitor. Under a process group of several ranks each rank writes
+            its own file, ``name.rank<r>.ext``. Call `close` at the end (it also
+            happens at exit).
+        record_every: steps kept on the device between two copies to the file.
+        record_tensors: also record every parameter's norm.
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -112,12 +122,15 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        record: str | os.PathLike[str] | None = None,
+        record_every: int = 100,
+        record_tensors: bool = False,
     ) -> None:
         self.nonfinite = check_nonfinite(nonfinite)
         self.threshold = check_threshold(threshold)
         self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
-        self.measure_all = bool(measure_all)
+        self.measure_all = bool(measure_all) or record is not None
         self._model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self._model_ref: weakref.ref[nn.Module] | None = None
         self._target = None if isinstance(model, nn.Module) else model
@@ -130,6 +143,9 @@ class GradientNormalizer:
         )
         self._engine = self._build(None)
         self.last_report: NormReport | None = None
+        #: the count of `apply` calls, kept in `state_dict` (a recording's step)
+        self.steps = 0
+        self._recorder = start_recording(self._engine, record, record_every, record_tensors)
 
     # -- the model -------------------------------------------------------------------------
     def _hold_weakly(self) -> None:
@@ -194,13 +210,15 @@ class GradientNormalizer:
         return not same
 
     @classmethod
-    def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
+    def from_config(cls, model: Target, config: Any, **recording: Any) -> GradientNormalizer:
         """A normalizer from a DL4J-style configuration: a dict, or a JSON/YAML/TOML file.
 
             Args:
                 model: the model (or custom grouping) to normalize.
                 config: a mapping, or the path of a JSON, YAML or TOML file; see
                     `gradclip.config` for the keys.
+                recording: ``record``, ``record_every``, ``record_tensors`` as
+                    for the constructor.
 
             Returns:
                 The normalizer.
@@ -229,15 +247,20 @@ class GradientNormalizer:
             args["threshold"],
             args["overrides"],
             measure_all=args["measure_all"],
+            **recording,
         )
 
     # -- applying ---------------------------------------------------------------------------
-    def apply(self) -> NormReport:
+    def apply(self, *, step: int | None = None) -> NormReport:
         """Normalize the model's current gradients in place.
 
         Call between ``loss.backward()`` and ``optimizer.step()`` (or use
         `attach`). With AMP, unscale first (``scaler.unscale_(optimizer)``).
         One normalizer may be used from several threads: steps are serialized.
+
+        Args:
+            step: the step a recording files this one under (a trainer's global
+                step); by default `steps`, the count of calls.
 
         Returns:
             The `NormReport` of norms measured before normalization; no value is
@@ -248,18 +271,26 @@ class GradientNormalizer:
             RuntimeError: a layer's gradients on different devices (nothing is modified).
         """
         if torch.compiler.is_compiling():
-            return self._apply()
+            return self._apply(step)
         with self._lock:
-            return self._apply()
+            return self._apply(step)
 
-    def _apply(self) -> NormReport:
+    def _apply(self, step: int | None) -> NormReport:
         self._refresh()
-        report = self._engine.step()
-        # No gradient at all on a module's parameters: perhaps they were swapped
-        # behind our back (e.g. by fully_shard after this normalizer was built).
-        if report.tensor_norms.numel() == 0 and self._refresh(force=True):
+        try:
             report = self._engine.step()
+            # No gradient at all on a module's parameters: perhaps they were swapped
+            # behind our back (e.g. by fully_shard after this normalizer was built).
+            if report.tensor_norms.numel() == 0 and self._refresh(force=True):
+                report = self._engine.step()
+        except Exception as error:
+            if self._recorder is not None:  # the failing step too, if measured
+                self.steps += self._recorder.failed(error, self.steps if step is None else step)
+            raise
         self.last_report = report
+        if self._recorder is not None:
+            self._recorder.record(report, self.steps if step is None else step)
+        self.steps += 1
         return report
 
     __call__ = apply
@@ -326,7 +357,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            return {**self._engine.store.state_dict(), **self._identity()}
+            return {**self._engine.store.state_dict(), **self._identity(), "steps": self.steps}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore `state_dict`; it takes effect at the next step.
@@ -339,8 +370,12 @@ class GradientNormalizer:
             self._refresh()
             if isinstance(state_dict, Mapping) and state_dict.get("version") in READABLE_VERSIONS:
                 check_identity(state_dict, self._identity())
+            steps = state_dict.get("steps", 0) if isinstance(state_dict, Mapping) else 0
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"the state dict's 'steps' must be a count >= 0, got {steps!r}")
             # values are copied into the existing tensors: the cached plans stay valid
             self._engine.store.load_state_dict(state_dict)
+            self.steps = steps
 
     def _identity(self) -> dict[str, list[str]]:
         engine = self._engine
@@ -400,6 +435,7 @@ class GradientNormalizer:
         del state["_lock"]
         state["_attached"] = None  # attachments belong to the original's optimizers
         state["last_report"] = None  # it refers to the original's plan
+        state["_recorder"] = None  # the file belongs to the original: a copy does not record
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -246,7 +246,10 @@ class Engine:
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
             if self.last_nonfinite and self.nonfinite == "error":
-                raise NonFiniteGradientError(self.last_nonfinite)
+                error = NonFiniteGradientError(self.last_nonfinite)
+                unchanged = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
+                error.report = NormReport(plan, *reported, unchanged)  # for a recording
+                raise error
             if self.last_nonfinite:  # "skip": leave every gradient and state as it is
                 unchanged = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
                 return NormReport(plan, measured.tensor_norms, measured.layer_norms, unchanged)
