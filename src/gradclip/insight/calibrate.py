@@ -171,10 +171,10 @@ def calibrate(
     notes: dict[str, str] = {}
     for lid, name in enumerate(layers):
         cols = [c for c, o in enumerate(owner) if o == lid]
-        col_valid = np.asarray(valid[:, cols]).any(axis=1) if cols else np.zeros(0, bool)
-        observed[name] = int(col_valid.sum())
+        positive = np.asarray(valid[:, cols]) & (np.asarray(values[:, cols]) > 0)
+        observed[name] = int(positive.any(axis=1).sum()) if cols else 0
         finite = [per_column[c] for c in cols if math.isfinite(per_column[c])]
-        if not finite or max(finite) <= 0:
+        if not observed[name] or not finite or max(finite) <= 0:
             thresholds[name] = None
             clipped[name] = 0
             notes[name] = "left alone: no finite, non-zero gradient was recorded"
