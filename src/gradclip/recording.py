@@ -79,6 +79,12 @@ class Recording:
             self._recorder.record(report, self.steps if step is None else step)
             self.steps += 1
 
+    def flush(self) -> None:
+        """Write every step recorded so far to the file (a sync: at the end of training)."""
+        if self._recorder is not None:
+            with self._lock:
+                self._recorder.flush(wait=True)
+
     def close(self) -> None:
         """Write what the recording still holds to its file and close it (idempotent)."""
         if self._recorder is not None:
