@@ -251,16 +251,12 @@ class GradientNormalizer(Recording):
         )
 
     # -- applying ---------------------------------------------------------------------------
-    def apply(self, *, step: int | None = None) -> NormReport:
+    def apply(self) -> NormReport:
         """Normalize the model's current gradients in place.
 
         Call between ``loss.backward()`` and ``optimizer.step()`` (or use
         `attach`). With AMP, unscale first (``scaler.unscale_(optimizer)``).
         One normalizer may be used from several threads: steps are serialized.
-
-        Args:
-            step: the step a recording files this one under (a trainer's global
-                step); by default `steps`, the count of calls.
 
         Returns:
             The `NormReport` of norms measured before normalization; no value is
@@ -270,6 +266,10 @@ class GradientNormalizer(Recording):
             TypeError: a sparse or complex gradient (nothing is modified).
             RuntimeError: a layer's gradients on different devices (nothing is modified).
         """
+        return self.apply_at(None)
+
+    def apply_at(self, step: int | None) -> NormReport:
+        """`apply`, recorded as step ``step`` (a trainer's global step; ``None``: `steps`)."""
         if torch.compiler.is_compiling():
             return self._apply(step)
         with self._lock:

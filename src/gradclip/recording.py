@@ -72,8 +72,9 @@ class Recording:
                 from gradclip.rules.dl4j import resolve_rule
 
                 none = resolve_rule(None, 1.0)
-                monitor = Engine(self._engine.layers, [none] * len(self._engine.layers),
-                                 measure_all=True)
+                monitor = Engine(
+                    self._engine.layers, [none] * len(self._engine.layers), measure_all=True
+                )
                 self._monitor = monitor
             report: NormReport = monitor.step()
             self._recorder.record(report, self.steps if step is None else step)

@@ -23,7 +23,8 @@ from gradclip.core.record import Recorder
 
 def _numpy_read(path: Path) -> np.ndarray:
     """The reading recipe of the format's documentation, verbatim."""
-    header = json.loads(open(path, "rb").readline())
+    with open(path, "rb") as f:
+        header = json.loads(f.readline())
     dtype = np.dtype([tuple(field) for field in header["record_dtype"]])
     count = (os.path.getsize(path) - header["header_bytes"]) // dtype.itemsize
     return np.memmap(path, dtype, "r", header["header_bytes"], (count,))
@@ -34,7 +35,11 @@ def test_the_file_holds_each_steps_norms_and_flags_as_numpy_reads_them(tmp_path:
     model[3].requires_grad_(False)
     path = tmp_path / "run.gcrec"
     normalizer = gradclip.GradientNormalizer(
-        model, "ClipL2PerLayer", 1.0, {"2": "ClipElementWiseAbsoluteValue"}, record=path,
+        model,
+        "ClipL2PerLayer",
+        1.0,
+        {"2": "ClipElementWiseAbsoluteValue"},
+        record=path,
         record_every=3,
     )
     expected = []
@@ -70,12 +75,22 @@ def test_a_monitor_records_every_layer_and_changes_nothing(tmp_path: Path) -> No
     assert np.isfinite(run.norms).all() and run.has_gradient().all()
 
 
-@pytest.mark.parametrize("mode", ["ClipL2PerLayer", None, "ClipElementWiseAbsoluteValue",
-                                  gradclip.AdaptiveGradClip(), gradclip.ZClip(warmup_steps=2)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "ClipL2PerLayer",
+        None,
+        "ClipElementWiseAbsoluteValue",
+        gradclip.AdaptiveGradClip(),
+        gradclip.ZClip(warmup_steps=2),
+    ],
+    ids=str,
+)
 def test_recording_adds_no_host_sync(tmp_path: Path, mode: gradclip.Mode) -> None:
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))
-    normalizer = gradclip.GradientNormalizer(model, mode, record=tmp_path / "s.gcrec", record_every=4)
+    normalizer = gradclip.GradientNormalizer(
+        model, mode, record=tmp_path / "s.gcrec", record_every=4
+    )
     for step in range(9):  # steps 3 and 7 send the buffer to the file
         fill_grads(model, scale=1.0 + step, seed=step)
         with OpCounter() as counter, HostReadCounter() as reads:

@@ -17,8 +17,15 @@ LAYERS = ["0", "2", "4", "6", "8"]
 def net(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
-        nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1),
+        nn.Linear(6, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 1),
     )
 
 

@@ -31,13 +31,16 @@ def spiked(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     p.grad.mul_(1e4)  # type: ignore[union-attr]
 
     # a clipping run, so that the spikes do not throw the training off its course
-    train(path, 800, mode=("ClipL2PerLayer"), model=model, after_backward=spike,
-          record_tensors=True)
+    train(
+        path, 800, mode=("ClipL2PerLayer"), model=model, after_backward=spike, record_tensors=True
+    )
     return path
 
 
 @pytest.mark.parametrize("percentile", [90.0, 99.0])
-def test_thresholds_clip_the_expected_share_and_every_spike(spiked: Path, percentile: float) -> None:
+def test_thresholds_clip_the_expected_share_and_every_spike(
+    spiked: Path, percentile: float
+) -> None:
     run = insight.load(spiked)
     cal = insight.calibrate(run, percentile)
     norms, has = run.norms, run.has_gradient()
@@ -80,7 +83,10 @@ def test_param_type_needs_per_tensor_norms(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])
 def test_the_written_file_loads_and_passes_check(
-    spiked: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str],
+    spiked: Path,
+    tmp_path: Path,
+    suffix: str,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / f"calibrated{suffix}"

@@ -1,4 +1,4 @@
-"""Faults injected at known steps are found: spikes, the NaN's origin, frozen and vanishing layers."""
+"""Faults injected at known steps are found: spikes, the NaN origin, frozen and vanishing layers."""
 
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ class BackwardOrder:
         for lid, layer in enumerate(layers):
             for p in layer.params:
                 if p.requires_grad and p.is_leaf:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(lid)))
+                    register = p.register_post_accumulate_grad_hook
+                    self._handles.append(register(self._hook(lid)))  # type: ignore[no-untyped-call]
 
     def _hook(self, lid: int) -> Any:
         def hook(_p: torch.Tensor) -> None:
@@ -260,15 +261,14 @@ class Recorder:
         self._flags = self._buffer[:, self._flags_at : self._flags_at + width]
         self._per_plan = None
 
-    def _plan_constants(
-        self, report: NormReport
-    ) -> tuple[torch.Tensor, _Map | None, _Map | None]:
+    def _plan_constants(self, report: NormReport) -> tuple[torch.Tensor, _Map | None, _Map | None]:
         """Per plan: the constant flag bits, and where its layers and tensors go in a record."""
         plan = report._plan
         unknown_key = tuple(tuple(ids) for ids in report._unknown)
         cached = self._per_plan
         if cached is not None and cached[0] is plan and cached[1] == unknown_key:
-            return cached[2]
+            known: tuple[torch.Tensor, _Map | None, _Map | None] = cached[2]
+            return known
         unknown = {lid for ids in unknown_key for lid in ids}
         columns = {name: i for i, name in enumerate(self.columns)}
         index = [columns.get(name, -1) for name in plan.layer_names]
@@ -337,7 +337,7 @@ class Recorder:
         """
         report = getattr(error, "report", None)
         recorded = isinstance(report, NormReport)
-        if recorded:
+        if isinstance(report, NormReport):
             self.record(report, step)
         self.flush()
         return int(recorded)
@@ -357,7 +357,7 @@ class Recorder:
             host[:rows].copy_(self._buffer[:rows], non_blocking=True)
             event = None
             if self._buffer.is_cuda:
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record()
             self._pending = (host, steps[:rows], event)
             self._rows, self._steps = 0, []

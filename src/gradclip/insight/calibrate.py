@@ -159,7 +159,9 @@ def calibrate(
     pooled = np.asarray(values, np.float64)[np.asarray(valid)]
     pooled = pooled[pooled > 0]
     if pooled.size == 0:
-        raise ValueError(f"{str(run.path)!r} holds no finite, non-zero gradient norm to calibrate on")
+        raise ValueError(
+            f"{str(run.path)!r} holds no finite, non-zero gradient norm to calibrate on"
+        )
     network = _round(float(np.percentile(pooled, percentile)))
     if scope == "network":
         per_column = np.full(values.shape[1], network)
@@ -185,7 +187,15 @@ def calibrate(
         clipped[name] = int(over.any(axis=1).sum())
     mode = "ClipL2PerParamType" if scope == "param-type" else "ClipL2PerLayer"
     return Calibration(
-        mode, network, thresholds, clipped, observed, float(percentile), scope, len(run.steps), notes
+        mode,
+        network,
+        thresholds,
+        clipped,
+        observed,
+        float(percentile),
+        scope,
+        len(run.steps),
+        notes,
     )
 
 

@@ -96,8 +96,6 @@ def write_config(cal: Calibration, path: str | os.PathLike[str], source: str) ->
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(
-            f"the output file must end in .yaml, .yml, .json or .toml, got {str(p)!r}"
-        )
+        raise ValueError(f"the output file must end in .yaml, .yml, .json or .toml, got {str(p)!r}")
     p.write_text(render(cal, suffix, source))
     return p

@@ -158,7 +158,9 @@ def findings(run: RecordedRun, rules: Rules | None = None) -> dict[str, Any]:
         name for name, g, n in zip(layers, got, low) if g and n >= rules.vanishing_share * g
     ]
     shares = share_sum / share_rows if share_rows else np.zeros(n_layers)
-    top = np.argsort(-shares, kind="stable")[: rules.dominant_count] if share_rows else []
+    top: list[int] = (
+        np.argsort(-shares, kind="stable")[: rules.dominant_count].tolist() if share_rows else []
+    )
     return {
         "steps": len(steps),
         "first_step": int(steps[0]) if len(steps) else None,
@@ -170,7 +172,9 @@ def findings(run: RecordedRun, rules: Rules | None = None) -> dict[str, Any]:
         "vanishing": vanishing,
         "no_gradient": [name for name, g in zip(layers, got) if g == 0],
         "dominant": [{"layer": layers[i], "share": float(shares[i])} for i in top],
-        "clipped": {name: (float(c / g) if g else None) for name, c, g in zip(layers, clipped, got)},
+        "clipped": {
+            name: (float(c / g) if g else None) for name, c, g in zip(layers, clipped, got)
+        },
         "rules": asdict(rules),
     }
 

@@ -42,7 +42,10 @@ def _bin(values: np.ndarray[Any, Any], size: int, how: str) -> np.ndarray[Any, A
     shaped = padded.reshape(values.shape[0], -1, size)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bin stays NaN
-        return np.nanmax(shaped, axis=2) if how == "max" else np.nanmean(shaped, axis=2)
+        out: np.ndarray[Any, Any] = (
+            np.nanmax(shaped, axis=2) if how == "max" else np.nanmean(shaped, axis=2)
+        )
+        return out
 
 
 def plot_run(
@@ -112,20 +115,31 @@ def plot_run(
         heat.scatter(
             [s["step"] for s in spikes],
             [row_of[index[s["layer"]]] for s in spikes],
-            s=40, facecolors="none", edgecolors="red", linewidths=1.2, label="spike",
+            s=40,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.2,
+            label="spike",
         )
     bad_steps = steps[(has & ~np.isfinite(norms)).any(axis=1)]
     if len(bad_steps):
         heat.scatter(
-            bad_steps, np.full(len(bad_steps), -0.5), marker="v", color="red", s=30,
-            clip_on=False, label="non-finite step",
+            bad_steps,
+            np.full(len(bad_steps), -0.5),
+            marker="v",
+            color="red",
+            s=30,
+            clip_on=False,
+            label="non-finite step",
         )
     if spikes or len(bad_steps):
         heat.legend(loc="upper right", fontsize=8, framealpha=0.8)
     heat.set_ylabel("layer (model order)")
     strip.fill_between(
         np.linspace(float(steps[0]), float(steps[-1]), len(clipped_binned)),
-        clipped_binned, step="mid", color="tab:orange",
+        clipped_binned,
+        step="mid",
+        color="tab:orange",
     )
     strip.set_ylim(0, 1)
     strip.set_ylabel("clipped", fontsize=8)
@@ -139,7 +153,12 @@ def plot_run(
     dist.scatter(stats[2], y, marker="|", color="white", s=30, zorder=3)
     if np.isfinite(stats[5]).any():
         dist.scatter(
-            stats[5], y, marker="|", color="red", s=80, zorder=4,
+            stats[5],
+            y,
+            marker="|",
+            color="red",
+            s=80,
+            zorder=4,
             label=f"threshold (p{percentile:g})",
         )
         dist.legend(loc="lower right", fontsize=8)

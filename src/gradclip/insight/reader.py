@@ -42,12 +42,14 @@ class RecordedRun:
     @property
     def steps(self) -> np.ndarray[Any, Any]:
         """``(S,)`` int64: each record's step."""
-        return np.asarray(self.records["step"])
+        out: np.ndarray[Any, Any] = np.asarray(self.records["step"])
+        return out
 
     @property
     def norms(self) -> np.ndarray[Any, Any]:
         """``(S, L)`` float32: each layer's gradient norm before normalization (NaN: none)."""
-        return np.asarray(self.records["norm"])
+        out: np.ndarray[Any, Any] = np.asarray(self.records["norm"])
+        return out
 
     @property
     def tensor_norms(self) -> np.ndarray[Any, Any] | None:
@@ -58,23 +60,28 @@ class RecordedRun:
     @property
     def flags(self) -> np.ndarray[Any, Any]:
         """``(S, L)`` uint8 bit flags (see `gradclip.core.record`)."""
-        return np.asarray(self.records["flags"])
+        out: np.ndarray[Any, Any] = np.asarray(self.records["flags"])
+        return out
 
     def has_gradient(self, flags: np.ndarray[Any, Any] | None = None) -> np.ndarray[Any, Any]:
         """``(S, L)`` bool: the layer had a gradient at that step."""
-        return ((self.flags if flags is None else flags) & HAS_GRADIENT) != 0
+        out: np.ndarray[Any, Any] = ((self.flags if flags is None else flags) & HAS_GRADIENT) != 0
+        return out
 
     def changed(self, flags: np.ndarray[Any, Any] | None = None) -> np.ndarray[Any, Any]:
         """``(S, L)`` bool: the rule changed (clipped) the layer at that step."""
-        return ((self.flags if flags is None else flags) & CHANGED) != 0
+        out: np.ndarray[Any, Any] = ((self.flags if flags is None else flags) & CHANGED) != 0
+        return out
 
     def unknown(self, flags: np.ndarray[Any, Any] | None = None) -> np.ndarray[Any, Any]:
         """``(S, L)`` bool: the rule cannot tell whether it changed the layer."""
-        return ((self.flags if flags is None else flags) & CHANGE_UNKNOWN) != 0
+        out: np.ndarray[Any, Any] = ((self.flags if flags is None else flags) & CHANGE_UNKNOWN) != 0
+        return out
 
     def nonfinite(self) -> np.ndarray[Any, Any]:
         """``(S, L)`` bool: the layer had a gradient and its norm was inf or NaN."""
-        return self.has_gradient() & ~np.isfinite(self.norms)
+        out: np.ndarray[Any, Any] = self.has_gradient() & ~np.isfinite(self.norms)
+        return out
 
     def backward_order(self) -> tuple[list[int], bool]:
         """Layer indices nearest the loss first, and whether that order was observed.

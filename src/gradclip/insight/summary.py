@@ -63,8 +63,6 @@ def to_text(found: dict[str, Any], max_spikes: int = 10) -> str:
     for key, what in (("vanishing", "vanishing"), ("no_gradient", "no gradient")):
         names = found[key]
         lines.append(f"{what}: {', '.join(map(_name, names)) if names else 'none'}")
-    dominant = ", ".join(
-        f"{_name(d['layer'])} {100 * d['share']:.0f}%" for d in found["dominant"]
-    )
+    dominant = ", ".join(f"{_name(d['layer'])} {100 * d['share']:.0f}%" for d in found["dominant"])
     lines.append(f"largest share of the squared global norm: {dominant or '-'}")
     return "\n".join(lines)

@@ -74,7 +74,7 @@ class StepApplier:
         self._step: int | None = None
 
     def _run(self) -> None:
-        self.pending = report = self.normalizer.apply(step=self._step)
+        self.pending = report = self.normalizer.apply_at(self._step)
         if self._on_report is not None:
             self._on_report(report)
 

@@ -122,7 +122,11 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         record_tensors: bool = False,
     ) -> None:
         super().__init__()
-        recording = {"record": record, "record_every": record_every, "record_tensors": record_tensors}
+        recording = {
+            "record": record,
+            "record_every": record_every,
+            "record_tensors": record_tensors,
+        }
         self._init_settings(mode, threshold, overrides, log_norms, log_prefix, recording)
         self._optimizers = PerOptimizer(mode, threshold, self._record, self.recording)
         self._state_missing: str | None = None

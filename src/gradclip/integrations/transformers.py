@@ -116,7 +116,11 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         record_every: int = 100,
         record_tensors: bool = False,
     ) -> None:
-        recording = {"record": record, "record_every": record_every, "record_tensors": record_tensors}
+        recording = {
+            "record": record,
+            "record_every": record_every,
+            "record_tensors": record_tensors,
+        }
         self._init_settings(mode, threshold, overrides, log_norms, log_prefix, recording)
         self.normalizer: GradientNormalizer | None = None
         self._applier: StepApplier | None = None
