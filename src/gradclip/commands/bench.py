@@ -22,6 +22,7 @@ scenario's reference, measured in the same run:
   clipping against ``clip_grad_norm_(foreach=True)``, element-wise against
   ``clip_grad_value_(foreach=True)``; on CUDA also the per-layer rule with the
   ``_foreach_mul_`` multiply (``GRADCLIP_KERNELS=foreach``) beside the Triton one.
+* ``record`` — recording's cost: against ``measure_all=True`` (`bench_record`).
 
 Besides the wall time of a call, each row has its host time, on CUDA its GPU
 time (CUDA events), and what one call launches (`bench_timing`). Extra memory
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 import gradclip
+from gradclip.commands.bench_record import record_rows
 from gradclip.commands.bench_timing import (
     Launches,
     count_launches,
@@ -316,7 +318,15 @@ def _small2000_rows(device: torch.device, reps: int) -> list[Row]:
     )
 
 
-SCENARIOS = ("gpt2", "linear1000", "value_large", "value_small", "strategies", "small2000")
+SCENARIOS = (
+    "gpt2",
+    "linear1000",
+    "value_large",
+    "value_small",
+    "strategies",
+    "small2000",
+    "record",
+)
 
 
 def run_benchmarks(
@@ -345,6 +355,8 @@ def run_benchmarks(
             yield from _strategy_rows(device, reps)
         elif scenario == "small2000":
             yield from _small2000_rows(device, reps * 5)
+        elif scenario == "record":
+            yield from record_rows(_scenario, _linear_stack, _gpt2, device, reps, gpt2_blocks)
         else:
             raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
 
