@@ -161,7 +161,7 @@ def plot_run(
             zorder=4,
             label=f"threshold (p{percentile:g})",
         )
-        dist.legend(loc="lower right", fontsize=8)
+        dist.legend(loc="best", fontsize=8)
     dist.set_xscale("log")
     dist.set_xlabel("norm: 5–95% and quartiles")
     dist.tick_params(labelleft=False)
