@@ -35,7 +35,7 @@ def record_rows(
     blocks: int,
 ) -> list[Any]:
     """Rows of ``scenario`` (bench's table builder) on both models."""
-    models = {
+    models: dict[str, Callable[[], nn.Module]] = {
         "linear1000": lambda: linear_stack(1000, 64, device),
         "gpt2": lambda: gpt2(device, blocks),
     }
