@@ -49,8 +49,8 @@ def test_thresholds_clip_the_expected_share_and_every_spike(
         t = cal.layers[name]
         if t is None:
             continue
-        # the percentile of the layer's own norms (numpy's definition, up to 6 digits)
-        assert t == pytest.approx(np.percentile(norms[has[:, lid], lid], percentile), rel=1e-5)
+        # the percentile of the layer's own norms (numpy's definition, to 4 digits)
+        assert t == pytest.approx(np.percentile(norms[has[:, lid], lid], percentile), rel=1e-3)
         normal = [i for i, s in enumerate(run.steps) if (int(s), name) not in SPIKES]
         share = float((norms[normal, lid] > t).mean())
         assert share <= (100 - percentile) / 100 + 1e-9
@@ -70,7 +70,7 @@ def test_network_and_param_type_scopes(spiked: Path) -> None:
     weights = run.tensor_norms[:, run.header["params"].index("4.weight")]
     biases = run.tensor_norms[:, run.header["params"].index("4.bias")]
     expected = max(np.percentile(weights, 95), np.percentile(biases, 95))
-    assert per_type.layers["4"] == pytest.approx(expected, rel=1e-5)
+    assert per_type.layers["4"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_param_type_needs_per_tensor_norms(tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ def findings(run: RecordedRun, rules: Rules | None = None) -> dict[str, Any]:
         "spikes": spikes,
         "vanishing": vanishing,
         "no_gradient": [name for name, g in zip(layers, got) if g == 0],
-        "dominant": [{"layer": layers[i], "share": float(shares[i])} for i in top],
+        "dominant": [{"layer": layers[i], "share": float(shares[i])} for i in top if shares[i]],
         "clipped": {
             name: (float(c / g) if g else None) for name, c, g in zip(layers, clipped, got)
         },
