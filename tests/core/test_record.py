@@ -241,3 +241,29 @@ def test_a_copy_of_a_recording_normalizer_does_not_record(tmp_path: Path) -> Non
     clone = copy.deepcopy(normalizer)
     assert clone.recording is None and normalizer.recording == str(tmp_path / "c.gcrec")
     normalizer.close()
+
+
+def test_the_backward_order_is_observed_on_the_next_pass_when_built_after_one(
+    tmp_path: Path,
+) -> None:
+    class Reversed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Linear(4, 1)
+            self.early = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.late(self.early(x))
+
+    model = Reversed()
+    model(torch.randn(2, 3)).sum().backward()
+    normalizer = gradclip.GradientNormalizer(model, None, record=tmp_path / "o.gcrec")
+    normalizer.apply()  # no backward seen yet: the hooks stay for the next one
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        normalizer.apply()
+    normalizer.close()
+    run = insight.load(tmp_path / "o.gcrec")
+    assert run.backward_order() == ([0, 1], True)  # "late" (column 0) first
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())

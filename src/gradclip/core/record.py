@@ -202,6 +202,7 @@ class Recorder:
         self._spare: torch.Tensor | None = None
         self._per_plan: tuple[Any, Any, Any] | None = None
         self._warned: set[str] = set()
+        self._recorded = 0
         self.closed = False
         _LIVE.add(self)
 
@@ -300,7 +301,10 @@ class Recorder:
         """Keep ``report``'s norms and flags as the record of ``step``: device writes only."""
         if self.closed:
             return
-        if self.order.observed or step > 0:
+        # the hooks go once a backward pass was seen (or, if none is, after two
+        # steps: the gradients were written by something the hooks cannot see)
+        self._recorded += 1
+        if self.order.observed or self._recorded > 2:
             self.order.stop()
         device = report.layer_norm_vector.device
         if self._device != device:
