@@ -288,6 +288,10 @@ class GradientNormalizer(Recording):
                 self.steps += self._recorder.failed(error, self.steps if step is None else step)
             raise
         self.last_report = report
+        if torch.compiler.is_compiling():
+            # a host counter would be guarded on and recompile every step; a compiled
+            # apply() neither counts nor records
+            return report
         if self._recorder is not None:
             self._recorder.record(report, self.steps if step is None else step)
         self.steps += 1
