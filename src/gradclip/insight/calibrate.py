@@ -113,7 +113,12 @@ class Calibration:
 
 
 def _round(value: float) -> float:
-    return float(f"{value:.4g}")  # a threshold needs no more, and so it reads the same on any CPU
+    """``value`` to 4 significant digits, rounded up: a threshold needs no more (and reads
+    the same on any CPU), and rounding up never clips more than the percentile says."""
+    if value <= 0 or not math.isfinite(value):
+        return value
+    unit = 10.0 ** (math.floor(math.log10(value)) - 3)
+    return float(f"{math.ceil(value / unit - 1e-9) * unit:.4g}")
 
 
 def calibrate(
