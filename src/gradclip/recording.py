@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from gradclip.core.engine import Engine
 from gradclip.core.record import Recorder, rank_part, recording_path
 from gradclip.core.report import NormReport
 
-__all__ = ["Recording", "start_recording"]
+__all__ = ["Recording", "start_recording", "steps_of"]
 
 
 def _rank_meta() -> dict[str, Any]:
@@ -23,6 +26,14 @@ def _rank_meta() -> dict[str, Any]:
     if dist.is_available() and dist.is_initialized():
         return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
     return {"rank": 0, "world_size": 1}
+
+
+def steps_of(state_dict: Any) -> int:
+    """The ``"steps"`` of a normalizer's state dict (0 if absent), checked."""
+    steps = state_dict.get("steps", 0) if isinstance(state_dict, Mapping) else 0
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"the state dict's 'steps' must be a count >= 0, got {steps!r}")
+    return steps
 
 
 def start_recording(
@@ -46,12 +57,55 @@ def start_recording(
 
 
 class Recording:
-    """The recording half of `GradientNormalizer`."""
+    """The recording half of `GradientNormalizer`.
+
+    Arguments of the normalizer: ``record``, a file to record every step's
+    per-layer norms and clipped flags in (`gradclip.core.record`; read it with
+    `gradclip.insight`), which implies ``measure_all`` (with ``mode=None`` the
+    normalizer is a pure monitor); under a process group of several ranks each
+    rank writes its own file, ``name.rank<r>.ext``; `close` at the end (it also
+    happens at exit). ``record_every``: steps kept on the device between two
+    copies to the file. ``record_tensors``: also record every parameter's norm.
+    A copy or a pickle of a recording normalizer does not record.
+    """
 
     _recorder: Recorder | None
     _lock: threading.Lock
     _engine: Engine
     steps: int
+
+    def _apply(self, step: int | None) -> NormReport:
+        raise NotImplementedError
+
+    def _start_recording(self, record: Any, every: int, tensors: bool) -> None:
+        self.steps = 0  # `apply` calls, kept in `state_dict` (a recording's step)
+        self._recorder = start_recording(self._engine, record, every, tensors)
+
+    def apply_at(self, step: int | None) -> NormReport:
+        """`apply`, recorded as step ``step`` (a trainer's global step; ``None``: `steps`)."""
+        if torch.compiler.is_compiling():
+            return self._apply(step)
+        with self._lock:
+            try:
+                return self._apply(step)
+            except Exception as error:
+                self._failed(error, step)
+                raise
+
+    def _keep(self, report: NormReport, step: int | None) -> None:
+        """Count the step and record ``report`` (device writes only)."""
+        if torch.compiler.is_compiling():
+            # a host counter would be guarded on and recompile every step: a compiled
+            # apply() neither counts nor records
+            return
+        if self._recorder is not None:
+            self._recorder.record(report, self.steps if step is None else step)
+        self.steps += 1
+
+    def _failed(self, error: BaseException, step: int | None) -> None:
+        """A step raised: record it if the error carries its norms, and write the file."""
+        if self._recorder is not None:
+            self.steps += self._recorder.failed(error, self.steps if step is None else step)
 
     @property
     def recording(self) -> str | None:

@@ -84,6 +84,10 @@ def _close_live_recorders() -> None:  # what the device holds reaches the file a
         recorder.close()
 
 
+def _no_recorder() -> None:
+    return None
+
+
 def _mapping(columns: Sequence[int], device: torch.device) -> _Map:
     kept = [(i, c) for i, c in enumerate(columns) if c >= 0]
     src = torch.tensor([i for i, _ in kept], dtype=torch.long, device=device)
@@ -332,6 +336,10 @@ class Recorder:
         self._rows += 1
         if self._rows == self.every:
             self.flush(wait=False)
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # the file is the original's: a copy or a pickle of a normalizer does not record
+        return _no_recorder, ()
 
     def failed(self, error: BaseException, step: int) -> int:
         """After a step raised: record it if the error carries its report, then flush.

@@ -117,6 +117,8 @@ class AutoClip(ScalingRule):
     percentile: float = 10.0
     history_size: int | None = None
     scope: Scope = "global"
+    # the history is the same whatever percentile is read from it
+    schedulable_fields: ClassVar[tuple[str, ...]] = ("percentile",)
     _INITIAL_CAPACITY: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
@@ -221,6 +223,8 @@ class ZClip(ScalingRule):
     warmup_steps: int = 25
     max_grad_norm: float | None = None
     scope: Scope = "global"
+    # the EMA statistics do not depend on the spike threshold or the fixed cap
+    schedulable_fields: ClassVar[tuple[str, ...]] = ("z_thresh", "max_grad_norm")
     _EPS: ClassVar[float] = 1e-6  # the zclip package's eps in the z-score denominator
 
     def __post_init__(self) -> None:
