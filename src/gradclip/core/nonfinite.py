@@ -62,9 +62,9 @@ class NonFiniteGradientError(RuntimeError):
             when the engine raised it.
     """
 
-    def __init__(self, layers: list[str]) -> None:
+    def __init__(self, layers: list[str], report: object | None = None) -> None:
         self.layers = layers
-        self.report: object | None = None
+        self.report = report
         shown = ", ".join(repr(name or "(root)") for name in layers[:20])
         more = f" and {len(layers) - 20} more" if len(layers) > 20 else ""
         super().__init__(
