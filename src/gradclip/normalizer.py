@@ -19,7 +19,7 @@ from torch import nn
 from gradclip.config import parse_config
 from gradclip.copying import deep_copy, pickled_state, restore
 from gradclip.core.agreement import check_process_group, ddp_group
-from gradclip.core.checkpoint import covers_of, fresh_rows, load_state, save_state
+from gradclip.core.checkpoint import covers_of, fresh_rows, save_state
 from gradclip.core.engine import Engine
 from gradclip.core.identity import LoadResult
 from gradclip.core.layers import (
@@ -39,7 +39,7 @@ from gradclip.core.sharding import RankGroup
 from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.hooks import AttachHandle
-from gradclip.recording import Recording, steps_of
+from gradclip.recording import Recording
 from gradclip.rules.dl4j import GradientNormalization, assign_rules, layer_table, resolve_rule
 from gradclip.step_guard import attach_once
 
@@ -84,7 +84,9 @@ class GradientNormalizer(Recording):
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
-        record, record_every, record_tensors: a recording (`gradclip.recording`).
+        record: a file to record every step's norms in (`gradclip.recording`).
+        record_every: steps kept on the device between two writes to it.
+        record_tensors: also record every parameter's norm.
         process_group: the ranks that hold replicas of ``model`` (e.g. the
             data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
             their configurations are compared at the first step, and a difference
@@ -219,7 +221,6 @@ class GradientNormalizer(Recording):
                 model: the model (or custom grouping) to normalize.
                 config: a mapping, or the path of a JSON, YAML or TOML file; see
                     `gradclip.config` for the keys.
-                recording: ``record``, ``record_every``, ``record_tensors``.
 
             Returns:
                 The normalizer.
@@ -361,8 +362,7 @@ class GradientNormalizer(Recording):
         """
         with self._lock:
             self._refresh()
-            self.steps, result = steps_of(state_dict), load_state(self._engine, state_dict, strict)
-            return result
+            return self._load_with_steps(state_dict, strict)
 
     def reconfigure(
         self,

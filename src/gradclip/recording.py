@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from gradclip.core.checkpoint import load_state
 from gradclip.core.engine import Engine
+from gradclip.core.identity import LoadResult
 from gradclip.core.record import Recorder, rank_part, recording_path
 from gradclip.core.report import NormReport
 
@@ -76,6 +78,13 @@ class Recording:
 
     def _apply(self, step: int | None) -> NormReport:
         raise NotImplementedError
+
+    def _load_with_steps(self, state_dict: Any, strict: bool) -> LoadResult:
+        """Load a state dict and its ``"steps"`` (checked first; kept only if it loads)."""
+        steps = steps_of(state_dict)
+        result = load_state(self._engine, state_dict, strict)
+        self.steps = steps
+        return result
 
     def _start_recording(self, record: Any, every: int, tensors: bool) -> None:
         self.steps = 0  # `apply` calls, kept in `state_dict` (a recording's step)
