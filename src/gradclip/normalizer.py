@@ -38,6 +38,7 @@ from gradclip.core.rule import Rule
 from gradclip.core.sharding import RankGroup
 from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
+from gradclip.fused import fused_hook
 from gradclip.hooks import AttachHandle
 from gradclip.recording import Recording
 from gradclip.rules.dl4j import GradientNormalization, assign_rules, layer_table, resolve_rule
@@ -283,7 +284,7 @@ class GradientNormalizer(Recording):
 
     __call__ = apply
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
+    def attach(self, optimizer: torch.optim.Optimizer, *, fold: bool = True) -> AttachHandle:
         """Apply this normalizer inside every ``optimizer.step()``.
 
         Before the update, on the gradients of the last backward pass; for an
@@ -298,15 +299,17 @@ class GradientNormalizer(Recording):
         ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the
         optimizer inside it is hooked. With ``nonfinite="skip"`` steps stay
         normalized and skipped when something replaces ``optimizer.step``
-        afterwards (see `gradclip.step_guard`).
+        afterwards (see `gradclip.step_guard`). A fused optimizer (``fused=True``)
+        takes the multiply (``fold``), the unscale and the skip into its own step:
+        see `gradclip.fused`.
 
         Raises:
             TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper of one).
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
-        return attach_once(
-            self._attached, optimizer, self.apply, self.apply_skipping, self.nonfinite == "skip"
-        )
+        skip = self.nonfinite == "skip"
+        hook = fused_hook(self, fold)
+        return attach_once(self._attached, optimizer, self.apply, self.apply_skipping, skip, hook)
 
     def apply_skipping(self) -> bool:
         """`apply`, then whether the step must be skipped (``nonfinite="skip"``).

@@ -154,11 +154,13 @@ def attach_once(
     apply: Callable[[], Any],
     apply_skipping: Callable[[], bool],
     skip: bool,
+    fused: Callable[[torch.optim.Optimizer, Callable[[], None]], AttachHandle | None] | None = None,
 ) -> AttachHandle:
     """What ``GradientNormalizer.attach`` does: unwrap, check, hook, remember in ``attached``.
 
     ``apply`` runs before every step; with ``skip``, ``apply_skipping`` instead,
-    and the step is skipped when it returns True.
+    and the step is skipped when it returns True. ``fused``, where it returns a
+    handle, hooks the optimizer instead (a fused optimizer, `gradclip.fused`).
     """
     optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
     if not is_hookable(optimizer):
@@ -180,9 +182,11 @@ def attach_once(
         if opt is not None:
             attached.pop(opt, None)
 
-    if skip:
-        handle = attach_guarded(optimizer, lambda: not apply_skipping(), forget)
-    else:
-        handle = attach_pre_hook(optimizer, apply, forget)
+    handle = None if fused is None else fused(optimizer, forget)
+    if handle is None:
+        if skip:
+            handle = attach_guarded(optimizer, lambda: not apply_skipping(), forget)
+        else:
+            handle = attach_pre_hook(optimizer, apply, forget)
     attached[optimizer] = handle
     return handle

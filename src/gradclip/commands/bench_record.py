@@ -51,6 +51,9 @@ def record_rows(
             # linear1000 is quick: more repetitions, as the linear1000 scenario does
             count = reps * 5 if name == "linear1000" else reps
             targets = {RECORD: TARGET}
-            rows += scenario(f"record {name}", methods, MEASURE_ALL, targets, device, count, set())
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            rows += scenario(
+                f"record {name}", methods, MEASURE_ALL, targets, device, count, set(), grads=grads
+            )
             recording.close()
     return rows

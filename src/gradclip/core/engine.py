@@ -21,7 +21,6 @@ vectors, built once per `Plan`.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -30,13 +29,13 @@ import torch
 
 from gradclip.core.agreement import Configuration, agree, dtensor_group
 from gradclip.core.collective import ShardedModel, sharded_model
+from gradclip.core.folding import FusedArgs
 from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
 from gradclip.core.measure import (
     finish,
     judged_layer_norms,
-    layer_norms,
     measure,
     measure_local,
 )
@@ -44,6 +43,7 @@ from gradclip.core.nonfinite import (
     NonFiniteGradientError,
     bad_layers,
     check_nonfinite,
+    judge_unsquared,
     read_bad_layers,
     zero_layers_,
 )
@@ -135,6 +135,11 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        #: after a step with ``divisor`` or ``fold``: what the fused optimizer must
+        #: divide the gradients by (its ``grad_scale``); ``None`` otherwise
+        self.divisor: torch.Tensor | None = None
+        #: after a step with ``skip_on_device``: 0-d bool, a layer was not finite
+        self.bad_step: torch.Tensor | None = None
         # known now for plain tensors (no collective), so that a compiled first step
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
@@ -298,23 +303,33 @@ class Engine:
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> NormReport:
+    def step(self, fused: FusedArgs | None = None) -> NormReport:
         """Normalize the current gradients in place and report what was measured.
 
         Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
         with ``create_graph=True`` are rescaled without recording autograd history.
+        ``fused``: a fused optimizer's step (`gradclip.core.folding.FusedArgs`);
+        `divisor` is then its ``grad_scale`` and `bad_step` its skip flag.
         """
+        self.divisor, self.bad_step = None, None
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
+            self.divisor = None if fused is None else fused.divisor
             return prepared
         plan, grads, measured = prepared
+        fused = fused or FusedArgs()
+        measured, carried, fold = fused.begin(plan, measured)
+        skip = fused.skip
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
         if self.nonfinite != "propagate" and plan.sharding is None:
-            judged = _judge_unsquared(plan, grads, judged)
+            judged = judge_unsquared(plan, grads, judged)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
-        if self.nonfinite in ("error", "skip"):
+        if self.nonfinite == "skip" and fused.skip_on_device:
+            self.bad_step = bad_layers(plan, judged).any()
+            skip = self.bad_step if skip is None else self.bad_step | skip
+        elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
             if self.last_nonfinite:  # "error" raises, "skip" leaves everything as it is
@@ -336,14 +351,18 @@ class Engine:
                 measured.reduced,
             )
         finite = torch.isfinite(judged) if plan.has_state else None
+        if finite is not None and skip is not None:
+            finite = finite & ~skip.to(device=plan.device, dtype=torch.bool)
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
         unknown: list[list[int]] = []  # layers whose rule cannot tell if it changed them
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
         for k in range(len(plan.rounds)):
-            run_round(
-                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats, seen
-            )
+            carried = run_round(
+                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats,
+                seen, carried, fold,
+            )  # fmt: skip
+        self.divisor = carried
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)
@@ -425,26 +444,3 @@ class Engine:
         check = self._check_frozen
         flags = [check] * len(self.params) if isinstance(check, bool) else check
         return [p.requires_grad or not c for p, c in zip(self.params, flags)]
-
-
-def _judge_unsquared(
-    plan: Plan, grads: Sequence[torch.Tensor], judged: torch.Tensor
-) -> torch.Tensor:
-    """``judged`` with the layers of rules that never square (`Rule.squares`) judged by
-    their largest magnitude: finite exactly when every element is, where the L2 norm of
-    huge finite gradients (float64 at 1e200) would overflow to inf.
-
-    Not on sharded gradients, where a local maximum could differ between ranks.
-    """
-    for group in plan.groups:
-        if any(stage.rule.squares for stage in group.stages):
-            continue
-        tensors = [grads[p] for p in group.positions]
-        maxima = torch.stack(
-            [n.to(judged.dtype) for n in torch._foreach_norm(tensors, ord=math.inf)]
-        )
-        layer = layer_norms(
-            maxima, group.stages[0].layout.tensor_layer, len(group.layer_ids), math.inf
-        )
-        judged = judged.index_copy(0, group.layer_ids_t, layer)
-    return judged

@@ -157,6 +157,7 @@ class Plan:
         # sharded gradients: what this rank holds of each (possibly nothing)
         local_shapes = [g.shape for g in local_tensors(grads_in_order)]  # type: ignore[arg-type]
         empty = [shape.numel() == 0 for shape in local_shapes]
+        self._numels = [shape.numel() for shape in local_shapes]
         categories = [category(i) for i in order]
 
         devices = sorted({k[0] for k in keys}, key=lambda d: (d.type, d.index or 0))
@@ -174,7 +175,7 @@ class Plan:
         self.all_measured = len(measured) == self.num_tensors
         self.any_measured = bool(measured)
         dev = self.device
-        self.measured = Runs(measured, keys, empty)
+        self.measured = Runs(measured, keys, empty, numels=self._numels)
         self.measured_positions_t = torch.tensor(measured, dtype=torch.long, device=dev)
         self.measured_layer_t = torch.tensor(
             [self.tensor_layer_ids[p] for p in measured], dtype=torch.long, device=dev
@@ -310,7 +311,9 @@ class Plan:
             rows=rows,
             row_index=None,
             whole_rows=False,
-            norm_runs=Runs(group.positions, keys, empty) if remeasure else None,
+            norm_runs=(
+                Runs(group.positions, keys, empty, numels=self._numels) if remeasure else None
+            ),
             coefficient_index=None,
         )
 

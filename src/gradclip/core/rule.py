@@ -240,6 +240,9 @@ class Rule:
     * `per_layer_state`: one state row per layer instead of one for the group.
     * `growable_state`: state entries the rule may grow along their non-row
       dims (a history buffer); the engine zero-pads the other rows to match.
+    * `uniform`: whether `ScalingRule.scale` gives every tensor of a layout the
+      same coefficient (a global rule, or a per-layer one over one layer): the
+      engine may then fold it into a fused optimizer's ``grad_scale``.
     * `init_state`, `prepare`, `stats`, `cross_rank`.
     """
 
@@ -259,6 +262,15 @@ class Rule:
     def growable_state(self) -> frozenset[str]:
         """State entries the rule may grow along their non-row dims (none by default)."""
         return frozenset()
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        """Whether every tensor of ``layout`` gets the same coefficient, whatever the step.
+
+        ``False`` by default: the engine then multiplies the coefficients in
+        itself. Only a `ScalingRule` whose ``scale`` returns one value for all
+        tensors may answer ``True``.
+        """
+        return False
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         """A fresh state of ``rows`` rows (every tensor's dim 0 is ``rows``); none by default."""

@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from gradclip.core.rule import Measured, ScalingRule, State, set_fields
+from gradclip.core.rule import GroupLayout, Measured, ScalingRule, State, set_fields
 from gradclip.core.validation import check_threshold
 from gradclip.rules.global_norm import TORCH_CLIP_EPS, clip_coefficient
 
@@ -135,6 +135,9 @@ class AutoClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return self.scope == "global" or len(layout.layer_names) == 1
 
     @property
     def growable_state(self) -> frozenset[str]:
@@ -247,6 +250,9 @@ class ZClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return self.scope == "global" or len(layout.layer_names) == 1
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         return {

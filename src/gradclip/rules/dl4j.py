@@ -176,6 +176,9 @@ class RenormalizeL2PerLayer(ScalingRule):
 
     layer_local: ClassVar[bool] = True
 
+    def uniform(self, layout: GroupLayout) -> bool:
+        return len(layout.layer_names) == 1
+
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.layer_norms is not None
         return _renormalize(m.per_tensor(m.layer_norms)), state
@@ -220,6 +223,9 @@ class ClipL2PerLayer(_Thresholded, ScalingRule):
         >>> round(float(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()), 6)
         2.0
     """
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return len(layout.layer_names) == 1
 
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.layer_norms is not None
