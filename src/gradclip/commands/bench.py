@@ -50,9 +50,9 @@ from torch import nn
 
 import gradclip
 from gradclip.commands.bench_floor import READ, READ_WRITE, floor_methods, floor_ms
+from gradclip.commands.bench_record import record_rows
 from gradclip.commands.bench_rows import Row, format_table
 from gradclip.commands.bench_step import train_step_rows
-from gradclip.commands.bench_record import record_rows
 from gradclip.commands.bench_timing import (
     count_launches,
     peak_extra_bytes,
