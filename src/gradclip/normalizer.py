@@ -7,7 +7,6 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 from __future__ import annotations
 
 import contextvars
-import os
 import threading
 import weakref
 from collections.abc import Mapping
@@ -40,7 +39,7 @@ from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.fused import fused_hook
 from gradclip.hooks import AttachHandle
-from gradclip.recording import Recording
+from gradclip.recording import Recording, RecordPath
 from gradclip.rules.dl4j import GradientNormalization, assign_rules, layer_table, resolve_rule
 from gradclip.step_guard import attach_once
 
@@ -86,8 +85,6 @@ class GradientNormalizer(Recording):
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
         record: a file to record every step's norms in (`gradclip.recording`).
-        record_every: steps kept on the device between two writes to it.
-        record_tensors: also record every parameter's norm.
         process_group: the ranks that hold replicas of ``model`` (e.g. the
             data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
             their configurations are compared at the first step, and a difference
@@ -121,7 +118,7 @@ class GradientNormalizer(Recording):
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
-        record: str | os.PathLike[str] | None = None,
+        record: RecordPath = None,
         record_every: int = 100,
         record_tensors: bool = False,
         process_group: Any = None,

@@ -19,7 +19,9 @@ from gradclip.core.identity import LoadResult
 from gradclip.core.record import Recorder, rank_part, recording_path
 from gradclip.core.report import NormReport
 
-__all__ = ["Recording", "start_recording", "steps_of"]
+__all__ = ["RecordPath", "Recording", "start_recording", "steps_of"]
+
+RecordPath = str | os.PathLike[str] | None  # where a normalizer records (None: it does not)
 
 
 def _rank_meta() -> dict[str, Any]:
