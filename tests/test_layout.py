@@ -15,7 +15,17 @@ MAX_LINES = 450
 FLOORS = [
     ("core",),
     ("rules",),
-    ("hooks", "step_guard", "copying", "fused", "normalizer", "normalize", "config"),
+    (
+        "hooks",
+        "step_guard",
+        "copying",
+        "fused",
+        "normalizer",
+        "normalize",
+        "config",
+        "recording",
+        "insight",
+    ),
     ("__init__",),
     ("integrations", "commands", "__main__"),
 ]

@@ -13,7 +13,7 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["deep_copy", "pickled_state", "restore"]
+__all__ = ["Copyable", "deep_copy", "pickled_state", "restore"]
 
 
 def pickled_state(normalizer: Any) -> dict[str, Any]:
@@ -44,3 +44,18 @@ def deep_copy(normalizer: Any, memo: dict[int, Any], groups: tuple[Any, ...]) ->
     memo[id(normalizer)] = new
     restore(new, copy.deepcopy(pickled_state(normalizer), memo))
     return new
+
+
+class Copyable:
+    """``copy.deepcopy`` and ``pickle`` support for `GradientNormalizer`, as described above."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return pickled_state(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        replicas = getattr(getattr(self, "_engine", None), "_replicas", None)
+        groups = (getattr(self, "process_group", None), getattr(replicas, "group", None))
+        return deep_copy(self, memo, groups)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        restore(self, state)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from gradclip.config import parse_config
-from gradclip.copying import deep_copy, pickled_state, restore
+from gradclip.copying import Copyable
 from gradclip.core.agreement import check_process_group, ddp_group
-from gradclip.core.checkpoint import covers_of, fresh_rows, load_state, save_state
+from gradclip.core.checkpoint import covers_of, fresh_rows, save_state
 from gradclip.core.engine import Engine
 from gradclip.core.identity import LoadResult
 from gradclip.core.layers import (
@@ -39,6 +39,7 @@ from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
 from gradclip.fused import fused_hook
 from gradclip.hooks import AttachHandle
+from gradclip.recording import Recording, RecordPath
 from gradclip.rules import dl4j
 from gradclip.rules.dl4j import GradientNormalization, layer_table, resolve_rule
 from gradclip.step_guard import attach_once
@@ -54,7 +55,7 @@ _KEEP: Any = object()  # reconfigure(): leave the default rule as it is
 _SEED: contextvars.ContextVar[StateStore | None] = contextvars.ContextVar("seed", default=None)
 
 
-class GradientNormalizer:
+class GradientNormalizer(Recording, Copyable):
     """Per-layer gradient normalization, configured once, applied every step.
 
     Every layer (by default, every module that directly owns parameters) is
@@ -85,6 +86,7 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
+        record: a file to record every step's norms in (`gradclip.recording`).
         process_group: the ranks that hold replicas of ``model`` (e.g. the
             data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
             their configurations are compared at the first step, and a difference
@@ -120,6 +122,9 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        record: RecordPath = None,
+        record_every: int = 100,
+        record_tensors: bool = False,
         process_group: Any = None,
         pp_mesh: Any = None,
         stages: Sequence[nn.Module] | None = None,
@@ -131,7 +136,7 @@ class GradientNormalizer:
         self._mode: Mode = mode  # as given: a new threshold applies to a DL4J mode
         self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
-        self.measure_all = bool(measure_all)
+        self.measure_all = bool(measure_all) or record is not None
         self._model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self._model_ref: weakref.ref[nn.Module] | None = None
         self._target = None if isinstance(model, nn.Module) else reusable(model)
@@ -143,6 +148,7 @@ class GradientNormalizer:
         )
         self._engine = self._build(_SEED.get())
         self.last_report: NormReport | None = None
+        self._start_recording(record, record_every, record_tensors)
 
     @classmethod
     def _sharing(cls, model: Target, mode: Mode, nonfinite: str, store: Any) -> GradientNormalizer:
@@ -210,7 +216,7 @@ class GradientNormalizer:
         return not same
 
     @classmethod
-    def from_config(cls, model: Target, config: Any) -> GradientNormalizer:
+    def from_config(cls, model: Target, config: Any, **recording: Any) -> GradientNormalizer:
         """A normalizer from a DL4J-style configuration: a dict, or a JSON/YAML/TOML file.
 
             Args:
@@ -245,6 +251,7 @@ class GradientNormalizer:
             args["threshold"],
             args["overrides"],
             measure_all=args["measure_all"],
+            **recording,
         )
 
     # -- applying ---------------------------------------------------------------------------
@@ -263,12 +270,9 @@ class GradientNormalizer:
             TypeError: a sparse or complex gradient (nothing is modified).
             RuntimeError: a layer's gradients on different devices (nothing is modified).
         """
-        if torch.compiler.is_compiling():
-            return self._apply()
-        with self._lock:
-            return self._apply()
+        return self.apply_at(None)
 
-    def _apply(self) -> NormReport:
+    def _apply(self, step: int | None) -> NormReport:
         self._refresh()
         report = self._engine.step()
         # No gradient at all on a module's parameters: perhaps they were swapped
@@ -276,6 +280,7 @@ class GradientNormalizer:
         if report.tensor_norms.numel() == 0 and self._refresh(force=True):
             report = self._engine.step()
         self.last_report = report
+        self._keep(report, step)
         return report
 
     __call__ = apply
@@ -327,7 +332,10 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            return save_state(self._engine, staged=self._pipeline is not None)
+            return {
+                **save_state(self._engine, staged=self._pipeline is not None),
+                "steps": self.steps,
+            }
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Restore `state_dict`; it takes effect at the next step.
@@ -361,7 +369,7 @@ class GradientNormalizer:
         """
         with self._lock:
             self._refresh()
-            return load_state(self._engine, state_dict, strict, staged=self._pipeline is not None)
+            return self._load_with_steps(state_dict, strict, staged=self._pipeline is not None)
 
     def reconfigure(
         self,
@@ -436,14 +444,3 @@ class GradientNormalizer:
             f"GradientNormalizer(layers={len(self._engine.layers)}, default={self.default!r}, "
             f"overrides={len(self.overrides)})"
         )
-
-    # -- copies and pickling (see gradclip.copying) ----------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        return pickled_state(self)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GradientNormalizer:
-        groups = (self.process_group, getattr(self._engine._replicas, "group", None))
-        return deep_copy(self, memo, groups)  # type: ignore[no-any-return]
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        restore(self, state)

@@ -61,6 +61,7 @@ def _model() -> torch.nn.Module:
 
 
 def _train(tmp_path, steps: int = 3, max_grad_norm: float = 0.0, **kw: object):  # type: ignore[no-untyped-def]
+    record = kw.pop("record", None)  # the callback's, not the Trainer's
     model = _model()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -77,7 +78,7 @@ def _train(tmp_path, steps: int = 3, max_grad_norm: float = 0.0, **kw: object): 
     )
     optimizer = RecordingSGD(model.parameters(), lr=1e-2)
     snapshot = Snapshot()
-    callback = GradientNormalizationCallback(MODE, THRESHOLD)
+    callback = GradientNormalizationCallback(MODE, THRESHOLD, record=record)  # type: ignore[arg-type]
     trainer = transformers.Trainer(
         model=model,
         args=args,

@@ -22,6 +22,7 @@ scenario's reference, measured in the same run:
   clipping against ``clip_grad_norm_(foreach=True)``, element-wise against
   ``clip_grad_value_(foreach=True)``; on CUDA also the per-layer rule with the
   ``_foreach_mul_`` multiply (``GRADCLIP_KERNELS=foreach``) beside the Triton one.
+* ``record`` — recording's cost: against ``measure_all=True`` (`bench_record`).
 
 * ``train_step`` — a whole fused AdamW step on GPT-2-small shaped gradients:
   clipping folded into the optimizer, unfolded, and the AMP recipe without
@@ -49,6 +50,7 @@ from torch import nn
 
 import gradclip
 from gradclip.commands.bench_floor import READ, READ_WRITE, floor_methods, floor_ms
+from gradclip.commands.bench_record import record_rows
 from gradclip.commands.bench_rows import Row, format_table
 from gradclip.commands.bench_step import train_step_rows
 from gradclip.commands.bench_timing import (
@@ -331,6 +333,7 @@ SCENARIOS = (
     "strategies",
     "small2000",
     "train_step",
+    "record",
 )
 
 
@@ -362,6 +365,8 @@ def run_benchmarks(
             yield from _small2000_rows(device, reps * 5)
         elif scenario == "train_step":
             yield from train_step_rows(_gpt2(device, gpt2_blocks), device, reps)
+        elif scenario == "record":
+            yield from record_rows(_scenario, _linear_stack, _gpt2, device, reps, gpt2_blocks)
         else:
             raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
 

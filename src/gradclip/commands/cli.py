@@ -1,4 +1,4 @@
-"""The command line: `gradclip {demo,bench,check}` or `python -m gradclip {demo,bench,check}`.
+"""The command line: `gradclip COMMAND` or `python -m gradclip COMMAND`.
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)`
 and `run(args) -> int`; this file only wires them to argparse.
@@ -29,6 +29,14 @@ _COMMANDS = {
     "check": (
         "gradclip.commands.check",
         "print the layer table a configuration file applies to a model",
+    ),
+    "report": (
+        "gradclip.commands.report",
+        "what a recording shows: non-finite origin, spikes, vanishing and dominant layers",
+    ),
+    "calibrate": (
+        "gradclip.commands.calibrate",
+        "write per-layer thresholds from a recording's observed norms",
     ),
 }
 

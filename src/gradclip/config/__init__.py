@@ -20,7 +20,8 @@ and one that gives only a threshold takes the network's mode. `layers` may
 also be a list of entries that carry their layer's name (`name` or
 `layerName`), the shape of a DL4J `.list().layer(...)` configuration.
 
-Validation is strict: an unknown key is rejected with the closest valid name,
+A top-level `calibration` entry (written by `gradclip calibrate`) is accepted
+and ignored. Validation is strict: an unknown key is rejected with the closest valid name,
 a key given twice is rejected with its name, and every value is checked before
 a normalizer is built. Files are read with safe loaders only (`json`, a
 `yaml.SafeLoader` subclass, `tomllib`): a configuration is data and never
@@ -75,6 +76,8 @@ _TOP_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "overrides": ("layers", "overrides"),
     "measure_all": ("measureAll", "measure_all"),
+    # written by `gradclip calibrate` (what each threshold would have clipped); not read
+    "calibration": ("calibration",),
 }
 _LAYER_KEYS: dict[str, tuple[str, ...]] = {
     "mode": _TOP_KEYS["mode"],

@@ -344,11 +344,11 @@ class Engine:
         elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
-            if self.last_nonfinite and self.nonfinite == "error":
-                raise NonFiniteGradientError(self.last_nonfinite)
-            if self.last_nonfinite:  # "skip": leave every gradient and state as it is
-                unchanged = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
-                return NormReport(plan, measured.tensor_norms, measured.layer_norms, unchanged)
+            if self.last_nonfinite:  # "error" raises, "skip" leaves everything as it is
+                report = NormReport.unchanged(plan, *reported)
+                if self.nonfinite == "error":  # with the step's norms, for a recording
+                    raise NonFiniteGradientError(self.last_nonfinite, report)
+                return report
         elif self.nonfinite == "zero":
             bad = bad_layers(plan, judged)
             zeroed = zero_layers_(plan, grads, bad)

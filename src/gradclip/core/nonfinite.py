@@ -63,10 +63,13 @@ class NonFiniteGradientError(RuntimeError):
 
     Attributes:
         layers: the names of the layers whose norm was not finite.
+        report: the step's `NormReport` (norms before anything was modified),
+            when the engine raised it.
     """
 
-    def __init__(self, layers: list[str]) -> None:
+    def __init__(self, layers: list[str], report: object | None = None) -> None:
         self.layers = layers
+        self.report = report
         shown = ", ".join(repr(name or "(root)") for name in layers[:20])
         more = f" and {len(layers) - 20} more" if len(layers) > 20 else ""
         super().__init__(

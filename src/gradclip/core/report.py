@@ -87,6 +87,14 @@ class NormReport:
         return [n for n, has in zip(plan.layer_names, plan.layer_has_grad) if has]
 
     @classmethod
+    def unchanged(
+        cls, plan: Plan, tensor_norms: torch.Tensor, layer_norms: torch.Tensor
+    ) -> NormReport:
+        """The report of a step that changed nothing (``nonfinite="skip"`` or ``"error"``)."""
+        flags = torch.zeros(plan.num_layers, dtype=torch.bool, device=plan.device)
+        return cls(plan, tensor_norms, layer_norms, flags)
+
+    @classmethod
     def empty(cls, plan: Plan) -> NormReport:
         """The report of a step in which no parameter had a gradient."""
         dtype = plan.report_dtype

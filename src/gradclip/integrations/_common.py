@@ -90,15 +90,20 @@ class StepApplier:
         self.pending: NormReport | None = None
         self._on_report = on_report
         self._handle: RemovableHandle | None = None
+        self._step: int | None = None
 
     def _run(self) -> None:
-        self.pending = report = self.normalizer.apply()
+        self.pending = report = self.normalizer.apply_at(self._step)
         if self._on_report is not None:
             self._on_report(report)
 
-    def step(self, optimizer: Any, scaler: Any) -> None:
-        """Normalize now, or at ``optimizer``'s next step when ``scaler`` is active."""
+    def step(self, optimizer: Any, scaler: Any, global_step: int | None = None) -> None:
+        """Normalize now, or at ``optimizer``'s next step when ``scaler`` is active.
+
+        ``global_step`` is the trainer's step, under which a recording files it.
+        """
         self.cancel()
+        self._step = global_step
         inner = inner_optimizer(optimizer)
         if inner is None or not scaler_is_active(scaler):
             self._run()
@@ -109,6 +114,13 @@ class StepApplier:
             self._run()
 
         self._handle = inner.register_step_pre_hook(hook)
+
+    def finish(self) -> None:
+        """After the optimizer's step: record a step the scaler skipped (its gradients as
+        they are, inf or NaN), without normalizing; nothing when not recording."""
+        if self._handle is not None:
+            self.cancel()
+            self.normalizer.record_only(self._step)
 
     def cancel(self) -> None:
         """Drop a one-shot hook that a skipped step left behind."""
@@ -142,7 +154,10 @@ class CallbackSettings:
         overrides: Mapping[str, Any] | None,
         log_norms: bool,
         log_prefix: str,
+        recording: Mapping[str, Any] | None = None,
     ) -> None:
+        #: ``record``, ``record_every``, ``record_tensors``: passed to each normalizer
+        self.recording = {k: v for k, v in (recording or {}).items() if k != "record" or v}
         self.mode = mode
         self.threshold = threshold
         self.overrides = dict(overrides or {})

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gradclip.core.layers import Layer, build_layers, match_overrides, resolve_override_keys
+from gradclip.core.record import recording_path
 from gradclip.core.report import NormReport
 from gradclip.integrations._common import StepApplier, inner_optimizer, restore
 from gradclip.integrations._state import pack, unpack
@@ -58,8 +59,14 @@ class PerOptimizer:
     """
 
     def __init__(
-        self, mode: Mode, threshold: float, on_report: Callable[[NormReport], None]
+        self,
+        mode: Mode,
+        threshold: float,
+        on_report: Callable[[NormReport], None],
+        recording: Mapping[str, Any] | None = None,
     ) -> None:
+        self.recording = dict(recording or {})
+        self._built = 0  # normalizers built: a rebuilt one records to a file of its own
         self.mode = mode
         self.threshold = threshold
         self._on_report = on_report
@@ -96,7 +103,8 @@ class PerOptimizer:
                     f"optimizer {i} is a {type(optimizer).__name__}, not a torch.optim.Optimizer "
                     "(or a wrapper of one); gradclip normalizes the parameters of an optimizer"
                 )
-            entries.append(self._entry(inner, self.entries[i] if i < len(self.entries) else None))
+            old = self.entries[i] if i < len(self.entries) else None
+            entries.append(self._entry(inner, old, i, len(optimizers)))
         self.entries = entries
         if self.pending is not None:
             states, self.pending = self.pending, None
@@ -120,7 +128,9 @@ class PerOptimizer:
             )
         return target
 
-    def _entry(self, optimizer: torch.optim.Optimizer, old: _Entry | None) -> _Entry:
+    def _entry(
+        self, optimizer: torch.optim.Optimizer, old: _Entry | None, index: int, count: int
+    ) -> _Entry:
         params = _param_ids(optimizer)
         target = self._target(optimizer)
         names = tuple(target)
@@ -130,9 +140,12 @@ class PerOptimizer:
         overrides = {
             key: value for key, value in self._overrides.items() if _names_any(key, list(names))
         }
-        normalizer = GradientNormalizer(target, self.mode, self.threshold, overrides)
+        normalizer = GradientNormalizer(
+            target, self.mode, self.threshold, overrides, **self._recording(index, count)
+        )
         if old is not None:
             old.applier.cancel()
+            old.normalizer.close()
             # the rows whose rule and layers are unchanged keep their state; new ones start
             # fresh, as when a normalizer's model changes (gradclip.core.identity)
             normalizer.load_state_dict(old.normalizer.state_dict(), strict=False)
@@ -146,13 +159,16 @@ class PerOptimizer:
         for i, entry in enumerate(self.entries):
             if entry.optimizer is inner:
                 if _groups(entry.optimizer) != entry.groups:
-                    entry = self.entries[i] = self._entry(entry.optimizer, entry)
+                    entry = self.entries[i] = self._entry(
+                        entry.optimizer, entry, i, len(self.entries)
+                    )
                 return entry.applier
         if inner is None or self.model is None:
             raise RuntimeError(
                 "gradclip's callback was handed an optimizer before it was set up for fitting"
             )
-        entry = self._entry(inner, None)  # an optimizer the trainer did not list
+        count = len(self.entries) + 1
+        entry = self._entry(inner, None, len(self.entries), count)  # one the trainer did not list
         self.entries.append(entry)
         return entry.applier
 
@@ -177,6 +193,29 @@ class PerOptimizer:
     def cancel(self) -> None:
         for entry in self.entries:
             entry.applier.cancel()
+
+    def finish(self) -> None:
+        """After the optimizers stepped: record the steps a scaler skipped."""
+        for entry in self.entries:
+            entry.applier.finish()
+
+    def flush(self) -> None:
+        """Write the recordings' steps to their files."""
+        for entry in self.entries:
+            entry.normalizer.flush()
+
+    def _recording(self, index: int, count: int) -> dict[str, Any]:
+        """The recording arguments of optimizer ``index``'s normalizer: with several
+        optimizers, one file each (``name.opt<i>.ext``); a rebuilt one, a file of its own."""
+        options = dict(self.recording)
+        if options.get("record") is None:
+            return {}
+        self._built += 1
+        part = f"opt{index}" if count > 1 else ""
+        if self._built > count:  # rebuilt (a parameter group added): a new file
+            part = f"{part}.{self._built - 1}" if part else str(self._built - 1)
+        options["record"] = recording_path(options["record"], part)
+        return options
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

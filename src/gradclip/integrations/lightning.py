@@ -42,6 +42,7 @@ Examples:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -86,6 +87,12 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         log_norms: log each layer's gradient norm (before normalization) as
             ``grad_norm/<layer>`` through ``pl_module.log_dict``.
         log_prefix: the prefix of the logged names.
+        record: record every step's per-layer norms to this file (see
+            `GradientNormalizer`); with several optimizers one file each,
+            ``name.opt<i>.ext``, under the trainer's global step; steps a
+            ``GradScaler`` skips are recorded too, as non-finite.
+        record_every: steps kept on the device between two writes.
+        record_tensors: also record every parameter's norm.
 
     Attributes:
         normalizers: one `GradientNormalizer` per optimizer, in
@@ -110,10 +117,18 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         log_norms: bool = True,
         *,
         log_prefix: str = "grad_norm/",
+        record: str | os.PathLike[str] | None = None,
+        record_every: int = 100,
+        record_tensors: bool = False,
     ) -> None:
         super().__init__()
-        self._init_settings(mode, threshold, overrides, log_norms, log_prefix)
-        self._optimizers = PerOptimizer(mode, threshold, self._record)
+        recording = {
+            "record": record,
+            "record_every": record_every,
+            "record_tensors": record_tensors,
+        }
+        self._init_settings(mode, threshold, overrides, log_norms, log_prefix, recording)
+        self._optimizers = PerOptimizer(mode, threshold, self._record, self.recording)
         self._state_missing: str | None = None
 
     # -- what the callback holds -------------------------------------------------------------
@@ -208,11 +223,12 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._optimizers.applier(optimizer).step(optimizer, scaler)
+        self._optimizers.applier(optimizer).step(optimizer, scaler, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._optimizers.finish()
         reports = self._optimizers.reports()
         if not reports or not self.log_norms or not _should_log(trainer):
             return
@@ -229,6 +245,7 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._optimizers.cancel()
+        self._optimizers.flush()
 
 
 def _should_log(trainer: Trainer) -> bool:

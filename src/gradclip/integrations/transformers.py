@@ -93,6 +93,11 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         overrides: per-layer overrides, as for `GradientNormalizer`.
         log_norms: add each layer's gradient norm to the Trainer's logs.
         log_prefix: the prefix of the logged names.
+        record: record every step's per-layer norms to this file (see
+            `GradientNormalizer`), under ``state.global_step``; steps a
+            ``GradScaler`` skips are recorded too, as non-finite.
+        record_every: steps kept on the device between two writes.
+        record_tensors: also record every parameter's norm.
 
     Attributes:
         normalizer: the `GradientNormalizer` (``None`` before the Trainer is made).
@@ -112,8 +117,16 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         log_norms: bool = True,
         *,
         log_prefix: str = "grad_norm/",
+        record: str | os.PathLike[str] | None = None,
+        record_every: int = 100,
+        record_tensors: bool = False,
     ) -> None:
-        self._init_settings(mode, threshold, overrides, log_norms, log_prefix)
+        recording = {
+            "record": record,
+            "record_every": record_every,
+            "record_tensors": record_tensors,
+        }
+        self._init_settings(mode, threshold, overrides, log_norms, log_prefix, recording)
         self.normalizer: GradientNormalizer | None = None
         self._applier: StepApplier | None = None
         self._model: torch.nn.Module | None = None
@@ -129,7 +142,11 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         model = unwrap_module(model)
         if self._applier is None or self._model is not model:
             overrides = resolve_override_keys(model, self.overrides)
-            self.normalizer = GradientNormalizer(model, self.mode, self.threshold, overrides)
+            if self.normalizer is not None:
+                self.normalizer.close()
+            self.normalizer = GradientNormalizer(
+                model, self.mode, self.threshold, overrides, **self.recording
+            )
             self._applier = StepApplier(self.normalizer, self._record)
             self._model = model
         return self._applier
@@ -279,7 +296,13 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         **kwargs: Any,
     ) -> None:
         applier = self._ensure(model)
-        applier.step(optimizer, getattr(optimizer, "scaler", None))
+        applier.step(optimizer, getattr(optimizer, "scaler", None), state.global_step)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._applier is not None:  # before zero_grad: a skipped step's gradients remain
+            self._applier.finish()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -330,6 +353,8 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
     ) -> None:
         if self._applier is not None:
             self._applier.cancel()
+        if self.normalizer is not None:
+            self.normalizer.flush()
 
 
 def _checkpoint_dirs(args: TrainingArguments, state: TrainerState, *, resuming: bool) -> list[str]:

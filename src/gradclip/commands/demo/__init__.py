@@ -8,7 +8,8 @@ are trained with SGD without normalization, with
 `--strategy` says otherwise), and a table says what each run did
 (`gradclip.commands.demo.training`). `--seeds` prints the spread over several
 seeds instead; `--plot` draws the per-layer gradient norms
-(`gradclip.commands.demo.plot`).
+(`gradclip.commands.demo.plot`); `--calibrate` records, reads and calibrates
+(`gradclip.commands.demo.calibrated`).
 
 Examples:
     >>> results = run_demo(300, task="scales", quick=True)
@@ -131,6 +132,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw the loss and per-layer gradient norms of every run (needs matplotlib)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="mixed-scale task: record a run, name its dominant layer, train calibrated "
+        "configurations (gradclip calibrate) beside the hand-set per-layer one",
+    )
 
 
 def _error(args: argparse.Namespace, message: str) -> int:
@@ -146,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
         a task does not show what it is there to show (so CI notices).
     """
     tasks = list(TASKS) if args.task == "all" else [args.task]
+    if getattr(args, "calibrate", False):
+        from gradclip.commands.demo.calibrated import calibrated_demo
+
+        print(calibrated_demo(args.seed, quick=args.quick))
+        return 0
     try:
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
         names = [n for n in (args.strategy or "ClipL2PerLayer").split(",") if n.strip()]
