@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradclip.advice import NO_GRADIENTS, warn_if_one_flat_layer
 from gradclip.config import parse_config
 from gradclip.core.engine import Engine
 from gradclip.core.layers import (
@@ -128,6 +130,7 @@ class GradientNormalizer:
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
         )
+        self._warned_no_gradients = False
         self._engine = self._build(None)
         self.last_report: NormReport | None = None
 
@@ -158,6 +161,8 @@ class GradientNormalizer:
         }
         chosen = match_overrides(names, overrides)
         rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
+        flat = not isinstance(target, nn.Module | Mapping | torch.Tensor) and names == [""]
+        warn_if_one_flat_layer(layers, rules, flat)
         return Engine(
             layers,
             rules,
@@ -259,6 +264,10 @@ class GradientNormalizer:
         # behind our back (e.g. by fully_shard after this normalizer was built).
         if report.tensor_norms.numel() == 0 and self._refresh(force=True):
             report = self._engine.step()
+        if report.tensor_norms.numel() == 0 and not self._warned_no_gradients:
+            self._warned_no_gradients = True  # once per normalizer, and once per call site
+            if not torch.compiler.is_compiling():
+                warnings.warn(NO_GRADIENTS, UserWarning, stacklevel=3)
         self.last_report = report
         return report
 
@@ -404,5 +413,6 @@ class GradientNormalizer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_warned_no_gradients", False)  # pickled by gradclip 0.2
         self._lock = threading.Lock()
         self._attached = weakref.WeakKeyDictionary()
