@@ -42,7 +42,7 @@ def reads_layers(rule: Rule) -> bool:
     Examples:
         >>> reads_layers(gradclip.ClipL2PerLayer(1.0)), reads_layers(gradclip.ClipGlobalNorm(1.0))
         (True, False)
-        >>> reads_layers(gradclip.chain("ClipElementWiseAbsoluteValue", gradclip.ZClip(scope="layer")))
+        >>> reads_layers(gradclip.chain(gradclip.ZClip(), gradclip.AutoClip(scope="layer")))
         True
     """
     if isinstance(rule, Chain):
