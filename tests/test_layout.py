@@ -15,7 +15,7 @@ MAX_LINES = 450
 FLOORS = [
     ("core",),
     ("rules",),
-    ("hooks", "normalizer", "normalize", "config"),
+    ("advice", "hooks", "normalizer", "normalize", "config"),
     ("__init__",),
     ("integrations", "commands", "__main__"),
 ]
