@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from gradclip.advice import NO_GRADIENTS, warn_if_one_flat_layer
 from gradclip.config import parse_config
@@ -331,7 +332,10 @@ class GradientNormalizer:
 
         Available at any time, from construction on; save it with the model and
         optimizer, and `load_state_dict` on a normalizer of the same model and
-        configuration continues bit for bit. The format is versioned.
+        configuration continues bit for bit. The format is versioned. For a
+        model built on the meta device it holds the fresh state until
+        ``to_empty``; a lazy module's parameter is recorded with shape ``(?)``
+        until its first forward, which matches any shape when loading.
         """
         with self._lock:
             self._refresh()
@@ -356,7 +360,8 @@ class GradientNormalizer:
         return identity(
             [layer.name for layer in engine.layers],
             [
-                f"{layer.qualified(k)}{tuple(p.shape)}"
+                # a lazy module's parameter has no shape before the first forward
+                f"{layer.qualified(k)}{'(?)' if is_lazy(p) else tuple(p.shape)}"
                 for layer in engine.layers
                 for k, p in enumerate(layer.params)
             ],

@@ -103,10 +103,10 @@ def check_identity(saved: Mapping[str, Any], mine: Mapping[str, list[str]]) -> N
         if not isinstance(theirs, list | tuple):
             raise ValueError(f"the state dict has no {key!r} list")
         theirs = list(theirs)
-        if theirs == mine[key]:
+        if len(theirs) == len(mine[key]) and all(map(_same_entry, theirs, mine[key])):
             continue
         for i, (a, b) in enumerate(zip(theirs, mine[key])):
-            if a != b:
+            if not _same_entry(a, b):
                 diff = f"{what} {i} is {b!r} here but {a!r} in the state dict"
                 break
         else:
@@ -114,6 +114,17 @@ def check_identity(saved: Mapping[str, Any], mine: Mapping[str, list[str]]) -> N
         raise ValueError(
             f"this state dict was saved for a different model or configuration: {diff}"
         )
+
+
+def _same_entry(a: object, b: object) -> bool:
+    """Equal identity entries; a parameter's shape ``(?)`` (a lazy module's parameter
+    before its first forward) matches any shape of the same parameter."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    (a_name, _, a_shape), (b_name, _, b_shape) = a.rpartition("("), b.rpartition("(")
+    return a_name == b_name and "?)" in (a_shape, b_shape)
 
 
 def _row_shape(*tensors: torch.Tensor) -> list[int]:
@@ -223,7 +234,12 @@ class StateStore:
             self.generation += 1
             return
         first = next(iter(slot.tensors.values()))
-        if first.device != device:
+        if first.is_meta and device.type != "meta":
+            # made for a model built on the meta device, now materialized (to_empty):
+            # no step ran, there is no data to copy, the state starts fresh
+            slot.tensors = rule.init_state(len(slot.rows), device, dtype)
+            self.generation += 1
+        elif first.device != device:
             slot.tensors = {k: v.to(device) for k, v in slot.tensors.items()}
             self.generation += 1
         missing = [r for r in rows if r not in slot.rows]
@@ -313,10 +329,15 @@ class StateStore:
         rules: dict[str, Any] = {}
         for name, slot in self.slots.items():
             growable = slot.rule.growable_state
+            tensors = slot.tensors
+            if any(v.is_meta for v in tensors.values()):  # a model still on meta: fresh state
+                dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), None)
+                cpu = torch.device("cpu")
+                tensors = slot.rule.init_state(len(slot.rows), cpu, dtype or torch.float64)
             rows = {
                 row: {
                     k: pack_tensor(v[i]) if k in growable else v[i].detach().to("cpu", copy=True)
-                    for k, v in slot.tensors.items()
+                    for k, v in tensors.items()
                 }
                 for row, i in slot.rows.items()
             }
@@ -356,6 +377,11 @@ class StateStore:
         installs = [
             (self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()
         ]
+        if any(v.is_meta for slot in self.slots.values() for v in slot.tensors.values()):
+            raise RuntimeError(
+                "this normalizer's model is on the meta device, where a state holds no data: "
+                "materialize the model first (model.to_empty(device=...)), then load the state"
+            )
         for slot, steps, rows in installs:
             # a growable buffer takes the loaded length (every row of the slot is loaded),
             # so that state_dict() right after gives back exactly what was loaded
