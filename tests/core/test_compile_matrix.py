@@ -5,11 +5,11 @@ layer) with every kind of rule (per-layer, p-norms, a chain, the adaptive
 rules) compiles with ``fullgraph=True``, statically and with ``dynamic=True``,
 through AOTAutograd (``aot_eager``: quick, and where aliasing and symbolic
 shapes are checked). A model or a dict holds all the rules at once, one per
-layer (one compile); a one-layer grouping takes one rule at a time. Inductor's
-generated code, slow to compile on a CPU, runs a selection in which each mode,
-each one-layer grouping (where torch 2.13's CPU Inductor cannot ``index_add_``
-into a one-element buffer) and each kind of rule appears. The compiled
-gradients equal the eager ones, step after step.
+layer (one compile); a one-layer grouping takes one rule of each kind at a
+time. Inductor's generated code, slow to compile on a CPU, runs on one-layer
+groupings (where torch 2.13's CPU Inductor cannot ``index_add_`` into a
+one-element buffer), once in each mode. The compiled gradients equal the
+eager ones, step after step.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_every_rule_at_once_traces_in_one_graph(target: str, dynamic: bool) -> N
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", ["ClipL2PerLayer", "p1", "chain", "AutoClip"])
 @pytest.mark.parametrize("target", ONE_LAYER)
 def test_one_layer_groupings_trace_in_one_graph(target: str, rule: str, dynamic: bool) -> None:
     _run(_one_layer(target, rule), backend="aot_eager", dynamic=dynamic)
@@ -112,14 +112,12 @@ def test_one_layer_groupings_trace_in_one_graph(target: str, rule: str, dynamic:
 
 INDUCTOR: list[tuple[str, Build, dict[str, Any]]] = [
     ("bare-layer-ClipL2PerLayer", _one_layer("bare-layer", "ClipL2PerLayer"), {}),
-    ("parameters-chain-dynamic", _one_layer("parameters", "chain"), {"dynamic": True}),
+    ("parameters-p1-dynamic", _one_layer("parameters", "p1"), {"dynamic": True}),
     (
         "bare-layer-AutoClip-reduce-overhead",
         _one_layer("bare-layer", "AutoClip"),
         {"mode": "reduce-overhead"},
     ),
-    ("module-dynamic", TARGETS["module"], {"dynamic": True}),
-    ("dict-reduce-overhead", TARGETS["dict"], {"mode": "reduce-overhead"}),
 ]
 
 
