@@ -37,7 +37,9 @@ def _rules(sharded: bool = False) -> tuple[gradclip.Rule, dict[str, Any]]:
     default = gradclip.AutoClip(40.0, history_size=None, scope="layer")  # a growing buffer
     overrides: dict[str, Any] = {
         "0": gradclip.ZClip(warmup_steps=3, z_thresh=1.0, scope="layer"),
-        "1": gradclip.chain(gradclip.AdaptiveGradClip(0.05), gradclip.AutoClip(30.0, history_size=None)),
+        "1": gradclip.chain(
+            gradclip.AdaptiveGradClip(0.05), gradclip.AutoClip(30.0, history_size=None)
+        ),
         "5": gradclip.AutoClip(30.0, history_size=8),
     }
     if sharded:  # a chain whose later rule reads norms is refused on sharded gradients
