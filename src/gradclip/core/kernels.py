@@ -157,7 +157,6 @@ def _triton_kernel(device: torch.device, dtype: torch.dtype, mode: str) -> Trito
     return None
 
 
-
 def add_at_(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``out[index[i]] += values[i]`` for every ``i`` (``index_add_`` along dim 0); returns ``out``.
 
@@ -175,6 +174,7 @@ def add_at_(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> tor
     if out.shape[0] == 1:
         return out.add_(values.sum(0, keepdim=True).to(out.dtype))
     return out.index_add_(0, index, values)
+
 
 def foreach_norms(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """``(n,)`` p-norm of each tensor of one (device, dtype) run: one ``_foreach_norm``.
