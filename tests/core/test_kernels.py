@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import fill_grads, mlp
 from kernel_models import (
+    CUDA,
     DTYPES,
     assert_matches,
     kernel_device,
@@ -95,8 +96,11 @@ def test_a_kernel_that_cannot_be_built_is_refused_or_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not CUDA:  # a first import under the interpreter would stay interpreted on CUDA
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from gradclip.core import triton_scale
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     monkeypatch.setattr(triton_scale, "compile_error", lambda device, dtype: "no toolchain")
     cpu = torch.device("cpu")
