@@ -265,7 +265,11 @@ class GradientNormalizer:
         # behind our back (e.g. by fully_shard after this normalizer was built).
         if report.tensor_norms.numel() == 0 and self._refresh(force=True):
             report = self._engine.step()
-        if report.tensor_norms.numel() == 0 and not self._warned_no_gradients:
+        if (
+            report.tensor_norms.numel() == 0
+            and self._engine.params
+            and not self._warned_no_gradients
+        ):
             self._warned_no_gradients = True  # once per normalizer, and once per call site
             if not torch.compiler.is_compiling():
                 warnings.warn(NO_GRADIENTS, UserWarning, stacklevel=3)
