@@ -15,7 +15,7 @@ MAX_LINES = 450
 FLOORS = [
     ("core",),
     ("rules",),
-    ("advice", "hooks", "normalizer", "normalize", "config"),
+    ("advice", "hooks", "step_guard", "copying", "fused", "normalizer", "normalize", "config"),
     ("__init__",),
     ("integrations", "commands", "__main__"),
 ]

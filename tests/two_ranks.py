@@ -28,6 +28,9 @@ import torch
 from gradclip.commands.bench_distributed import free_port, spawn
 
 WORLD = 2
+# The first step of a normalizer on replicas (DDP, DTensor parameters) runs one more
+# collective: the ranks compare their configurations (gradclip.core.agreement).
+AGREEMENT = 1
 GLOO_TIMEOUT = timedelta(seconds=60)  # a collective that waits longer fails its case
 
 _restarts: dict[str, Any] = {"dir": "", "count": 0}

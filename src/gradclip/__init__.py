@@ -14,6 +14,7 @@ Examples:
 
 from gradclip.config import ConfigError
 from gradclip.core.collective import RankMismatchError
+from gradclip.core.identity import LoadResult, StateNotRestoredWarning
 from gradclip.core.layers import Layer, build_layers
 from gradclip.core.nonfinite import NonFiniteGradientError
 from gradclip.core.report import NormReport
@@ -57,6 +58,7 @@ __all__ = [
     "GroupLayout",
     "InPlaceRule",
     "Layer",
+    "LoadResult",
     "Measured",
     "NoNormalization",
     "NonFiniteGradientError",
@@ -67,6 +69,7 @@ __all__ = [
     "Rule",
     "ScalingRule",
     "State",
+    "StateNotRestoredWarning",
     "ZClip",
     "build_layers",
     "chain",

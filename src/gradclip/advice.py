@@ -7,9 +7,14 @@ per place in the user's code that triggers it, however many steps repeat it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
 
 from gradclip.core.layers import Layer
+from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
 from gradclip.rules.adaptive import AutoClip, ZClip
 from gradclip.rules.chain import Chain
@@ -20,7 +25,13 @@ from gradclip.rules.dl4j import (
     RenormalizeL2PerParamType,
 )
 
-__all__ = ["NO_GRADIENTS", "ONE_FLAT_LAYER", "reads_layers", "warn_if_one_flat_layer"]
+__all__ = [
+    "NO_GRADIENTS",
+    "ONE_FLAT_LAYER",
+    "reads_layers",
+    "warn_if_no_gradients",
+    "warn_if_one_flat_layer",
+]
 
 NO_GRADIENTS = (
     "apply() found no gradient on any of the normalizer's parameters, so nothing was "
@@ -52,7 +63,19 @@ def reads_layers(rule: Rule) -> bool:
     return isinstance(rule, _PER_LAYER)
 
 
-def warn_if_one_flat_layer(layers: Sequence[Layer], rules: Sequence[Rule], flat: bool) -> None:
+def warn_if_one_flat_layer(target: object, layers: Sequence[Layer], rules: Sequence[Rule]) -> None:
     """Warn when a flat parameter list (one layer of several tensors) meets a per-layer rule."""
-    if flat and len(layers) == 1 and len(layers[0].params) > 1 and any(map(reads_layers, rules)):
+    flat = not isinstance(target, nn.Module | Mapping | torch.Tensor)
+    one = [layer.name for layer in layers] == [""] and len(layers[0].params) > 1
+    if flat and one and any(map(reads_layers, rules)):
         warnings.warn(ONE_FLAT_LAYER, UserWarning, stacklevel=4)
+
+
+def warn_if_no_gradients(normalizer: Any, report: NormReport) -> None:
+    """Warn, once per normalizer, when a step found no gradient on any of its parameters."""
+    if report.tensor_norms.numel() or not normalizer._engine.params:
+        return
+    if not getattr(normalizer, "_warned_no_gradients", False):
+        normalizer._warned_no_gradients = True
+        if not torch.compiler.is_compiling():
+            warnings.warn(NO_GRADIENTS, UserWarning, stacklevel=4)

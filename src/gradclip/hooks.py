@@ -54,7 +54,11 @@ def _with_closure(
 def _check_unscaled(optimizer: torch.optim.Optimizer) -> None:
     if getattr(optimizer, "grad_scale", None) is not None:
         # A fused optimizer stepped by GradScaler without unscale_: the gradients
-        # are still scaled, and normalizing them would be wrong.
+        # are still scaled, and normalizing them would be wrong. GradScaler removes
+        # the attributes it set only after a step that returned: remove them here,
+        # or every later step, unscale_ called or not, would raise again.
+        optimizer.__dict__.pop("grad_scale", None)
+        optimizer.__dict__.pop("found_inf", None)
         raise RuntimeError(
             "the optimizer's gradients are still scaled by GradScaler (fused optimizer): call "
             "scaler.unscale_(optimizer) before scaler.step(optimizer) so that gradclip "

@@ -6,59 +6,51 @@ is the one-call form in the style of ``torch.nn.utils.clip_grad_norm_``.
 
 from __future__ import annotations
 
-import operator
+import contextvars
 import threading
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
 
-from gradclip.advice import NO_GRADIENTS, warn_if_one_flat_layer
+from gradclip.advice import warn_if_no_gradients, warn_if_one_flat_layer
 from gradclip.config import parse_config
+from gradclip.copying import deep_copy, pickled_state, restore
+from gradclip.core.agreement import check_process_group, ddp_group
+from gradclip.core.checkpoint import covers_of, fresh_rows, load_state, save_state
 from gradclip.core.engine import Engine
+from gradclip.core.identity import LoadResult
 from gradclip.core.layers import (
     Layer,
     Target,
     build_layers,
-    match_overrides,
     resolve_override_keys,
+    reusable,
+    same_layers,
     structure_version,
     watch_module_structure,
 )
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
-from gradclip.core.state import READABLE_VERSIONS, check_identity, identity
+from gradclip.core.sharding import RankGroup
+from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
-from gradclip.hooks import AttachHandle, attach_pre_hook, attach_skipping
-from gradclip.rules.dl4j import GradientNormalization, resolve_rule
+from gradclip.fused import fused_hook
+from gradclip.hooks import AttachHandle
+from gradclip.rules.dl4j import GradientNormalization, assign_rules, layer_table, resolve_rule
+from gradclip.step_guard import attach_once
 
 __all__ = ["GradientNormalizer", "Mode"]
 
 Mode = GradientNormalization | str | Rule | None
 
 
-def _resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
-    """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise ValueError(
-                f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
-            )
-        return resolve_rule(value[0], value[1])
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"mode", "threshold"}
-        if unknown or "mode" not in value:
-            raise ValueError(
-                f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
-                f"got {sorted(value)}"
-            )
-        return resolve_rule(value["mode"], value.get("threshold", default_threshold))
-    return resolve_rule(value, default_threshold)
+_KEEP: Any = object()  # reconfigure(): leave the default rule as it is
+# the state store a normalizer starts from (GradientNormalizer._sharing); None: a fresh one
+_SEED: contextvars.ContextVar[StateStore | None] = contextvars.ContextVar("seed", default=None)
 
 
 class GradientNormalizer:
@@ -80,8 +72,11 @@ class GradientNormalizer:
             overrides that name a DL4J mode without one.
         overrides: ``{key: mode}``, ``{key: (mode, threshold)}`` or
             ``{key: {"mode": ..., "threshold": ...}}``. A key is a layer name, the
-            name of a module containing layers, or a glob pattern; the most
-            specific key wins. A mode given without a threshold takes the default
+            name of a module containing layers, or a glob pattern; an exact name
+            beats a glob, a glob beats a module name (see
+            `gradclip.core.layers.match_overrides`). Each key's layers are one
+            group: a global rule clips exactly them, a stateful one keeps a state
+            per key. A mode given without a threshold takes the default
             threshold, as in DL4J.
         measure_all: also measure norms of layers whose mode does not need them
             (``None``, element-wise clipping), at the cost of one read of those
@@ -89,6 +84,13 @@ class GradientNormalizer:
         nonfinite: ``"propagate"`` (default), ``"zero"``, ``"error"`` or ``"skip"``:
             what a step does with layers whose norm is inf or NaN; see
             `gradclip.core.nonfinite` for the cost of each.
+        process_group: the ranks that hold replicas of ``model`` (e.g. the
+            data-parallel group of a pipeline stage, or ``torch.distributed.group.WORLD``);
+            their configurations are compared at the first step, and a difference
+            raises `RankMismatchError` on all of them. Without it, the ranks of a
+            ``DistributedDataParallel`` target, or of the ``DTensor`` parameters'
+            mesh, are compared; a plain module under a process group is not
+            assumed to be replicated.
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -115,30 +117,40 @@ class GradientNormalizer:
         *,
         measure_all: bool = False,
         nonfinite: str = "propagate",
+        process_group: Any = None,
     ) -> None:
+        self.process_group = check_process_group(process_group)
         self.nonfinite = check_nonfinite(nonfinite)
         self.threshold = check_threshold(threshold)
+        self._mode: Mode = mode  # as given: a new threshold applies to a DL4J mode
         self.default = resolve_rule(mode, self.threshold)
         self.overrides = dict(overrides or {})
         self.measure_all = bool(measure_all)
         self._model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self._model_ref: weakref.ref[nn.Module] | None = None
-        self._target = None if isinstance(model, nn.Module) else model
-        if self._model is not None:
-            watch_module_structure()
+        self._target = None if isinstance(model, nn.Module) else reusable(model)
+        watch_module_structure()  # model.head = ..., also inside a custom grouping
         self._version = structure_version()
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
         )
-        self._warned_no_gradients = False
-        self._engine = self._build(None)
+        self._engine = self._build(_SEED.get())
         self.last_report: NormReport | None = None
+
+    @classmethod
+    def _sharing(cls, model: Target, mode: Mode, nonfinite: str, store: Any) -> GradientNormalizer:
+        """A normalizer whose rules' state is ``store`` (how `gradclip.normalize_` keeps
+        the state of a target it cannot hold a normalizer for)."""
+        token = _SEED.set(store)
+        try:
+            return cls(model, mode, nonfinite=nonfinite)
+        finally:
+            _SEED.reset(token)
 
     # -- the model -------------------------------------------------------------------------
     def _hold_weakly(self) -> None:
-        # normalize_ caches normalizers in a WeakKeyDictionary keyed by the module,
-        # which a strong reference from the value would keep alive forever.
+        # normalize_'s cache is keyed weakly by the module: a value must not hold it
         if self._model is not None:
             self._model_ref = weakref.ref(self._model)
             self._model = None
@@ -148,29 +160,31 @@ class GradientNormalizer:
             return self._model_ref()
         return self._model
 
-    def _build(self, previous: Engine | None) -> Engine:
+    def _build(self, store: StateStore | None) -> Engine:
         target = self._target if self._target is not None else self._module()
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
         layers = build_layers(target)
-        names = [layer.name for layer in layers]
         overrides = self.overrides
         if isinstance(target, nn.Module):  # a tied module's name names its layer
             overrides = resolve_override_keys(target, overrides)
-        resolved = {
-            key: _resolve_override(value, self.threshold, key) for key, value in overrides.items()
-        }
-        chosen = match_overrides(names, overrides)
-        rules = [resolved[chosen[n]] if n in chosen else self.default for n in names]
-        flat = not isinstance(target, nn.Module | Mapping | torch.Tensor) and names == [""]
-        warn_if_one_flat_layer(layers, rules, flat)
+        rules, tags = assign_rules(layers, self.default, self.threshold, overrides)
+        warn_if_one_flat_layer(target, layers, rules)
         return Engine(
             layers,
             rules,
             measure_all=self.measure_all,
             nonfinite=self.nonfinite,
-            store=None if previous is None else previous.store,
+            store=store,
+            tags=tags,
+            replicas=self._replicas(),
         )
+
+    def _replicas(self) -> RankGroup | None:
+        """The group whose ranks hold replicas of the model: explicit, or DDP's."""
+        if self.process_group is not None:
+            return RankGroup(self.process_group)
+        return ddp_group(self._module())
 
     def _refresh(self, force: bool = False) -> bool:
         """Rebuild the layers if the model's structure changed; returns whether it did.
@@ -180,7 +194,7 @@ class GradientNormalizer:
         ``fully_shard``) is caught by comparing the modules' entries with the
         parameters in use, or by ``force``, which walks the model.
         """
-        model = self._module()
+        model = self._target if self._target is not None else self._module()
         if model is None:
             return False
         stale = force or self._version != structure_version() or self._engine.swapped()
@@ -188,15 +202,9 @@ class GradientNormalizer:
             return False
         self._version = structure_version()
         layers = build_layers(model)
-        old = self._engine.layers
-        same = len(layers) == len(old) and all(
-            a.name == b.name
-            and a.param_names == b.param_names
-            and all(map(operator.is_, a.params, b.params))
-            for a, b in zip(layers, old)
-        )
+        same = same_layers(layers, self._engine.layers)
         if not same:
-            self._engine = self._build(self._engine)
+            self._engine = self._build(self._engine.store)
         return not same
 
     @classmethod
@@ -265,20 +273,13 @@ class GradientNormalizer:
         # behind our back (e.g. by fully_shard after this normalizer was built).
         if report.tensor_norms.numel() == 0 and self._refresh(force=True):
             report = self._engine.step()
-        if (
-            report.tensor_norms.numel() == 0
-            and self._engine.params
-            and not self._warned_no_gradients
-        ):
-            self._warned_no_gradients = True  # once per normalizer, and once per call site
-            if not torch.compiler.is_compiling():
-                warnings.warn(NO_GRADIENTS, UserWarning, stacklevel=3)
+        warn_if_no_gradients(self, report)
         self.last_report = report
         return report
 
     __call__ = apply
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
+    def attach(self, optimizer: torch.optim.Optimizer, *, fold: bool = True) -> AttachHandle:
         """Apply this normalizer inside every ``optimizer.step()``.
 
         Before the update, on the gradients of the last backward pass; for an
@@ -289,36 +290,21 @@ class GradientNormalizer:
         Returns:
             A handle; ``handle.remove()`` detaches the normalizer.
 
+        ``optimizer`` may be a framework's wrapper (accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the
+        optimizer inside it is hooked. With ``nonfinite="skip"`` steps stay
+        normalized and skipped when something replaces ``optimizer.step``
+        afterwards (see `gradclip.step_guard`). A fused optimizer (``fused=True``)
+        takes the multiply (``fold``), the unscale and the skip into its own step:
+        see `gradclip.fused`.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper of one).
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                "attach() takes a torch.optim.Optimizer (it registers a step pre-hook), got "
-                f"{type(optimizer).__name__}; for other training loops call normalizer.apply() "
-                "before the update"
-            )
-        if optimizer in self._attached:
-            raise RuntimeError(
-                "this GradientNormalizer is already attached to this optimizer: a second "
-                "attach would normalize twice per step. Keep the first handle (or call its "
-                "remove() before attaching again)"
-            )
-        attached = self._attached
-        ref = weakref.ref(optimizer)
-
-        def forget() -> None:
-            opt = ref()
-            if opt is not None:
-                attached.pop(opt, None)
-
-        if self.nonfinite == "skip":
-            handle = attach_skipping(optimizer, lambda: not self.apply_skipping(), forget)
-        else:
-            handle = attach_pre_hook(optimizer, self.apply, forget)
-        attached[optimizer] = handle
-        return handle
+        skip = self.nonfinite == "skip"
+        hook = fused_hook(self, fold)
+        return attach_once(self._attached, optimizer, self.apply, self.apply_skipping, skip, hook)
 
     def apply_skipping(self) -> bool:
         """`apply`, then whether the step must be skipped (``nonfinite="skip"``).
@@ -336,41 +322,90 @@ class GradientNormalizer:
 
         Available at any time, from construction on; save it with the model and
         optimizer, and `load_state_dict` on a normalizer of the same model and
-        configuration continues bit for bit. The format is versioned. For a
-        model built on the meta device it holds the fresh state until
-        ``to_empty``; a lazy module's parameter is recorded with shape ``(?)``
-        until its first forward, which matches any shape when loading.
+        configuration continues bit for bit. The format is versioned.
         """
         with self._lock:
             self._refresh()
-            return {**self._engine.store.state_dict(), **self._identity()}
+            return save_state(self._engine)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Restore `state_dict`; it takes effect at the next step.
 
+        A saved state is restored into a rule here when that rule's
+        state-relevant fields and the layers it covers match (see
+        `gradclip.core.identity`): thresholds, caps and stateless rules may
+        differ.
+
+        Args:
+            state_dict: what `state_dict` returned (this version or gradclip 0.2's).
+            strict: refuse, changing nothing, unless every stateful rule here is
+                restored and every saved state used (the default). With
+                ``False``, what matches is restored, the rest starts afresh.
+
+        Returns:
+            What was left, as torch's ``Module.load_state_dict`` returns it:
+            ``missing_keys`` (rows here that start afresh), ``unexpected_keys``
+            (saved rows unused) and ``reasons``.
+
         Raises:
-            ValueError: the state dict belongs to another configuration (rules,
-                layers, tensor shapes) or another version; nothing is changed.
+            ValueError: not a state dict of this format, or (``strict``) one of
+                another configuration; nothing is changed.
+
+        Examples:
+            >>> net = torch.nn.Linear(4, 2)
+            >>> saved = gradclip.GradientNormalizer(net, gradclip.ZClip(z_thresh=2.5)).state_dict()
+            >>> later = gradclip.GradientNormalizer(net, gradclip.ZClip(z_thresh=3.0))
+            >>> later.load_state_dict(saved)  # a threshold is not part of the state's identity
+            LoadResult(missing_keys=[], unexpected_keys=[], reasons={})
         """
         with self._lock:
             self._refresh()
-            if isinstance(state_dict, Mapping) and state_dict.get("version") in READABLE_VERSIONS:
-                check_identity(state_dict, self._identity())
-            # values are copied into the existing tensors: the cached plans stay valid
-            self._engine.store.load_state_dict(state_dict)
+            return load_state(self._engine, state_dict, strict)
 
-    def _identity(self) -> dict[str, list[str]]:
-        engine = self._engine
-        return identity(
-            [layer.name for layer in engine.layers],
-            [
-                # a lazy module's parameter has no shape before the first forward
-                f"{layer.qualified(k)}{'(?)' if is_lazy(p) else tuple(p.shape)}"
-                for layer in engine.layers
-                for k, p in enumerate(layer.params)
-            ],
-            [rule.describe() for rule in engine.rules],
-        )
+    def reconfigure(
+        self,
+        mode: Mode | object = _KEEP,
+        threshold: float | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Change the rules between steps, keeping the state that still applies.
+
+        For threshold schedules (a warm-up of ``max_grad_norm``, a decaying
+        ``z_thresh``): each stateful rule keeps its state when its
+        state-relevant fields and the layers it covers are unchanged (see
+        `gradclip.core.identity`); the others start afresh. Costs a new plan,
+        as a changed model does: call it when the value changes, not every step.
+
+        Args:
+            mode: the new default rule (unchanged if not given).
+            threshold: the new default threshold (unchanged if ``None``).
+            overrides: the new overrides (unchanged if ``None``).
+
+        Returns:
+            The state rows that started afresh (empty when every state was kept).
+
+        Raises:
+            ValueError / TypeError / KeyError: as the constructor; nothing changes then.
+
+        Examples:
+            >>> net = torch.nn.Linear(4, 2)
+            >>> normalizer = gradclip.GradientNormalizer(net, gradclip.ZClip(z_thresh=4.0))
+            >>> normalizer.reconfigure(gradclip.ZClip(z_thresh=2.5))  # the EMA is kept
+            []
+        """
+        with self._lock:
+            saved = self._mode, self.threshold, self.default, self.overrides
+            try:
+                self._mode = self._mode if mode is _KEEP else mode  # type: ignore[assignment]
+                self.threshold = check_threshold(threshold or self.threshold)
+                self.overrides = dict(self.overrides if overrides is None else overrides)
+                self.default = resolve_rule(self._mode, self.threshold)
+                before = covers_of(self._engine.store)
+                self._engine = self._build(self._engine.store)
+            except Exception:
+                self._mode, self.threshold, self.default, self.overrides = saved
+                raise
+            return fresh_rows(before, self._engine.store)
 
     # -- inspection ----------------------------------------------------------------------------
     @property
@@ -390,16 +425,7 @@ class GradientNormalizer:
     def describe(self) -> str:
         """A table of the layers: name, parameters (with shapes), rule and its settings."""
         self._refresh()
-        rows = [("layer", "parameters", "mode")]
-        for layer, rule in zip(self._engine.layers, self._engine.rules):
-            params = ", ".join(
-                f"{name} {tuple(p.shape)}" for name, p in zip(layer.param_names, layer.params)
-            )
-            rows.append((layer.name or "(root)", params, rule.describe()))
-        widths = [max(len(r[i]) for r in rows) for i in range(2)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join(lines)
+        return layer_table(self._engine.layers, self._engine.rules)
 
     def __str__(self) -> str:
         return self.describe()
@@ -410,18 +436,13 @@ class GradientNormalizer:
             f"overrides={len(self.overrides)})"
         )
 
-    # -- copies and pickling -------------------------------------------------------------------
+    # -- copies and pickling (see gradclip.copying) ----------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_model"] = self._module()  # a copy holds its model strongly
-        state["_model_ref"] = None
-        del state["_lock"]
-        state["_attached"] = None  # attachments belong to the original's optimizers
-        state["last_report"] = None  # it refers to the original's plan
-        return state
+        return pickled_state(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradientNormalizer:
+        groups = (self.process_group, getattr(self._engine._replicas, "group", None))
+        return deep_copy(self, memo, groups)  # type: ignore[no-any-return]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("_warned_no_gradients", False)  # pickled by gradclip 0.2
-        self._lock = threading.Lock()
-        self._attached = weakref.WeakKeyDictionary()
+        restore(self, state)

@@ -81,7 +81,7 @@ def _train(
 
 
 def _history_capacity(state: dict[str, Any]) -> int:
-    slot = state["rules"]["AutoClip(percentile=40.0, history_size=None, scope='layer')"]
+    slot = state["rules"]["AutoClip(history_size=None, scope='layer')"]
     return int(slot["rows"]["3"]["history"]["shape"][0])
 
 

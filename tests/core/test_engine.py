@@ -101,6 +101,7 @@ def test_no_temporary_the_size_of_a_gradient() -> None:
                     isinstance(t, torch.Tensor)
                     and t.numel() >= largest
                     and not func._schema.name.endswith("_")
+                    and not func.is_view  # a view of a gradient (its rows) allocates nothing
                 ):
                     big_outputs.append(func._schema.name)
             return out

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from two_ranks import module_tests
+from two_ranks import AGREEMENT, module_tests
 
 import gradclip
 from gradclip.commands.bench_distributed import CollectiveCounter
@@ -156,7 +156,7 @@ def _case_heads(rank: int, out: dict[str, Any]) -> None:
                 model.zero_grad(set_to_none=True)
             err, n = _expect_mismatch(normalizer, model)
             assert sorted(err.params) == expected[name], err.params
-            assert n == 1, n
+            assert n == AGREEMENT + 1, n
             assert "No gradient or state was modified" in str(err), str(err)
             if name != "agreement:rank-without-gradients":
                 assert "a gradient on 1 of 2 ranks" in str(err), str(err)
@@ -184,10 +184,12 @@ def _case_no_gradients_anywhere(rank: int, out: dict[str, Any]) -> None:
     counter = CollectiveCounter()
     with counter:
         report = normalizer.apply()
-    assert report.layer_names == [] and len(counter.ops) == 1, (report.layer_names, counter.ops)
+    ops = len(counter.ops)
+    assert report.layer_names == [] and ops == AGREEMENT + 1, (report.layer_names, counter.ops)
     # what one step sends: 8 fingerprint floats (one per parameter), the failure
-    # count, and the 8 squared norms (zeros here): the same with gradients or without
-    assert counter.elements == [8 + 1 + 8], counter.elements
+    # count, and the 8 squared norms (zeros here): the same with gradients or without;
+    # before it, the configurations' digest (2 integers per setting)
+    assert counter.elements == [8, 8 + 1 + 8], counter.elements
     out["agreement:no-gradients-anywhere"] = {"ok": True, "collectives": 1}
 
 
@@ -219,9 +221,9 @@ def _case_dtype_and_failure(rank: int, out: dict[str, Any]) -> None:
         )
         holder = nn.ParameterDict(params)
         err, n = _expect_mismatch(normalizer, holder)
-        assert err.params == ["c.0"] and n == 1, (err.params, n)
+        assert err.params == ["c.0"] and n == AGREEMENT + 1, (err.params, n)
         assert "different dtypes" in str(err), str(err)
-        out[name] = {"ok": True, "collectives": n, "same_on_ranks": str(err)}
+        out[name] = {"ok": True, "collectives": n - AGREEMENT, "same_on_ranks": str(err)}
     except Exception:
         out[name] = {"ok": False, "msg": traceback.format_exc()}
 
@@ -246,7 +248,7 @@ def _case_dtype_and_failure(rank: int, out: dict[str, Any]) -> None:
         else:
             raise AssertionError("the failure on rank 0 went unnoticed")
         assert _same(_snapshot(holder), grads)
-        assert len(counter.ops) == 1, counter.ops
+        assert len(counter.ops) == AGREEMENT + 1, counter.ops
         out[name] = {"ok": True, "collectives": 1}
     except Exception:
         out[name] = {"ok": False, "msg": traceback.format_exc()}

@@ -127,7 +127,7 @@ def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -> None
         _step(model, normalizer, seed)
     torch.save(normalizer.state_dict(), tmp_path / "s.pt")
     loaded = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert loaded["format"] == "gradclip.GradientNormalizer" and loaded["version"] == 2
+    assert loaded["format"] == "gradclip.GradientNormalizer" and loaded["version"] == 3
     assert loaded["layers"] == ["0", "1"]
     (slot,) = loaded["rules"].values()
     assert slot["steps"] == 3
@@ -158,7 +158,11 @@ def test_state_dict_for_another_model_is_rejected() -> None:
     _step(model, normalizer, 0)
     state = normalizer.state_dict()
     wider = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"different model.*parameter 0 is '0.weight\(4, 3\)'"):
+    with pytest.raises(
+        ValueError,
+        match=r"different model.*covers \['0: weight\(3, 3\).*here the row covers "
+        r"\['0: weight\(4, 3\)",
+    ):
         gradclip.GradientNormalizer(wider, gradclip.ZClip()).load_state_dict(state)
     deeper = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="different model"):
@@ -173,13 +177,13 @@ def test_state_dict_for_another_rule_is_rejected() -> None:
     _step(model, normalizer, 0)
     state = normalizer.state_dict()
     other = gradclip.GradientNormalizer(_model(), gradclip.ZClip(alpha=0.8))
-    with pytest.raises(ValueError, match=r'rule 0 is "ZClip\(alpha=0.8'):
+    with pytest.raises(ValueError, match=r"ZClip\(alpha=0.8.*no saved state of this rule"):
         other.load_state_dict(state)
 
 
 def test_a_version_1_state_is_refused_with_the_reason() -> None:
     normalizer = gradclip.GradientNormalizer(_model(), gradclip.ZClip())
-    with pytest.raises(ValueError, match=r"version 1.*reads version 2"):
+    with pytest.raises(ValueError, match=r"version 1.*reads version 2 or 3"):
         normalizer.load_state_dict({"format": "gradclip.GradientNormalizer", "version": 1})
 
 

@@ -87,15 +87,73 @@ def test_state_restored_by_hand_before_fit() -> None:
         assert set(_counts(again).values()) == {8}
 
 
-def test_state_of_another_model_is_refused() -> None:
+def test_state_of_another_model_restores_what_matches_and_warns() -> None:
     torch.manual_seed(0)
     callback = GradientNormalizationCallback(RULE)
     _trainer(callback).fit(Net(), _data())
     other = GradientNormalizationCallback(RULE)
     other.load_state_dict(callback.state_dict())
     wider = Net(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Linear(16, 16)))
-    with pytest.raises(ValueError, match=r"optimizer 0: .*different model"):
+    with pytest.warns(gradclip.StateNotRestoredWarning, match=r"optimizer 0: .*'body.3'"):
         _trainer(other).fit(wider, _data())
+    assert _counts(other) == {"body.0": 8, "body.2": 8, "body.3": 4, "head": 8}
+
+
+def _resume(tmp_path: Any, first: Any, second: Any) -> GradientNormalizationCallback:
+    """Fit one epoch with callback ``first``, checkpoint, resume a second with ``second``."""
+    torch.manual_seed(0)
+    trainer = _trainer(first)
+    module = Net()
+    trainer.fit(module, _data())
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    _trainer(second, epochs=2).fit(copy.deepcopy(module), _data(), ckpt_path=tmp_path / "one.ckpt")
+    return second
+
+
+def test_a_resume_with_another_rule_warns_and_goes_on(tmp_path: Any) -> None:
+    first = GradientNormalizationCallback(gradclip.AutoClip(scope="layer"))
+    with pytest.warns(gradclip.StateNotRestoredWarning, match=r"AutoClip.*ZClip"):
+        second = _resume(tmp_path, first, GradientNormalizationCallback(RULE))
+    assert set(_counts(second).values()) == {4}  # started afresh at the resume
+
+
+def test_a_changed_threshold_that_an_override_inherits_restores_everything(
+    tmp_path: Any,
+) -> None:
+    import warnings
+
+    overrides = {"head": "ClipL2PerLayer"}  # takes its threshold from threshold=
+    first = GradientNormalizationCallback(RULE, threshold=1.0, overrides=overrides)
+    second = GradientNormalizationCallback(RULE, threshold=2.0, overrides=overrides)
+    assert first.state_key != second.state_key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradclip.StateNotRestoredWarning)
+        _resume(tmp_path, first, second)
+    assert set(_counts(second).values()) == {8}
+
+
+def test_equivalent_spellings_are_one_configuration() -> None:
+    spelled = [
+        GradientNormalizationCallback("ClipL2PerLayer", overrides={"head": "ClipL2PerLayer"}),
+        GradientNormalizationCallback(
+            ("ClipL2PerLayer"), overrides={"head": ("ClipL2PerLayer", 1.0)}
+        ),
+        GradientNormalizationCallback(
+            gradclip.ClipL2PerLayer(1.0),
+            overrides={"head": {"mode": "CLIP_L2_PER_LAYER", "threshold": 1}},
+        ),
+    ]
+    assert len({callback.state_key for callback in spelled}) == 1
+
+
+def test_a_mismatch_can_be_made_an_error(tmp_path: Any) -> None:
+    import warnings
+
+    first = GradientNormalizationCallback(gradclip.AutoClip(scope="layer"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradclip.StateNotRestoredWarning)
+        with pytest.raises(gradclip.StateNotRestoredWarning):
+            _resume(tmp_path, first, GradientNormalizationCallback(RULE))
 
 
 def test_checkpoint_holds_the_state_under_the_callbacks_key(tmp_path: Any) -> None:

@@ -146,3 +146,28 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(_equal, a, b))
     return bool(a == b)
+
+
+def test_a_resume_with_another_rule_warns_and_trains_on(tmp_path: Path) -> None:
+    first = GradientNormalizationCallback(gradclip.AutoClip(scope="layer"))
+    _trainer(tmp_path, first, max_steps=2, save_strategy="steps", save_steps=2).train()
+    for mode in ("ClipL2PerLayer", gradclip.ZClip(warmup_steps=2)):  # stateless, stateful
+        again = GradientNormalizationCallback(mode)
+        with pytest.warns(gradclip.StateNotRestoredWarning, match=r"resuming at step 2.*AutoClip"):
+            trainer = _trainer(tmp_path, again, max_steps=4)
+            trainer.train(resume_from_checkpoint=True)
+        assert trainer.state.global_step == 4
+
+
+def test_a_resume_with_only_a_threshold_changed_restores_silently(tmp_path: Path) -> None:
+    import warnings
+
+    first = GradientNormalizationCallback(gradclip.ZClip(warmup_steps=2, z_thresh=2.0))
+    _trainer(tmp_path, first, max_steps=2, save_strategy="steps", save_steps=2).train()
+    again = GradientNormalizationCallback(gradclip.ZClip(warmup_steps=2, z_thresh=3.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradclip.StateNotRestoredWarning)
+        _trainer(tmp_path, again, max_steps=4).train(resume_from_checkpoint=True)
+    assert again.normalizer is not None
+    ((_, slot),) = again.normalizer.state_dict()["rules"].items()
+    assert int(slot["rows"]["*"]["count"]) == 4

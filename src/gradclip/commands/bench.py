@@ -23,6 +23,14 @@ scenario's reference, measured in the same run:
   ``clip_grad_value_(foreach=True)``; on CUDA also the per-layer rule with the
   ``_foreach_mul_`` multiply (``GRADCLIP_KERNELS=foreach``) beside the Triton one.
 
+* ``train_step`` — a whole fused AdamW step on GPT-2-small shaped gradients:
+  clipping folded into the optimizer, unfolded, and the AMP recipe without
+  ``unscale_``, against torch's (`gradclip.commands.bench_step`).
+
+Every scenario also times the *hardware floor*: a read pass and a read/write
+pass over one flat buffer of the gradients' bytes (`bench_floor`), in the same
+run; each row shows its time over that floor.
+
 Besides the wall time of a call, each row has its host time, on CUDA its GPU
 time (CUDA events), and what one call launches (`bench_timing`). Extra memory
 is measured as the peak of bytes allocated during one call (CUDA:
@@ -35,14 +43,15 @@ import argparse
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import gradclip
+from gradclip.commands.bench_floor import READ, READ_WRITE, floor_methods, floor_ms
+from gradclip.commands.bench_rows import Row, format_table
+from gradclip.commands.bench_step import train_step_rows
 from gradclip.commands.bench_timing import (
-    Launches,
     count_launches,
     peak_extra_bytes,
     time_methods,
@@ -53,28 +62,6 @@ from gradclip.core.kernels import KERNELS_ENV, kernel_mode, kernel_path
 __all__ = ["Row", "add_arguments", "run", "run_benchmarks"]
 
 Method = Callable[[], object]
-
-
-@dataclass
-class Row:
-    """One timed method of one scenario."""
-
-    scenario: str
-    method: str
-    median_ms: float
-    ratio: float | None  # to the scenario's reference method
-    reference: str
-    target: float | None  # the ratio the project promises, if any
-    extra_bytes: int | None = None
-    host_ms: float | None = None  # time for the call to return
-    gpu_ms: float | None = None  # CUDA events around the call
-    launches: Launches | None = None  # per call, from the profiler
-
-    @property
-    def meets_target(self) -> bool | None:
-        if self.target is None or self.ratio is None:
-            return None
-        return self.ratio <= self.target
 
 
 # -- gradients of fixed shapes --------------------------------------------------------
@@ -140,6 +127,10 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return list(model.parameters())
 
 
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
 def _scenario(
     name: str,
     methods: Mapping[str, Method],
@@ -148,8 +139,15 @@ def _scenario(
     device: torch.device,
     reps: int,
     measure_memory: set[str],
+    *,
+    grads: list[torch.Tensor],
+    passes: tuple[str, ...] = (READ, READ_WRITE),
+    floor_targets: Mapping[str, float] | None = None,
 ) -> list[Row]:
+    """Time ``methods`` and the hardware floor of ``grads`` (`bench_floor`), interleaved."""
+    methods = {**methods, **floor_methods(grads, device)}
     timings = time_methods(methods, device, reps)
+    floor = floor_ms(timings, passes)
     rows = []
     for method, timing in timings.items():
         extra = peak_extra_bytes(methods[method], device) if method in measure_memory else None
@@ -166,6 +164,8 @@ def _scenario(
                 timing.host_ms,
                 timing.gpu_ms,
                 count_launches(methods[method], device),
+                timing.wall_ms / floor,
+                (floor_targets or {}).get(method),
             )
         )
     return rows
@@ -191,6 +191,8 @@ def _gpt2_rows(device: torch.device, reps: int, blocks: int) -> list[Row]:
         device,
         reps,
         {"gradclip ClipL2PerLayer"},
+        grads=grads,
+        floor_targets={"gradclip ClipL2PerLayer": 1.15},
     )
 
 
@@ -222,6 +224,7 @@ def _linear1000_rows(device: torch.device, reps: int) -> list[Row]:
         device,
         reps,
         {"gradclip ClipL2PerLayer"},
+        grads=_grads(params),
     )
 
 
@@ -242,6 +245,8 @@ def _value_rows(
         device,
         reps,
         {"gradclip ClipElementWiseAbsoluteValue"},
+        grads=_grads(params),
+        passes=(READ_WRITE,),  # one pass: clamp in place
     )
 
 
@@ -267,6 +272,7 @@ def _strategy_rows(device: torch.device, reps: int) -> list[Row]:
         device,
         reps,
         set(),
+        grads=_grads(params),
     )
 
 
@@ -313,10 +319,19 @@ def _small2000_rows(device: torch.device, reps: int) -> list[Row]:
         device,
         reps,
         set(),
+        grads=_grads(params),
     )
 
 
-SCENARIOS = ("gpt2", "linear1000", "value_large", "value_small", "strategies", "small2000")
+SCENARIOS = (
+    "gpt2",
+    "linear1000",
+    "value_large",
+    "value_small",
+    "strategies",
+    "small2000",
+    "train_step",
+)
 
 
 def run_benchmarks(
@@ -345,44 +360,10 @@ def run_benchmarks(
             yield from _strategy_rows(device, reps)
         elif scenario == "small2000":
             yield from _small2000_rows(device, reps * 5)
+        elif scenario == "train_step":
+            yield from train_step_rows(_gpt2(device, gpt2_blocks), device, reps)
         else:
             raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
-
-
-def format_table(rows: list[Row]) -> str:
-    """The rows as a Markdown table.
-
-    Columns: the median wall time of a call, its host time and (CUDA) GPU time,
-    what it launches (CUDA: kernels, and ``+N H2D`` host-to-device copies; CPU:
-    top-level aten ops), the ratio of wall times to the scenario's reference,
-    the project's target for that ratio, and the peak extra memory of a call.
-    """
-    lines = [
-        "| scenario | method | median ms | host ms | GPU ms | launches | ratio | vs | target "
-        "| peak extra bytes |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
-    ]
-    for row in rows:
-        ratio = "1 (ref)" if row.ratio is None else f"{row.ratio:.2f}x"
-        target = (
-            ""
-            if row.target is None
-            else f"<= {row.target:.2f}x " + ("ok" if row.meets_target else "MISSED")
-        )
-        extra = "" if row.extra_bytes is None else f"{row.extra_bytes:,}"
-        vs = "" if row.ratio is None else row.reference
-        host = "" if row.host_ms is None else f"{row.host_ms:.3f}"
-        gpu = "" if row.gpu_ms is None else f"{row.gpu_ms:.3f}"
-        launches = ""
-        if row.launches is not None:
-            launches = str(row.launches.kernels)
-            if row.launches.copies_to_device:
-                launches += f" +{row.launches.copies_to_device} H2D"
-        lines.append(
-            f"| {row.scenario} | {row.method} | {row.median_ms:.3f} | {host} | {gpu} | {launches} "
-            f"| {ratio} | {vs} | {target} | {extra} |"
-        )
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -406,6 +387,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time apply() on 2 gloo ranks against clip_grad_norm_ (FSDP2 shards)",
     )
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="the relative error of norms against float64, gradclip's and torch's, up to 1e8 "
+        "values (1e6 with --quick); only this unless --scenario is given",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -420,6 +407,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"device {torch.cuda.get_device_name(where)}")
     multiply = kernel_path(where, torch.float32)
     print(f"multiply of float32 gradients: {multiply} ({KERNELS_ENV}={kernel_mode()})")
+    if getattr(args, "accuracy", False):
+        from gradclip.commands.bench_accuracy import SIZES, accuracy_rows, format_accuracy
+
+        sizes = SIZES[:4] if args.quick else SIZES
+        print(format_accuracy(accuracy_rows(where, sizes)))
+        if not args.scenario:
+            return 0
+        print()
     rows = []
     for row in run_benchmarks(
         scenarios, device=device, reps=reps, gpt2_blocks=2 if args.quick else 12

@@ -11,12 +11,14 @@ lined up by a barrier before each call (the barrier is not timed):
 * ``torch.nn.utils.clip_grad_norm_`` on the same sharded parameters: one global
   norm (torch's DTensor path);
 * the naive per-layer alternative, ``clip_grad_norm_`` called once per layer,
-  which costs one collective per layer.
+  which costs one collective per layer;
+* ``gradclip`` on the same layers wrapped in DDP instead, whose gradients are
+  already averaged: no collective.
 
-The collectives of one call of each, and the elements they send, are counted
-with `CollectiveCounter`.
-Medians over ``repeats`` calls, from rank 0. The first call of each method is
-not timed (it builds the cached plan).
+The collectives of one steady call of each, and the elements they send, are
+counted with `CollectiveCounter`. Medians over ``repeats`` calls, from rank 0.
+The first call of each method is not counted or timed (it builds the cached
+plan and, for gradclip, compares the ranks' configurations).
 
 Command line: `python -m gradclip bench --distributed` or
 `python -m gradclip.commands.bench_distributed [--layers N] [--width W]`; from
@@ -171,6 +173,13 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
             ),
             ("torch clip_grad_norm_ per layer", naive),
         ]
+        # the same layers under DDP: plain, already averaged gradients, no collective
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_mlp(config["layers"], config["width"]))
+        ddp(torch.randn(8, config["width"])).square().sum().backward()
+        ddp_normalizer = gradclip.GradientNormalizer(ddp, config["mode"], config["threshold"])
+        methods.append((f"gradclip {config['mode']} apply() under DDP", ddp_normalizer.apply))
         rows: list[dict[str, Any]] = []
         for name, fn in methods:
             fn()  # builds caches (gradclip's plan); its collectives are counted next

@@ -84,21 +84,34 @@ def layout_codes(dtypes: Sequence[torch.dtype | None]) -> list[int]:
 
 
 class RankMismatchError(RuntimeError):
-    """Ranks disagreed on the step's gradients, or one of them failed; nothing was modified.
+    """Ranks disagreed on a step's gradients or configuration, or one failed; nothing changed.
 
     Raised on every rank, with the same message, by a step of a sharded model
-    (see `gradclip.core.collective`).
+    (see `gradclip.core.collective`), or by the first step of replicas whose
+    configurations differ (see `gradclip.core.agreement`).
 
     Attributes:
-        params: the parameters the ranks disagree on (qualified names).
+        params: the parameters the ranks disagree on (qualified names); for a
+            configuration, the layers whose rules differ.
         failed_ranks: how many ranks raised an error of their own while preparing
             the step (their messages are in their own logs).
+        settings: for a configuration, ``{setting: {rank: value}}`` of each
+            setting that differs (``"layers"``, ``"rules"``, ``"nonfinite"``,
+            ``"measure_all"``); empty otherwise.
     """
 
-    def __init__(self, message: str, params: list[str], failed_ranks: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        params: list[str],
+        failed_ranks: int,
+        *,
+        settings: dict[str, dict[int, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.params = params
         self.failed_ranks = failed_ranks
+        self.settings = settings or {}
 
 
 @dataclass(eq=False)
@@ -287,6 +300,7 @@ def sharded_model(
     trainable: Sequence[bool],
     measure_all: bool,
     store: StateStore,
+    tags: Sequence[str | None] | None = None,
 ) -> ShardedModel | None:
     """Size the collective of an engine's steps from its parameters.
 
@@ -317,6 +331,7 @@ def sharded_model(
                 grads=params,
                 measure_all=measure_all,
                 store=store,
+                tags=tags,
             )
             break
         except Exception:

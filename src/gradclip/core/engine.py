@@ -27,22 +27,31 @@ from typing import Any
 
 import torch
 
+from gradclip.core.agreement import Configuration, agree, dtensor_group
 from gradclip.core.collective import ShardedModel, sharded_model
+from gradclip.core.folding import FusedArgs
+from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
-from gradclip.core.measure import finish, judged_layer_norms, measure, measure_local
+from gradclip.core.measure import (
+    finish,
+    judged_layer_norms,
+    measure,
+    measure_local,
+)
 from gradclip.core.nonfinite import (
     NonFiniteGradientError,
     bad_layers,
     check_nonfinite,
+    judge_unsquared,
     read_bad_layers,
     zero_layers_,
 )
 from gradclip.core.plan import Plan, Signature, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
-from gradclip.core.rule import Rule, stages_of
-from gradclip.core.sharding import is_dtensor, local_tensors
+from gradclip.core.rule import Rule, group_of, stages_of
+from gradclip.core.sharding import RankGroup, is_dtensor, local_tensors
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -64,6 +73,13 @@ class Engine:
             `gradclip.core.nonfinite`); any policy but ``"propagate"`` measures
             every layer.
         store: the rules' state, kept when the engine is rebuilt for a changed model.
+        replicas: the ranks that hold replicas of these layers (a DDP target's group,
+            an explicit ``process_group=``); ``None``: those of the ``DTensor``
+            parameters' mesh, if any. Their configurations are compared at the
+            first step (`gradclip.core.agreement`).
+        tags: per layer, the override key that chose its rule (``None``: the default
+            rule). Equal rules under different tags are different groups: a global
+            rule clips each key's layers alone, a stateful one keeps a state per key.
     """
 
     def __init__(
@@ -74,18 +90,32 @@ class Engine:
         measure_all: bool = False,
         nonfinite: str = "propagate",
         store: StateStore | None = None,
+        tags: Sequence[str | None] | None = None,
+        replicas: RankGroup | None = None,
     ) -> None:
-        if len(layers) != len(rules):
-            raise ValueError("one rule per layer is required")
+        if len(layers) != len(rules) or (tags is not None and len(tags) != len(rules)):
+            raise ValueError("one rule (and one tag) per layer is required")
         self.layers = list(layers)
         self.rules = list(rules)
+        self.tags: list[str | None] = list(tags) if tags is not None else [None] * len(rules)
         self.nonfinite = check_nonfinite(nonfinite)
         self.measure_all = measure_all or self.nonfinite != "propagate"
+        self._measure_all_setting = bool(measure_all)  # as configured, for the replicas
         self.store = store if store is not None else StateStore()
         self.params = [p for layer in self.layers for p in layer.params]
         self._names = [
             layer.qualified(k) for layer in self.layers for k in range(len(layer.params))
         ]
+        # Layers whose rule reads nothing (DL4J None) are not even validated, unless
+        # a norm is asked for: their gradients may be anything (sparse, say).
+        idle = [
+            not any(s.reads_gradient for s in stages_of(rule))
+            for layer, rule in zip(self.layers, self.rules)
+            for _ in layer.params
+        ]
+        self._idle = idle  # for the message when such a gradient is refused after all
+        inert = [i and not self.measure_all for i in idle]
+        self._inert: list[bool] | None = inert if any(inert) else None
         frozen_checks = [not layer.explicit for layer in self.layers for _ in layer.params]
         self._check_frozen: bool | list[bool] = (
             (frozen_checks[0] if len(set(frozen_checks)) == 1 else frozen_checks)
@@ -105,10 +135,18 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        #: after a step with ``divisor`` or ``fold``: what the fused optimizer must
+        #: divide the gradients by (its ``grad_scale``); ``None`` otherwise
+        self.divisor: torch.Tensor | None = None
+        #: after a step with ``skip_on_device``: 0-d bool, a layer was not finite
+        self.bad_step: torch.Tensor | None = None
         # known now for plain tensors (no collective), so that a compiled first step
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
         self._sharded: ShardedModel | None = None if plain else _UNKNOWN
+        # replicas compare configurations once, before this engine's first collective
+        self._replicas = replicas if replicas is not None else dtensor_group(self.params)
+        self._agreed = self._replicas is None
         self._init_state()
         self._predict_plan()
 
@@ -136,22 +174,44 @@ class Engine:
         self._checked = signature
 
     def _init_state(self) -> None:
-        """Give every stateful rule its slot and rows now, before any step (for checkpoints)."""
+        """Give every stateful rule its slot and rows now, before any step (for checkpoints).
+
+        Each row records the layers it covers (`gradclip.core.identity`); a row
+        kept from before that now covers other layers starts afresh.
+        """
         device = self.params[0].device if self.params else torch.device("cpu")
         dtype = accumulation_dtype_of(device)
         groups: dict[object, list[int]] = {}
-        for lid, rule in enumerate(self.rules):
-            groups.setdefault(rule.group_key(), []).append(lid)
+        for lid, (rule, tag) in enumerate(zip(self.rules, self.tags)):
+            groups.setdefault(group_of(rule, tag), []).append(lid)
         keep: dict[str, list[str]] = {}
         for layer_ids in groups.values():
-            rule = self.rules[layer_ids[0]]
+            rule, tag = self.rules[layer_ids[0]], self.tags[layer_ids[0]]
             stages = stages_of(rule)
+            names = [self.layers[i].name for i in layer_ids]
+            signatures = tuple(layer_signature(self.layers[i]) for i in layer_ids)
             for k, stage in enumerate(stages):
-                slot = state_slot(rule, k, stage, len(stages) > 1)
-                if slot is not None:
-                    rows = state_rows(stage, [self.layers[i].name for i in layer_ids])
-                    self.store.ensure(slot, stage, rows, device, dtype)
-                    keep[slot] = rows
+                many = len(stages) > 1
+                slot = state_slot(rule, k, stage, many)
+                if slot is None:
+                    continue
+                rows = state_rows(stage, names, tag)
+                taken = set(keep.get(slot, ())) & set(rows)
+                if taken:
+                    raise ValueError(
+                        f"two groups of {stage.describe()} would share the state row(s) "
+                        f"{sorted(taken)}: give each group of layers its own tag"
+                    )
+                per_layer = rows == names
+                covers = (
+                    dict(zip(rows, ((s,) for s in signatures)))
+                    if per_layer
+                    else {rows[0]: signatures}
+                )
+                old = legacy_slot_name(rule, k, stage, many)
+                legacy = {r: (old, r if per_layer else GROUP_ROW) for r in rows}
+                self.store.ensure(slot, stage, rows, device, dtype, covers, legacy)
+                keep.setdefault(slot, []).extend(rows)
         self.store.prune(keep)
 
     # -- layout ----------------------------------------------------------------------------
@@ -185,9 +245,23 @@ class Engine:
         if signature == self._checked:
             # the very list the plan was keyed by: `plan` then compares identities
             return grads, self._checked
-        for name, g in zip(self._names, grads):
-            if g is not None:
-                check_gradient(name, g)
+        inert = self._inert or [False] * len(grads)
+        for name, g, skip, idle in zip(self._names, grads, inert, self._idle):
+            if g is not None and not skip:
+                try:
+                    check_gradient(name, g)
+                except TypeError as error:
+                    if not idle:
+                        raise
+                    asks = (
+                        "measure_all=True"
+                        if self.nonfinite == "propagate"
+                        else (f"nonfinite={self.nonfinite!r}")
+                    )
+                    raise TypeError(
+                        f"{error} Its layer's rule (None) does not read it, but {asks} asks "
+                        "for its norm: without it the gradient is left unread"
+                    ) from None
         self._checked = signature
         return grads, signature
 
@@ -207,6 +281,7 @@ class Engine:
                 grads=grads,
                 measure_all=self.measure_all,
                 store=self.store,
+                tags=self.tags,
             )
             self._signature = signature
         return plan
@@ -228,21 +303,33 @@ class Engine:
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> NormReport:
+    def step(self, fused: FusedArgs | None = None) -> NormReport:
         """Normalize the current gradients in place and report what was measured.
 
         Runs under ``torch.no_grad()``, as ``clip_grad_norm_`` does: gradients made
         with ``create_graph=True`` are rescaled without recording autograd history.
+        ``fused``: a fused optimizer's step (`gradclip.core.folding.FusedArgs`);
+        `divisor` is then its ``grad_scale`` and `bad_step` its skip flag.
         """
+        self.divisor, self.bad_step = None, None
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
+            self.divisor = None if fused is None else fused.divisor
             return prepared
         plan, grads, measured = prepared
+        fused = fused or FusedArgs()
+        measured, carried, fold = fused.begin(plan, measured)
+        skip = fused.skip
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
+        if self.nonfinite != "propagate" and plan.sharding is None:
+            judged = judge_unsquared(plan, grads, judged)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
-        if self.nonfinite in ("error", "skip"):
+        if self.nonfinite == "skip" and fused.skip_on_device:
+            self.bad_step = bad_layers(plan, judged).any()
+            skip = self.bad_step if skip is None else self.bad_step | skip
+        elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
             if self.last_nonfinite and self.nonfinite == "error":
@@ -264,14 +351,18 @@ class Engine:
                 measured.reduced,
             )
         finite = torch.isfinite(judged) if plan.has_state else None
+        if finite is not None and skip is not None:
+            finite = finite & ~skip.to(device=plan.device, dtype=torch.bool)
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
         unknown: list[list[int]] = []  # layers whose rule cannot tell if it changed them
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
         for k in range(len(plan.rounds)):
-            run_round(
-                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats, seen
-            )
+            carried = run_round(
+                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats,
+                seen, carried, fold,
+            )  # fmt: skip
+        self.divisor = carried
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)
@@ -284,6 +375,8 @@ class Engine:
         `gradclip.core.collective`), before anything is modified. Returns the
         report of a step without any gradient instead of measuring.
         """
+        if not self._agreed:
+            self._agree()
         if self._sharded is _UNKNOWN:
             self._sharded = sharded_model(
                 self.layers,
@@ -293,6 +386,7 @@ class Engine:
                 trainable=self._trainable(),
                 measure_all=self.measure_all,
                 store=self.store,
+                tags=self.tags,
             )
         sharded = self._sharded
         collective = None if sharded is None else sharded.collective
@@ -331,6 +425,20 @@ class Engine:
             return plan, grads, finish(plan, parts)
         values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
         return plan, grads, finish(plan, parts, values)
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # once per engine: a collective
+    def _agree(self) -> None:
+        """Compare this engine's configuration with its replicas' (raises on every rank)."""
+        assert self._replicas is not None
+        config = Configuration.of(
+            [layer.name for layer in self.layers],
+            [layer.param_names for layer in self.layers],
+            [rule.describe() for rule in self.rules],
+            self.nonfinite,
+            self._measure_all_setting,
+        )
+        agree(config, self._replicas, self.params)
+        self._agreed = True
 
     def _trainable(self) -> list[bool]:
         check = self._check_frozen

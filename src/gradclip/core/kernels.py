@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gradclip.core.row_norms import RowNorms, by_rows, row_width
+
 if TYPE_CHECKING:
     from gradclip.core.triton_scale import TritonScale
 
@@ -217,6 +219,9 @@ class _Run:
     coefficients: torch.Tensor | None = None  # reused buffer of the multiply
     views: tuple[torch.Tensor, ...] = ()  # its 0-d views, made once
     kernel: TritonScale | None = None  # the Triton multiply, where chosen
+    numels: tuple[int, ...] = ()  # set where its large CPU tensors are measured by rows
+    rows: dict[int, RowNorms] | None = None  # their row layouts, by row width
+    pick_small: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
 class Runs:
@@ -233,6 +238,8 @@ class Runs:
         scaled: prepare `scale_`: a coefficient buffer per run, and the Triton
             kernel for the runs `kernel_path` gives it (``GRADCLIP_KERNELS`` is read
             here, once).
+        numels: the size of every tensor of the step; where given, `norms`
+            measures large CPU tensors by rows (`gradclip.core.row_norms`).
 
     Raises:
         ValueError, RuntimeError: from `kernel_mode` and `kernel_path`, when
@@ -248,6 +255,7 @@ class Runs:
         empty: Sequence[bool],
         *,
         scaled: bool = False,
+        numels: Sequence[int] | None = None,
     ) -> None:
         self.positions = list(positions)
         self.runs: list[_Run] = []
@@ -274,6 +282,13 @@ class Runs:
                 run.views = run.coefficients.unbind(0)
                 if kernel_path(key[0], key[1], mode) == "triton":
                     run.kernel = _triton_kernel(key[0], key[1], mode)
+            if numels is not None and any(by_rows(key[0], key[1], numels[p]) for p in chosen):
+                run.numels = tuple(numels[p] for p in chosen)
+                run.rows = {}
+                width = row_width(key[1], 2.0)
+                run.rows[width] = RowNorms(key[1], run.numels, width)
+                small = [chosen[i] for i in run.rows[width].small]
+                run.pick_small = _picker(small) if small else None
             self.runs.append(run)
             start = stop
 
@@ -290,10 +305,24 @@ class Runs:
         """``(len(self),)`` p-norm of each selected tensor, on ``device`` in ``dtype``.
 
         Empty tensors read 0 for every order (``_foreach_norm`` has no identity
-        for the maximum, so they are replaced by a one-element zero).
+        for the maximum, so they are replaced by a one-element zero). Large CPU
+        tensors are measured by rows for finite orders (exact to float32
+        rounding, see `gradclip.core.row_norms`), except under ``torch.compile``.
         """
         parts = []
+        by_rows = 0.0 < norm_type < math.inf and not torch.compiler.is_compiling()
         for run in self.runs:
+            if run.rows is not None and by_rows:
+                small = None
+                if run.pick_small is not None:
+                    small = foreach_norms(run.pick_small(tensors), norm_type)
+                width = row_width(run.dtype, norm_type)
+                layout = run.rows.get(width)
+                if layout is None:  # another order: its rows, made on the first step
+                    layout = run.rows[width] = RowNorms(run.dtype, run.numels, width)
+                measured = layout.norms(run.pick(tensors), norm_type, small)
+                parts.append(measured.to(device, dtype, non_blocking=True))
+                continue
             chunk = run.pick(tensors)
             if run.empty and norm_type == math.inf:
                 chunk = list(chunk)

@@ -13,10 +13,12 @@ parameters, or a list of parameter lists.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
+import operator
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -29,6 +31,8 @@ __all__ = [
     "build_layers",
     "match_overrides",
     "resolve_override_keys",
+    "reusable",
+    "same_layers",
     "structure_version",
     "tied_layers",
     "unwrap_module",
@@ -188,11 +192,29 @@ def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dic
     return resolved
 
 
+def _module_params(module: nn.Module) -> Layer:
+    """A module given as one layer of a custom grouping, with the owners of its parameters
+    (so that a parameter replaced in it is followed, as for a module target)."""
+    seen: set[int] = set()
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    owners: list[tuple[Mapping[str, Any], str]] = []
+    for prefix, submodule in module.named_modules():
+        for key, param in submodule._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(_clean_name(f"{prefix}.{key}" if prefix else key))
+            params.append(param)
+            owners.append((submodule._parameters, key))
+    return Layer("", tuple(names), tuple(params), False, tuple(owners))
+
+
 def _named_tensors(value: Any, where: str) -> tuple[list[str], list[torch.Tensor]]:
     """Parameters of one user-given layer: a module, a tensor, a name->tensor mapping or a list."""
     if isinstance(value, nn.Module):
-        named = [(_clean_name(n), p) for n, p in value.named_parameters()]
-        return [n for n, _ in named], [p for _, p in named]
+        layer = _module_params(value)
+        return list(layer.param_names), list(layer.params)
     if isinstance(value, torch.Tensor):
         return ["0"], [value]
     if isinstance(value, Mapping):
@@ -219,12 +241,25 @@ def _dedup(layers: list[Layer]) -> list[Layer]:
     seen: set[int] = set()
     result: list[Layer] = []
     for layer in layers:
-        keep = [(n, p) for n, p in zip(layer.param_names, layer.params) if id(p) not in seen]
-        seen.update(id(p) for _, p in keep)
+        owners: Sequence[Any] = layer.owners or [None] * len(layer.params)
+        keep = [
+            (n, p, o)
+            for n, p, o in zip(layer.param_names, layer.params, owners)
+            if id(p) not in seen
+        ]
+        seen.update(id(p) for _, p, _ in keep)
         if keep:
-            names, params = tuple(n for n, _ in keep), tuple(p for _, p in keep)
-            result.append(Layer(layer.name, names, params, layer.explicit))
+            names, params = tuple(n for n, _, _ in keep), tuple(p for _, p, _ in keep)
+            kept_owners = tuple(o for _, _, o in keep) if layer.owners else ()
+            result.append(Layer(layer.name, names, params, layer.explicit, kept_owners))
     return result
+
+
+def reusable(target: Target) -> Target:
+    """``target`` in a form that can be walked again: an iterator becomes a list."""
+    if isinstance(target, nn.Module | torch.Tensor | Mapping | list | tuple | str | bytes):
+        return target
+    return list(target) if isinstance(target, Iterable) else target
 
 
 def build_layers(target: Target) -> list[Layer]:
@@ -255,9 +290,11 @@ def build_layers(target: Target) -> list[Layer]:
         for name, value in target.items():
             if not isinstance(name, str):
                 raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
+            if isinstance(value, nn.Module):
+                layers.append(dataclasses.replace(_module_params(value), name=name))
+                continue
             names, tensors = _named_tensors(value, f"target[{name!r}]")
-            explicit = not isinstance(value, nn.Module)
-            layers.append(Layer(name, tuple(names), tuple(tensors), explicit))
+            layers.append(Layer(name, tuple(names), tuple(tensors), True))
         return _dedup(layers)
     if isinstance(target, Iterable) and not isinstance(target, str | bytes):
         items = list(target)
@@ -278,9 +315,11 @@ def build_layers(target: Target) -> list[Layer]:
                     "target mixes tensors and lists of tensors; pass either a flat list of "
                     "parameters (one layer) or a list of parameter lists (one layer each)"
                 )
+            if isinstance(item, nn.Module):
+                layers.append(dataclasses.replace(_module_params(item), name=str(i)))
+                continue
             names, tensors = _named_tensors(item, f"target[{i}]")
-            explicit = not isinstance(item, nn.Module)
-            layers.append(Layer(str(i), tuple(names), tuple(tensors), explicit))
+            layers.append(Layer(str(i), tuple(names), tuple(tensors), True))
         return _dedup(layers)
     raise TypeError(
         "target must be an nn.Module, a tensor, a mapping of layer names to parameters, or a "
@@ -288,15 +327,23 @@ def build_layers(target: Target) -> list[Layer]:
     )
 
 
-def _specificity(key: str, layer_name: str) -> int:
-    """How closely an override key names a layer: 3 exact, 2 ancestor module, 1 glob, 0 no match."""
+def _is_glob(key: str) -> bool:
+    return any(ch in key for ch in "*?[")
+
+
+def _specificity(key: str, layer_name: str) -> tuple[int, int]:
+    """How closely an override key names a layer, higher wins; ``(0, 0)``: no match.
+
+    An exact name ``(3, 0)``; a glob ``(2, literal components)``; the name of
+    an enclosing module ``(1, its length)``.
+    """
     if key == layer_name:
-        return 3
+        return (3, 0)
+    if _is_glob(key) and fnmatch.fnmatchcase(layer_name, key):
+        return (2, sum(not _is_glob(part) for part in key.split(".")))
     if key == "" or layer_name.startswith(key + "."):
-        return 2
-    if any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(layer_name, key):
-        return 1
-    return 0
+        return (1, len(key))
+    return (0, 0)
 
 
 def _closest(key: str, layer_names: list[str]) -> str:
@@ -312,10 +359,18 @@ def _closest(key: str, layer_names: list[str]) -> str:
 def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Assign each layer the override that names it most specifically.
 
-    A key matches a layer if it is the layer's name (most specific), the name of
-    a module containing it (``"encoder"`` covers ``"encoder.0"``; a longer prefix
-    is more specific), or a glob pattern (``"blocks.*.attn"``). Among equally
-    specific keys the later one wins. Wrapper components in a key
+    A key matches a layer if it is the layer's name, a glob pattern
+    (``"blocks.*.attn"``) or the name of a module containing it (``"encoder"``
+    covers ``"encoder.0"``). When several keys match a layer:
+
+    1. an exact layer name wins over any other key;
+    2. then a glob wins over a module name; among globs, the one with more
+       literal dot-separated components (``"blocks.*.attn"`` has two,
+       ``"blocks.*"`` one);
+    3. among module names, the longer one (the innermost module);
+    4. a tie goes to the later key.
+
+    Wrapper components in a key
     (``"body._orig_mod.2"`` of a ``torch.compile``-d ``body``) are ignored, as
     they are in layer names.
 
@@ -329,8 +384,10 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
     Examples:
         >>> match_overrides(["body.0", "body.2", "head"], {"body": "None", "body.2": "None"})
         {'body.0': 'body', 'body.2': 'body.2'}
+        >>> match_overrides(["blocks.0.attn", "blocks.0.mlp"], {"blocks.*.attn": 1, "blocks": 2})
+        {'blocks.0.attn': 'blocks.*.attn', 'blocks.0.mlp': 'blocks'}
     """
-    best: dict[str, tuple[int, int, int, str]] = {}
+    best: dict[str, tuple[tuple[int, int], int, str]] = {}
     for order, key in enumerate(overrides):
         if not isinstance(key, str):
             raise TypeError(f"override keys must be layer names or patterns, got {key!r}")
@@ -338,11 +395,11 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
         matched = False
         for name in layer_names:
             rank = _specificity(clean, name)
-            if rank == 0:
+            if rank[0] == 0:
                 continue
             matched = True
-            score = (rank, len(clean), order, key)
-            if name not in best or score[:3] > best[name][:3]:
+            score = (rank, order, key)
+            if name not in best or score[:2] > best[name][:2]:
                 best[name] = score
         if not matched:
             shown = ", ".join(repr(n) for n in layer_names[:50])
@@ -353,7 +410,7 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
                 "parameters are all shared with an earlier one (tied weights) is part of that "
                 f"earlier layer. The layers are: {shown}{more}"
             )
-    return {name: score[3] for name, score in best.items()}
+    return {name: score[2] for name, score in best.items()}
 
 
 # Bumped whenever any module registers a parameter or a submodule, so that a
@@ -380,3 +437,13 @@ def watch_module_structure() -> None:
 def structure_version() -> int:
     """How many parameters and submodules have been registered anywhere so far."""
     return _structure_version
+
+
+def same_layers(new: Sequence[Layer], old: Sequence[Layer]) -> bool:
+    """Whether ``new`` are ``old``: the same names, parameter names and parameter objects."""
+    return len(new) == len(old) and all(
+        a.name == b.name
+        and a.param_names == b.param_names
+        and all(map(operator.is_, a.params, b.params))
+        for a, b in zip(new, old)
+    )

@@ -30,9 +30,13 @@ anything was done, so ``report.nonfinite_layers()`` names the layers.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+
+from gradclip.core.measure import layer_norms
 
 if TYPE_CHECKING:
     from gradclip.core.plan import Plan
@@ -42,6 +46,7 @@ __all__ = [
     "NonFiniteGradientError",
     "bad_layers",
     "check_nonfinite",
+    "judge_unsquared",
     "read_bad_layers",
     "zero_layers_",
 ]
@@ -105,3 +110,26 @@ def zero_layers_(plan: Plan, grads: list[torch.Tensor], bad: torch.Tensor) -> to
         keep = (~bad_tensor[run.start : run.stop]).to(run.device, bits)
         torch._foreach_mul_([g.view(bits) for g in chunk], list(keep.unbind(0)))
     return bad_tensor
+
+
+def judge_unsquared(
+    plan: Plan, grads: Sequence[torch.Tensor], judged: torch.Tensor
+) -> torch.Tensor:
+    """``judged`` with the layers of rules that never square (`Rule.squares`) judged by
+    their largest magnitude: finite exactly when every element is, where the L2 norm of
+    huge finite gradients (float64 at 1e200) would overflow to inf.
+
+    Not on sharded gradients, where a local maximum could differ between ranks.
+    """
+    for group in plan.groups:
+        if any(stage.rule.squares for stage in group.stages):
+            continue
+        tensors = [grads[p] for p in group.positions]
+        maxima = torch.stack(
+            [n.to(judged.dtype) for n in torch._foreach_norm(tensors, ord=math.inf)]
+        )
+        layer = layer_norms(
+            maxima, group.stages[0].layout.tensor_layer, len(group.layer_ids), math.inf
+        )
+        judged = judged.index_copy(0, group.layer_ids_t, layer)
+    return judged

@@ -8,7 +8,8 @@ fixes
   launch covers a contiguous run, then tensors scaled by the first rule, then
   other measured ones, then the rest;
 * the *groups*: layers whose rules are equal (or differ only in per-layer
-  fields such as the DL4J thresholds) run as one call of the rule;
+  fields such as the DL4J thresholds) and were chosen by the same override
+  key (or by none; any key for a `Rule.layer_local` rule) run as one call;
 * the *rounds*: round ``k`` runs the ``k``-th rule of every group (a `chain`
   has several; any other rule, one), with one multiply launch per device and
   dtype for all of them;
@@ -30,7 +31,7 @@ import torch
 
 from gradclip.core.kernels import Runs
 from gradclip.core.layers import Layer
-from gradclip.core.rule import GroupLayout, InPlaceRule, Rule, ScalingRule, stages_of
+from gradclip.core.rule import GroupLayout, InPlaceRule, Rule, ScalingRule, group_of, stages_of
 from gradclip.core.sharding import RankGroup, Sharding, local_tensors, sharding_of
 from gradclip.core.state import StateStore, is_stateful, state_rows, state_slot
 
@@ -109,6 +110,7 @@ class Plan:
         grads: the gradients (to find ``DTensor`` sharding), indexed like ``params``.
         measure_all: also measure layers whose rules read no norms.
         store: where the rules' state lives; slots and rows are added for new layers.
+        tags: per layer, the override key of its rule (see `gradclip.core.engine.Engine`).
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class Plan:
         grads: Sequence[torch.Tensor | None],
         measure_all: bool,
         store: StateStore,
+        tags: Sequence[str | None] | None = None,
     ) -> None:
         flat_layer = [lid for lid, layer in enumerate(layers) for _ in layer.params]
         names = [layer.qualified(k) for layer in layers for k in range(len(layer.params))]
@@ -154,6 +157,7 @@ class Plan:
         # sharded gradients: what this rank holds of each (possibly nothing)
         local_shapes = [g.shape for g in local_tensors(grads_in_order)]  # type: ignore[arg-type]
         empty = [shape.numel() == 0 for shape in local_shapes]
+        self._numels = [shape.numel() for shape in local_shapes]
         categories = [category(i) for i in order]
 
         devices = sorted({k[0] for k in keys}, key=lambda d: (d.type, d.index or 0))
@@ -171,7 +175,7 @@ class Plan:
         self.all_measured = len(measured) == self.num_tensors
         self.any_measured = bool(measured)
         dev = self.device
-        self.measured = Runs(measured, keys, empty)
+        self.measured = Runs(measured, keys, empty, numels=self._numels)
         self.measured_positions_t = torch.tensor(measured, dtype=torch.long, device=dev)
         self.measured_layer_t = torch.tensor(
             [self.tensor_layer_ids[p] for p in measured], dtype=torch.long, device=dev
@@ -184,6 +188,7 @@ class Plan:
         #: on a sharded model with in-place rules, the group over which
         #: `NormReport.across_ranks` combines their per-rank ``changed`` flags
         self.changes_group: RankGroup | None = None
+        self.tags = list(tags) if tags is not None else [None] * len(layers)
         self.groups = self._make_groups(layers, rules, stages, keys, empty, store, local_shapes)
         self.rounds = self._make_rounds(keys, empty)
         self.has_state = any(s.slot is not None for g in self.groups for s in g.stages)
@@ -216,7 +221,7 @@ class Plan:
         keyed: dict[object, list[int]] = {}
         for lid, rule in enumerate(rules):
             if self.layer_has_grad[lid]:
-                keyed.setdefault(rule.group_key(), []).append(lid)
+                keyed.setdefault(group_of(rule, self.tags[lid]), []).append(lid)
         positions_of: dict[int, list[int]] = {}
         for p, lid in enumerate(self.tensor_layer_ids):
             positions_of.setdefault(lid, []).append(p)
@@ -295,7 +300,7 @@ class Plan:
         slot = state_slot(group.rule, k, rule, many)
         rows: list[str] = []
         if slot is not None:
-            rows = state_rows(rule, layout.layer_names)
+            rows = state_rows(rule, layout.layer_names, self.tags[group.layer_ids[0]])
             store.ensure(slot, rule, rows, self.device, self.acc_dtype)
         remeasure = rule.norm_type is not None and (k > 0 or rule.norm_type != 2.0)
         return Stage(
@@ -306,7 +311,9 @@ class Plan:
             rows=rows,
             row_index=None,
             whole_rows=False,
-            norm_runs=Runs(group.positions, keys, empty) if remeasure else None,
+            norm_runs=(
+                Runs(group.positions, keys, empty, numels=self._numels) if remeasure else None
+            ),
             coefficient_index=None,
         )
 

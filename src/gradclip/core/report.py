@@ -181,8 +181,12 @@ class NormReport:
             self.changed_vector.double(),
         ]
         stat_items: list[tuple[str, torch.Tensor]] = []
-        for _, stats in self.stats:
+        named: set[str] = set()
+        for layers, stats in self.stats:
             for key, value in stats.items():
+                # equal rules under two override keys: the second is named by its first layer
+                key = f"{key}[{layers[0]}]" if key in named and layers else key
+                named.add(key)
                 stat_items.append((key, value))
                 pieces.append(value.detach().double().reshape(-1).to(self.tensor_norms.device))
         values = torch.cat(pieces).tolist() if pieces else []

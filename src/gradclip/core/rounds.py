@@ -32,18 +32,25 @@ def run_round(
     unknown: list[list[int]],
     stats: list[tuple[list[str], dict[str, torch.Tensor]]],
     seen: dict[int, set[str]],
-) -> None:
+    divisor: torch.Tensor | None = None,
+    fold: bool = False,
+) -> torch.Tensor | None:
     """Round ``k``: every rule computes, then states are written and coefficients multiplied.
 
     Scaling rules run before in-place ones (the plan orders them so), and nothing
     is written before every rule of the round has returned: a rule that raises
     leaves the round's state and the gradients of every scaling rule untouched.
+
+    ``divisor``: the gradients are stored as the true ones over it (re-measured
+    norms are divided by it); with ``fold`` (a round of one uniform coefficient
+    ``c``, see `gradclip.core.folding`) nothing is multiplied and the divisor
+    returned is ``divisor / c``, else ``divisor`` itself.
     """
     round_ = plan.rounds[k]
     coefficients: torch.Tensor | None = None
     done = []
     for group, stage in round_.stages:
-        m = measured_for(store, plan, group, stage, grads, measured, k, zeroed)
+        m = measured_for(store, plan, group, stage, grads, measured, k, zeroed, divisor)
         state = _load(store, stage)
         rule = stage.rule
         if isinstance(rule, ScalingRule):
@@ -84,8 +91,12 @@ def run_round(
             keys.update(named)
             stats.append((list(stage.layout.layer_names), named))
     if coefficients is not None:
+        if fold:
+            assert divisor is not None
+            return divisor / coefficients[0]
         assert round_.scaled is not None
         round_.scaled.scale_(grads, coefficients)
+    return divisor
 
 
 def _load(store: StateStore, stage: Stage) -> dict[str, torch.Tensor]:
@@ -104,6 +115,7 @@ def measured_for(
     measured: Measurement,
     k: int,
     zeroed: torch.Tensor | None,
+    divisor: torch.Tensor | None = None,
 ) -> Measured:
     """What ``stage``'s rule is called with in round ``k``."""
     index = group.index
@@ -115,6 +127,8 @@ def measured_for(
         if k > 0:
             assert stage.norm_runs is not None
             norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
+            if divisor is not None:
+                norms = norms / divisor
         elif index in measured.p_norms:
             norms = measured.p_norms[index]
         else:  # the step's L2 norms, tensors' and layers' both measured already

@@ -56,6 +56,7 @@ __all__ = [
     "ScalingRule",
     "Shards",
     "State",
+    "group_of",
     "set_fields",
     "stages_of",
 ]
@@ -224,14 +225,33 @@ class Rule:
     * `per_layer_fields`: fields whose value may differ between the layers
       the rule runs on as one group (the DL4J thresholds); read them with
       ``m.layout.layer_values(name)``.
+    * `schedulable_fields`: fields that do not change what the state means (a
+      threshold, a cap): changing them between steps keeps the state (see
+      `gradclip.core.identity`).
+    * `reads_gradient`: ``False`` for a rule that neither reads nor changes
+      the gradients (DL4J ``None``): its layers are not even gathered unless a
+      norm is asked for.
+    * `layer_local`: ``True`` for a stateless rule whose effect on a layer
+      depends on that layer alone (the DL4J modes, AGC): its layers run as one
+      group whatever override key chose them (one call, fewer launches).
+    * `squares`: ``False`` for a rule that never squares a gradient (DL4J
+      ``None``, element-wise clipping): its layers are judged finite by their
+      largest magnitude, so huge finite gradients are not refused.
     * `per_layer_state`: one state row per layer instead of one for the group.
     * `growable_state`: state entries the rule may grow along their non-row
       dims (a history buffer); the engine zero-pads the other rows to match.
+    * `uniform`: whether `ScalingRule.scale` gives every tensor of a layout the
+      same coefficient (a global rule, or a per-layer one over one layer): the
+      engine may then fold it into a fused optimizer's ``grad_scale``.
     * `init_state`, `prepare`, `stats`, `cross_rank`.
     """
 
     norm_type: ClassVar[float | None] = 2.0
     per_layer_fields: ClassVar[tuple[str, ...]] = ()
+    schedulable_fields: ClassVar[tuple[str, ...]] = ()
+    reads_gradient: ClassVar[bool] = True
+    squares: ClassVar[bool] = True
+    layer_local: ClassVar[bool] = False
 
     @property
     def per_layer_state(self) -> bool:
@@ -242,6 +262,15 @@ class Rule:
     def growable_state(self) -> frozenset[str]:
         """State entries the rule may grow along their non-row dims (none by default)."""
         return frozenset()
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        """Whether every tensor of ``layout`` gets the same coefficient, whatever the step.
+
+        ``False`` by default: the engine then multiplies the coefficients in
+        itself. Only a `ScalingRule` whose ``scale`` returns one value for all
+        tensors may answer ``True``.
+        """
+        return False
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         """A fresh state of ``rows`` rows (every tensor's dim 0 is ``rows``); none by default."""
@@ -297,6 +326,13 @@ class Composite(Rule):
     """
 
     rules: tuple[Rule, ...]
+
+
+def group_of(rule: Rule, tag: str | None) -> Hashable:
+    """Layers with equal group keys run as one group: equal rules (up to per-layer fields)
+    chosen by the same override key ``tag``, or by any key for a `Rule.layer_local` rule."""
+    local = all(stage.layer_local for stage in stages_of(rule))
+    return (None if local else tag, rule.group_key())
 
 
 def stages_of(rule: Rule) -> tuple[Rule, ...]:

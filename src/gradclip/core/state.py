@@ -1,12 +1,14 @@
 """The rules' state, owned by the engine and kept per layer name.
 
-Each stateful rule of a normalizer has a *slot*, named after the rule (and its
-position in a chain). A slot holds the rule's state tensors with one row per
-layer (``per_layer_state``) or a single row named ``"*"`` for the group. A
-step reads the rows of the layers that have gradients, calls the rule and
-writes the rows back, except rows whose norm was not finite that step: those
-stay exactly as they were, so one bad step cannot spoil the statistics of the
-steps after it.
+Each stateful rule of a normalizer has a *slot*, named after the rule's
+state-relevant fields (and its position in a chain; see
+`gradclip.core.identity`). A slot holds the rule's state tensors with one row
+per layer (``per_layer_state``) or one row per group: ``"*"`` for the layers
+of the default rule, ``"*[key]"`` for those of an override key. Each row
+records the layers it covers. A step reads the rows of the layers that have
+gradients, calls the rule and writes the rows back, except rows whose norm was
+not finite that step: those stay exactly as they were, so one bad step cannot
+spoil the statistics of the steps after it.
 
 `StateStore.state_dict` holds only plain containers, strings, ints, bytes and
 CPU tensors (``torch.load(..., weights_only=True)`` reads it back); its format
@@ -22,14 +24,23 @@ e.g. `AutoClip` 's whole history), is stored as ``{"dtype", "shape",
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from gradclip.core.identity import (
+    GROUP_ROW,
+    LoadResult,
+    group_row,
+    match_rows,
+    row_key,
+    same_cover,
+    slot_name,
+)
+from gradclip.core.meta_state import moved_state, readable, refuse_on_meta
+from gradclip.core.packing import pack_tensor, unpack_tensor
 from gradclip.core.rule import Rule, State
 
 __all__ = [
@@ -39,22 +50,19 @@ __all__ = [
     "VERSION",
     "Slot",
     "StateStore",
-    "check_identity",
-    "identity",
     "is_stateful",
     "pack_tensor",
-    "slot_name",
     "state_rows",
     "state_slot",
     "unpack_tensor",
 ]
 
 FORMAT = "gradclip.GradientNormalizer"
-# 1 (gradclip 0.1) kept the rules' statistics by group position; 2 keeps them by layer
-# name, with growable buffers as bytes
-VERSION = 2
-READABLE_VERSIONS = (2,)
-GROUP_ROW = "*"  # the one row of a rule whose state is not per layer
+# 1 (gradclip 0.1) kept the rules' statistics by group position; 2 (0.2) by layer name,
+# with growable buffers as bytes; 3 names slots by their state-relevant fields only, gives
+# each override key its own group row and records the layers each row covers
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
 def is_stateful(rule: Rule) -> bool:
@@ -62,69 +70,17 @@ def is_stateful(rule: Rule) -> bool:
     return bool(rule.init_state(1, torch.device("cpu"), torch.float64))
 
 
-def slot_name(rule: Rule, stage: int | None = None) -> str:
-    """The name of a rule's state slot: the rule as written, without the fields that may
-    differ between its layers, and for a chain, the position of the member."""
-    if stage is not None:
-        return f"{rule.describe()}[{stage}]"
-    if not dataclasses.is_dataclass(rule):
-        return type(rule).__name__
-    args = ", ".join(
-        f"{f.name}={getattr(rule, f.name)!r}"
-        for f in dataclasses.fields(rule)
-        if f.name not in rule.per_layer_fields
-    )
-    return f"{type(rule).__name__}({args})"
-
-
 def state_slot(group_rule: Rule, k: int, stage: Rule, many: bool) -> str | None:
     """The slot of the ``k``-th rule ``stage`` of a group's rule, or ``None`` if stateless."""
     if not is_stateful(stage):
         return None
-    return slot_name(group_rule, k) if many else slot_name(stage)
+    return slot_name(stage, k if many else None)
 
 
-def state_rows(rule: Rule, layer_names: Sequence[str]) -> list[str]:
-    """The state rows a rule keeps for these layers: one per layer, or the group's one."""
-    return list(layer_names) if rule.per_layer_state else [GROUP_ROW]
-
-
-def identity(
-    names: Sequence[str], params: Sequence[str], rules: Sequence[str]
-) -> dict[str, list[str]]:
-    """What a state dict records of the model it was saved for, to refuse another model."""
-    return {"layers": list(names), "params": list(params), "layer_rules": list(rules)}
-
-
-def check_identity(saved: Mapping[str, Any], mine: Mapping[str, list[str]]) -> None:
-    """Raise ``ValueError`` naming the first difference between two `identity` records."""
-    for key, what in (("layers", "layer"), ("params", "parameter"), ("layer_rules", "rule")):
-        theirs = saved.get(key)
-        if not isinstance(theirs, list | tuple):
-            raise ValueError(f"the state dict has no {key!r} list")
-        theirs = list(theirs)
-        if len(theirs) == len(mine[key]) and all(map(_same_entry, theirs, mine[key])):
-            continue
-        for i, (a, b) in enumerate(zip(theirs, mine[key])):
-            if not _same_entry(a, b):
-                diff = f"{what} {i} is {b!r} here but {a!r} in the state dict"
-                break
-        else:
-            diff = f"{len(mine[key])} {what}s here but {len(theirs)} in the state dict"
-        raise ValueError(
-            f"this state dict was saved for a different model or configuration: {diff}"
-        )
-
-
-def _same_entry(a: object, b: object) -> bool:
-    """Equal identity entries; a parameter's shape ``(?)`` (a lazy module's parameter
-    before its first forward) matches any shape of the same parameter."""
-    if a == b:
-        return True
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
-    (a_name, _, a_shape), (b_name, _, b_shape) = a.rpartition("("), b.rpartition("(")
-    return a_name == b_name and "?)" in (a_shape, b_shape)
+def state_rows(rule: Rule, layer_names: Sequence[str], tag: str | None = None) -> list[str]:
+    """The state rows a rule keeps for a group's layers: one per layer, or the group's one
+    (``tag``: the override key that made the group, ``None`` for the default rule's)."""
+    return list(layer_names) if rule.per_layer_state else [group_row(tag)]
 
 
 def _row_shape(*tensors: torch.Tensor) -> list[int]:
@@ -141,51 +97,6 @@ def _pad_rows(tensor: torch.Tensor, row_shape: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def pack_tensor(tensor: torch.Tensor) -> dict[str, Any]:
-    """``tensor`` as ``{"dtype": "float64", "shape": [...], "data": bytes}``, a CPU copy.
-
-    For buffers whose length changes during a run: a checkpoint stores bytes
-    whole, where a tensor must match the shape of the one it is loaded into.
-    The bytes are the tensor's elements in row-major order, native byte order.
-
-    Examples:
-        >>> packed = pack_tensor(torch.tensor([1.0, 2.5], dtype=torch.float64))
-        >>> packed["dtype"], packed["shape"], len(packed["data"])
-        ('float64', [2], 16)
-        >>> unpack_tensor(packed).tolist()
-        [1.0, 2.5]
-    """
-    cpu = tensor.detach().to("cpu", copy=True).contiguous()
-    # ctypes reads the storage as it is: no numpy needed, no per-element Python objects
-    data = ctypes.string_at(cpu.data_ptr(), cpu.nbytes) if cpu.nbytes else b""
-    return {"dtype": str(cpu.dtype).removeprefix("torch."), "shape": list(cpu.shape), "data": data}
-
-
-def unpack_tensor(packed: Mapping[str, Any]) -> torch.Tensor:
-    """The tensor `pack_tensor` packed; ``ValueError`` if ``packed`` is not one."""
-    if not isinstance(packed, Mapping) or set(packed) != {"dtype", "shape", "data"}:
-        raise ValueError("expected a packed tensor {'dtype', 'shape', 'data'}")
-    dtype = getattr(torch, str(packed["dtype"]), None)
-    shape, data = packed["shape"], packed["data"]
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"packed tensor: unknown dtype {packed['dtype']!r}")
-    if not isinstance(shape, list | tuple) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
-        raise ValueError(f"packed tensor: shape must be a list of ints >= 0, got {shape!r}")
-    numel = 1
-    for n in shape:
-        numel *= n
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if not isinstance(data, bytes | bytearray) or len(data) != numel * itemsize:
-        raise ValueError(
-            f"packed tensor: {numel * itemsize} bytes expected for {dtype} {list(shape)}"
-        )
-    if not numel:
-        return torch.zeros(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
-
-
 @dataclass(eq=False)
 class Slot:
     """One rule's state: tensors with one row per entry of ``rows``."""
@@ -197,6 +108,10 @@ class Slot:
     # (`Rule.growable_state`) and must size it without reading the device; not
     # counted for others, so that a compiled step reads no changing Python int.
     steps: int = 0
+    #: the layers each row covers (`gradclip.core.identity.layer_signature`)
+    covers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the (slot, row) format version 2 gave each row, to read its checkpoints
+    legacy: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def index(self, rows: Sequence[str]) -> tuple[torch.Tensor, bool]:
         """The row indices of ``rows`` on the state's device, and whether they are all rows.
@@ -225,34 +140,54 @@ class StateStore:
         rows: Sequence[str],
         device: torch.device,
         dtype: torch.dtype,
+        covers: Mapping[str, tuple[str, ...]] | None = None,
+        legacy: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
-        """Make sure slot ``name`` exists on ``device`` with ``rows``; new rows start fresh."""
+        """Make sure slot ``name`` exists on ``device`` with ``rows``; new rows start fresh.
+
+        With ``covers`` (the layers of each row), a row that now covers other
+        layers than it did starts fresh too: its state was not theirs.
+        """
         slot = self.slots.get(name)
         if slot is None:
             tensors = rule.init_state(len(rows), device, dtype)
-            self.slots[name] = Slot(rule, {r: i for i, r in enumerate(rows)}, tensors)
+            slot = self.slots[name] = Slot(rule, {r: i for i, r in enumerate(rows)}, tensors)
             self.generation += 1
-            return
+        else:
+            first = next(iter(slot.tensors.values()))
+            if first.device != device:  # moved (from meta: fresh, as nothing ran there)
+                slot.tensors = moved_state(rule, slot.tensors, len(slot.rows), device, dtype)
+                self.generation += 1
+            missing = [r for r in rows if r not in slot.rows]
+            if missing:
+                fresh = rule.init_state(len(missing), device, dtype)
+                for key, value in slot.tensors.items():
+                    shape = _row_shape(value, fresh[key])
+                    slot.tensors[key] = torch.cat(
+                        [_pad_rows(value, shape), _pad_rows(fresh[key], shape)]
+                    )
+                for r in missing:
+                    slot.rows[r] = len(slot.rows)
+                self.generation += 1
+            had = slot.covers
+            moved = [r for r in rows if covers and r in had and not same_cover(had[r], covers[r])]
+            if moved:
+                self._reset(slot, moved)
+        slot.covers.update(covers or {})
+        slot.legacy.update(legacy or {})
+
+    @staticmethod
+    def _reset(slot: Slot, rows: Sequence[str]) -> None:
+        """Give ``rows`` of ``slot`` a fresh state, in place (the plans stay valid)."""
         first = next(iter(slot.tensors.values()))
-        if first.is_meta and device.type != "meta":
-            # made for a model built on the meta device, now materialized (to_empty):
-            # no step ran, there is no data to copy, the state starts fresh
-            slot.tensors = rule.init_state(len(slot.rows), device, dtype)
-            self.generation += 1
-        elif first.device != device:
-            slot.tensors = {k: v.to(device) for k, v in slot.tensors.items()}
-            self.generation += 1
-        missing = [r for r in rows if r not in slot.rows]
-        if missing:
-            fresh = rule.init_state(len(missing), device, dtype)
-            for key, value in slot.tensors.items():
-                shape = _row_shape(value, fresh[key])
-                slot.tensors[key] = torch.cat(
-                    [_pad_rows(value, shape), _pad_rows(fresh[key], shape)]
-                )
-            for r in missing:
-                slot.rows[r] = len(slot.rows)
-            self.generation += 1
+        dtype = next((v.dtype for v in slot.tensors.values() if v.is_floating_point()), None)
+        fresh = slot.rule.init_state(1, first.device, dtype or torch.float64)
+        for key, stored in slot.tensors.items():
+            value = fresh[key][0].to(stored.dtype)
+            for row in rows:
+                target = stored[slot.rows[row]]
+                target.zero_()
+                target[tuple(slice(0, n) for n in value.shape)] = value
 
     def prune(self, keep: Mapping[str, Sequence[str]]) -> None:
         """Drop the slots not in ``keep`` and the rows of layers a model no longer has."""
@@ -268,6 +203,8 @@ class StateStore:
                 k: v.index_select(0, index.to(v.device)) for k, v in slot.tensors.items()
             }
             slot.rows = {r: i for i, r in enumerate(kept)}
+            slot.covers = {r: c for r, c in slot.covers.items() if r in slot.rows}
+            slot.legacy = {r: c for r, c in slot.legacy.items() if r in slot.rows}
             self.generation += 1
 
     def load(self, name: str, index: torch.Tensor, whole: bool) -> State:
@@ -325,32 +262,40 @@ class StateStore:
 
     # -- saving ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Every slot, its rows by name, as CPU copies (growable buffers packed as bytes)."""
+        """Every slot, its rows by name, as CPU copies (growable buffers packed as bytes),
+        and the layers each row covers."""
         rules: dict[str, Any] = {}
         for name, slot in self.slots.items():
             growable = slot.rule.growable_state
-            tensors = slot.tensors
-            if any(v.is_meta for v in tensors.values()):  # a model still on meta: fresh state
-                dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), None)
-                cpu = torch.device("cpu")
-                tensors = slot.rule.init_state(len(slot.rows), cpu, dtype or torch.float64)
             rows = {
                 row: {
                     k: pack_tensor(v[i]) if k in growable else v[i].detach().to("cpu", copy=True)
-                    for k, v in tensors.items()
+                    for k, v in readable(slot.rule, slot.tensors, len(slot.rows)).items()
                 }
                 for row, i in slot.rows.items()
             }
-            rules[name] = {"steps": slot.steps, "rows": rows}
+            covers = {row: list(slot.covers.get(row, ())) for row in slot.rows}
+            rules[name] = {"steps": slot.steps, "rows": rows, "covers": covers}
         return {"format": FORMAT, "version": VERSION, "rules": rules}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Check ``state_dict`` against the slots completely, then install it.
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
+        """Check ``state_dict`` against the slots completely, then install what matches.
+
+        A saved row is restored into a row here by the definition of
+        `gradclip.core.identity` (same slot, same covered layers).
+
+        Args:
+            state_dict: what `state_dict` returned (format version 3, or 2 from
+                gradclip 0.2, whose rows are matched through `Slot.legacy`).
+            strict: refuse, changing nothing, unless every row here is restored
+                and every saved row used.
+
+        Returns:
+            The rows left (`gradclip.core.identity.LoadResult`).
 
         Raises:
-            ValueError: not a normalizer state dict, an unsupported version, or
-                one whose rules, layers or tensors differ from this normalizer's;
-                nothing is changed then.
+            ValueError: not a normalizer state dict, an unsupported version, a
+                malformed entry, or (``strict``) a row left; nothing is changed then.
         """
         if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
             raise ValueError(
@@ -368,55 +313,108 @@ class StateStore:
         saved = state_dict.get("rules")
         if not isinstance(saved, Mapping):
             raise ValueError("the state dict has no 'rules' mapping")
-        if set(saved) != set(self.slots):
+        ambiguous: list[str] = []
+        if version == 2:
+            saved, ambiguous = self._upgrade(saved)
+        current = {
+            name: {r: slot.covers.get(r, ()) for r in slot.rows}
+            for name, slot in self.slots.items()
+        }
+        matched, left = match_rows(saved, current)
+        for key in ambiguous:
+            left.reasons[key] = (
+                "saved by gradclip 0.2, where equal rules under several override keys shared "
+                "one state; each key now has its own, which that shared state cannot be split into"
+            )
+        if strict and (left.missing_keys or left.unexpected_keys):
             raise ValueError(
-                "the state dict holds the state of rules "
-                f"{sorted(saved)}, this normalizer has stateful rules {sorted(self.slots)}: "
-                "it was saved for another configuration"
+                "this state dict was saved for a different model or configuration (state "
+                f"identity: see gradclip.core.identity): {left.describe()}. Nothing was "
+                "loaded; load_state_dict(..., strict=False) restores the rows that match "
+                "and returns those it left"
             )
         installs = [
-            (self.slots[name], *self._check_slot(name, entry)) for name, entry in saved.items()
+            (self.slots[name], *self._check_rows(name, saved[name], rows))
+            for name, rows in matched.items()
         ]
-        if any(v.is_meta for slot in self.slots.values() for v in slot.tensors.values()):
-            raise RuntimeError(
-                "this normalizer's model is on the meta device, where a state holds no data: "
-                "materialize the model first (model.to_empty(device=...)), then load the state"
-            )
+        refuse_on_meta(slot.tensors for slot in self.slots.values())
         for slot, steps, rows in installs:
-            # a growable buffer takes the loaded length (every row of the slot is loaded),
-            # so that state_dict() right after gives back exactly what was loaded
-            for key in slot.rule.growable_state & slot.tensors.keys():
-                shapes = [tuple(tensors[key].shape) for tensors in rows.values()]
-                length = [max(dims) for dims in zip(*shapes)] if shapes else []
-                stored = slot.tensors[key]
-                if shapes and list(stored.shape[1:]) != length:
-                    slot.tensors[key] = stored.new_zeros([stored.shape[0], *length])
-                    self.generation += 1
-            for row, tensors in rows.items():
-                i = slot.rows[row]
-                for key, value in tensors.items():
-                    stored = slot.tensors[key]
-                    stored[i].zero_()
-                    stored[i][tuple(slice(0, n) for n in value.shape)] = value
-            slot.steps = steps
+            self._install(slot, steps, rows)
+        return left
 
-    def _check_slot(self, name: str, entry: Any) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    def _install(self, slot: Slot, steps: int, rows: dict[str, dict[str, torch.Tensor]]) -> None:
+        # a growable buffer takes the loaded length when every row is loaded, so that
+        # state_dict() right after gives back exactly what was loaded; else the longest
+        for key in slot.rule.growable_state & slot.tensors.keys():
+            shapes = [tuple(tensors[key].shape) for tensors in rows.values()]
+            stored = slot.tensors[key]
+            if len(rows) < len(slot.rows):
+                shapes.append(tuple(stored.shape[1:]))
+            length = [max(dims) for dims in zip(*shapes)] if shapes else []
+            if shapes and list(stored.shape[1:]) != length:
+                whole = len(rows) == len(slot.rows)
+                slot.tensors[key] = (
+                    stored.new_zeros([stored.shape[0], *length])
+                    if whole
+                    else _pad_rows(stored, length)
+                )
+                self.generation += 1
+        for row, tensors in rows.items():
+            i = slot.rows[row]
+            for key, value in tensors.items():
+                stored = slot.tensors[key]
+                stored[i].zero_()
+                stored[i][tuple(slice(0, n) for n in value.shape)] = value
+        slot.steps = steps if len(rows) == len(slot.rows) else max(slot.steps, steps)
+
+    def _upgrade(self, saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Format version 2's rules as version 3's, through each row's `Slot.legacy` name.
+
+        Version 2 gave equal rules under several override keys one shared group
+        row; such a row is ambiguous here and is left out (its rows start afresh).
+        """
+        claims: dict[tuple[str, str], int] = {}
+        for slot in self.slots.values():
+            for old in slot.legacy.values():
+                claims[old] = claims.get(old, 0) + 1
+        upgraded: dict[str, Any] = {}
+        ambiguous: list[str] = []
+        for name, slot in self.slots.items():
+            rows: dict[str, Any] = {}
+            steps = 0
+            for row, (old_slot, old_row) in slot.legacy.items():
+                entry = saved.get(old_slot)
+                if not isinstance(entry, Mapping):
+                    continue
+                if claims[(old_slot, old_row)] > 1:
+                    ambiguous.append(row_key(name, row))
+                    continue
+                old_rows = entry.get("rows")
+                value = old_rows.get(old_row) if isinstance(old_rows, Mapping) else None
+                if value is not None:
+                    rows[row] = value
+                    steps = max(steps, int(entry.get("steps", 0)))
+            if rows:
+                upgraded[name] = {
+                    "steps": steps,
+                    "rows": rows,
+                    "covers": {row: list(slot.covers.get(row, ())) for row in rows},
+                }
+        return upgraded, ambiguous
+
+    def _check_rows(
+        self, name: str, entry: Mapping[str, Any], wanted: Sequence[str]
+    ) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
         slot = self.slots[name]
         where = f"state of {name}"
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("rows"), Mapping):
-            raise ValueError(f"{where}: expected a mapping with 'steps' and 'rows'")
         steps = entry.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{where}: 'steps' must be an int >= 0, got {steps!r}")
-        rows = entry["rows"]
-        if set(rows) != set(slot.rows):
-            raise ValueError(
-                f"{where}: rows for layers {sorted(rows)}, this model has {sorted(slot.rows)}"
-            )
         fresh = slot.rule.init_state(1, torch.device("cpu"), torch.float64)
         growable = slot.rule.growable_state
         checked: dict[str, dict[str, torch.Tensor]] = {}
-        for row, tensors in rows.items():
+        for row in wanted:
+            tensors = entry["rows"][row]
             if not isinstance(tensors, Mapping) or set(tensors) != set(fresh):
                 got = sorted(tensors) if isinstance(tensors, Mapping) else type(tensors).__name__
                 raise ValueError(

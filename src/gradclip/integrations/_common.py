@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from gradclip.core.identity import StateNotRestoredWarning
 from gradclip.core.report import NormReport
 from gradclip.normalizer import GradientNormalizer, Mode
-from gradclip.rules.dl4j import resolve_rule
+from gradclip.rules.dl4j import resolve_override, resolve_rule
+from gradclip.step_guard import unwrap_optimizer
 
 __all__ = [
     "CallbackSettings",
@@ -21,18 +24,34 @@ __all__ = [
 ]
 
 
+def restore(normalizer: GradientNormalizer, state: Mapping[str, Any], where: str) -> None:
+    """Load ``state`` into ``normalizer`` as a resume does: what matches by the state
+    identity of `gradclip.core.identity` is restored; the rest starts afresh, with a
+    `StateNotRestoredWarning` naming both sides (a resume never aborts for it).
+
+    Raises:
+        ValueError: ``state`` is no normalizer state dict (of a readable version).
+    """
+    left = normalizer.load_state_dict(state, strict=False)
+    if left.missing_keys or left.unexpected_keys:
+        warnings.warn(
+            StateNotRestoredWarning(
+                f"{where}: gradclip restored the rules' state that matches this configuration; "
+                f"the rest starts afresh ({left.describe()}). To make this an error: "
+                "warnings.simplefilter('error', gradclip.StateNotRestoredWarning)"
+            ),
+            stacklevel=3,
+        )
+
+
 def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The ``torch.optim.Optimizer`` inside a framework's wrapper, or ``None``.
 
     Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer``
-    both keep the wrapped optimizer in ``.optimizer``.
+    both keep the wrapped optimizer in ``.optimizer`` (see
+    `gradclip.step_guard.unwrap_optimizer`).
     """
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
-        optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            return None
-        seen += 1
+    optimizer = unwrap_optimizer(optimizer)
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
@@ -135,8 +154,15 @@ class CallbackSettings:
         GradientNormalizer(torch.nn.Linear(1, 1), mode, threshold)
 
     def _settings_key(self) -> str:
-        """The configuration, as text that names the callback's entry in a checkpoint."""
-        overrides = sorted((key, repr(value)) for key, value in self.overrides.items())
+        """The configuration, as text that names the callback's entry in a checkpoint.
+
+        Spellings of one configuration give one text: ``"ClipL2PerLayer"`` and
+        ``("ClipL2PerLayer", 1.0)`` are the same rule.
+        """
+        overrides = sorted(
+            (key, resolve_override(value, self.threshold, key).describe())
+            for key, value in self.overrides.items()
+        )
         return f"mode={self._default.describe()}, overrides={overrides}"
 
     def _record(self, report: NormReport) -> None:

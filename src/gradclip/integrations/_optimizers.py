@@ -23,8 +23,8 @@ from torch import nn
 
 from gradclip.core.layers import Layer, build_layers, match_overrides, resolve_override_keys
 from gradclip.core.report import NormReport
-from gradclip.integrations._common import StepApplier, inner_optimizer
-from gradclip.integrations._state import carry_over, pack, unpack
+from gradclip.integrations._common import StepApplier, inner_optimizer, restore
+from gradclip.integrations._state import pack, unpack
 from gradclip.normalizer import GradientNormalizer, Mode
 
 __all__ = ["PerOptimizer"]
@@ -133,8 +133,9 @@ class PerOptimizer:
         normalizer = GradientNormalizer(target, self.mode, self.threshold, overrides)
         if old is not None:
             old.applier.cancel()
-            fresh = normalizer.state_dict()
-            normalizer.load_state_dict(carry_over(old.normalizer.state_dict(), fresh))
+            # the rows whose rule and layers are unchanged keep their state; new ones start
+            # fresh, as when a normalizer's model changes (gradclip.core.identity)
+            normalizer.load_state_dict(old.normalizer.state_dict(), strict=False)
         applier = StepApplier(normalizer, self._on_report)
         return _Entry(optimizer, params, _groups(optimizer), names, normalizer, applier)
 
@@ -200,7 +201,7 @@ class PerOptimizer:
         try:
             for i, (entry, state) in enumerate(zip(self.entries, states)):
                 try:
-                    entry.normalizer.load_state_dict(state)
+                    restore(entry.normalizer, state, f"optimizer {i}")
                 except ValueError as error:
                     raise ValueError(f"optimizer {i}: {error}") from error
         except ValueError:

@@ -13,7 +13,7 @@ from typing import Any
 
 from gradclip.core.state import FORMAT as NORMALIZER_FORMAT
 
-__all__ = ["FORMAT", "VERSION", "carry_over", "pack", "unpack"]
+__all__ = ["FORMAT", "VERSION", "pack", "unpack"]
 
 FORMAT = "gradclip.TrainerCallback"
 VERSION = 1
@@ -51,25 +51,3 @@ def unpack(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(states, list | tuple) or not all(isinstance(s, Mapping) for s in states):
         raise ValueError("the callback state dict has no 'optimizers' list of state dicts")
     return [dict(s) for s in states]
-
-
-def carry_over(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """``new`` (a fresh normalizer's state dict) with the rows ``old`` has for it.
-
-    For a normalizer rebuilt because its optimizer's parameters changed (a
-    parameter group added when layers are unfrozen): each rule keeps the state
-    of the layers it had (and a global row its state), new layers start fresh —
-    as a normalizer does when its model changes.
-    """
-    out = dict(new)
-    rules = {name: dict(entry) for name, entry in new["rules"].items()}
-    for name, entry in rules.items():
-        before = old.get("rules", {}).get(name)
-        if not isinstance(before, Mapping):
-            continue
-        rows = dict(entry["rows"])
-        rows.update({row: value for row, value in before["rows"].items() if row in rows})
-        entry["rows"] = rows
-        entry["steps"] = max(int(entry["steps"]), int(before["steps"]))
-    out["rules"] = rules
-    return out

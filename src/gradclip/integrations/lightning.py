@@ -149,10 +149,13 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         """Restore `state_dict` (or a `GradientNormalizer.state_dict`, for one optimizer).
 
         Before fitting starts it is kept and installed when the normalizers are
-        built; so a state can be restored by hand before ``trainer.fit``.
+        built; so a state can be restored by hand before ``trainer.fit``. A
+        state saved with another configuration restores what matches it (see
+        `gradclip.core.identity`); the rest starts afresh with a
+        `gradclip.StateNotRestoredWarning`, and fitting goes on.
 
         Raises:
-            ValueError: a state of another configuration, model or number of optimizers.
+            ValueError: not a gradclip state dict, or another number of optimizers.
         """
         self._optimizers.load_state_dict(state_dict)
         self._state_missing = None
@@ -184,11 +187,12 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
         if self.state_key in saved:
             return
         others = [k for k in saved if isinstance(k, str) and k.startswith(type(self).__qualname__)]
-        self._state_missing = (
-            f"it holds gradclip state for another configuration: {others}"
-            if others
-            else "it holds no gradclip state"
-        )
+        if others:
+            # saved under another configuration: Lightning hands it to no callback, but
+            # the rules whose state identity matches are restored from it, the rest warn
+            self.load_state_dict(saved[others[-1]])
+            return
+        self._state_missing = "it holds no gradclip state"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         missing, self._state_missing = self._state_missing, None

@@ -59,7 +59,12 @@ except ImportError as error:  # pragma: no cover
     ) from error
 
 from gradclip.core.layers import resolve_override_keys, unwrap_module
-from gradclip.integrations._common import CallbackSettings, StepApplier, norms_for_logging
+from gradclip.integrations._common import (
+    CallbackSettings,
+    StepApplier,
+    norms_for_logging,
+    restore,
+)
 from gradclip.integrations._state import pack, unpack
 from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import NoNormalization
@@ -139,10 +144,13 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         """Restore `state_dict` (or a `GradientNormalizer.state_dict`).
 
         Before training it is kept and installed when training starts, in
-        place of the state of the checkpoint resumed from.
+        place of the state of the checkpoint resumed from. A state saved with
+        another configuration restores what matches it (see
+        `gradclip.core.identity`); the rest starts afresh with a
+        `gradclip.StateNotRestoredWarning`, and training goes on.
 
         Raises:
-            ValueError: a state of another configuration or model.
+            ValueError: not a gradclip state dict.
         """
         states = unpack(state_dict)
         if len(states) != 1:
@@ -176,8 +184,8 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
                     )
                 return
             states = unpack(found)
-        if states is not None:
-            self.normalizer.load_state_dict(states[0])
+        if states is not None:  # what matches is restored; the rest warns and starts afresh
+            restore(self.normalizer, states[0], f"resuming at step {state.global_step}")
 
     def _saved_state(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any] | None:
         for directory in _checkpoint_dirs(args, state, resuming=True):

@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from gradclip.core.rule import Measured, ScalingRule, State, set_fields
+from gradclip.core.rule import GroupLayout, Measured, ScalingRule, State, set_fields
 from gradclip.core.validation import check_threshold
 from gradclip.rules.global_norm import TORCH_CLIP_EPS, clip_coefficient
 
@@ -126,6 +126,8 @@ class AutoClip(ScalingRule):
     percentile: float = 10.0
     history_size: int | None = 1000
     scope: Scope = "global"
+    # the history is the same whatever percentile is read from it
+    schedulable_fields: ClassVar[tuple[str, ...]] = ("percentile",)
     _INITIAL_CAPACITY: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
@@ -142,6 +144,9 @@ class AutoClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return self.scope == "global" or len(layout.layer_names) == 1
 
     @property
     def growable_state(self) -> frozenset[str]:
@@ -230,6 +235,8 @@ class ZClip(ScalingRule):
     warmup_steps: int = 25
     max_grad_norm: float | None = None
     scope: Scope = "global"
+    # the EMA statistics do not depend on the spike threshold or the fixed cap
+    schedulable_fields: ClassVar[tuple[str, ...]] = ("z_thresh", "max_grad_norm")
     _EPS: ClassVar[float] = 1e-6  # the zclip package's eps in the z-score denominator
 
     def __post_init__(self) -> None:
@@ -252,6 +259,9 @@ class ZClip(ScalingRule):
     @property
     def per_layer_state(self) -> bool:
         return self.scope == "layer"
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return self.scope == "global" or len(layout.layer_names) == 1
 
     def init_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> State:
         return {

@@ -206,6 +206,7 @@ class AdaptiveGradClip(InPlaceRule):
     clipping: float = 0.01
     eps: float = 1e-3
     norm_type: ClassVar[float | None] = None
+    layer_local: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         set_fields(

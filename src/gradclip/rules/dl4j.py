@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import difflib
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from gradclip.core.kernels import ClampPlan, clamp_abs_, plan_clamp
+from gradclip.core.layers import Layer, match_overrides
 from gradclip.core.rule import (
     GroupLayout,
     InPlaceRule,
@@ -143,6 +145,9 @@ class NoNormalization(InPlaceRule):
     """DL4J ``None``: the gradients are left as they are (and not even read)."""
 
     norm_type: ClassVar[float | None] = None
+    reads_gradient: ClassVar[bool] = False
+    squares: ClassVar[bool] = False
+    layer_local: ClassVar[bool] = True
 
     def describe(self) -> str:
         return "None()"  # DL4J's name of the mode
@@ -177,6 +182,11 @@ class RenormalizeL2PerLayer(ScalingRule):
         1.0
     """
 
+    layer_local: ClassVar[bool] = True
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return len(layout.layer_names) == 1
+
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.layer_norms is not None
         return _renormalize(m.per_tensor(m.layer_norms)), state
@@ -185,6 +195,8 @@ class RenormalizeL2PerLayer(ScalingRule):
 @dataclass(frozen=True)
 class RenormalizeL2PerParamType(ScalingRule):
     """DL4J ``RenormalizeL2PerParamType``: ``g_p ← g_p / ‖g_p‖``; an all-zero tensor stays zero."""
+
+    layer_local: ClassVar[bool] = True
 
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.norms is not None
@@ -197,6 +209,7 @@ class _Thresholded(Rule):
 
     threshold: float = 1.0
     per_layer_fields: ClassVar[tuple[str, ...]] = ("threshold",)
+    layer_local: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         set_fields(self, threshold=check_threshold(self.threshold))
@@ -218,6 +231,9 @@ class ClipL2PerLayer(_Thresholded, ScalingRule):
         >>> round(float(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()), 6)
         2.0
     """
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        return len(layout.layer_names) == 1
 
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         assert m.layer_norms is not None
@@ -246,6 +262,7 @@ class ClipElementWiseAbsoluteValue(_Thresholded, InPlaceRule):
     """
 
     norm_type: ClassVar[float | None] = None
+    squares: ClassVar[bool] = False
 
     def prepare(self, layout: GroupLayout) -> ClampPlan:
         thresholds = [float(rule.threshold) for rule in layout.rules]  # type: ignore[attr-defined]
@@ -301,3 +318,48 @@ def resolve_rule(mode: object, threshold: Any = 1.0) -> Rule:
             f"'ClipL2PerLayer', or a gradclip rule object; got {type(mode).__name__}"
         )
     return GradientNormalization.parse(mode).rule(check_threshold(threshold))
+
+
+def resolve_override(value: Any, default_threshold: float, key: str) -> Rule:
+    """An override value: a mode, ``(mode, threshold)`` or ``{"mode": ..., "threshold": ...}``."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError(
+                f"override for {key!r} must be a mode or a (mode, threshold) pair, got {value!r}"
+            )
+        return resolve_rule(value[0], value[1])
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"mode", "threshold"}
+        if unknown or "mode" not in value:
+            raise ValueError(
+                f"override for {key!r} must have the keys 'mode' and optionally 'threshold', "
+                f"got {sorted(value)}"
+            )
+        return resolve_rule(value["mode"], value.get("threshold", default_threshold))
+    return resolve_rule(value, default_threshold)
+
+
+def assign_rules(
+    layers: Sequence[Layer], default: Rule, threshold: float, overrides: Mapping[str, Any]
+) -> tuple[list[Rule], list[str | None]]:
+    """Each layer's rule after the overrides, and the key that chose it (``None``: the
+    default); see `gradclip.core.layers.match_overrides` for which key wins."""
+    names = [layer.name for layer in layers]
+    resolved = {key: resolve_override(value, threshold, key) for key, value in overrides.items()}
+    chosen = match_overrides(names, overrides)
+    rules = [resolved[chosen[n]] if n in chosen else default for n in names]
+    return rules, [chosen.get(n) for n in names]
+
+
+def layer_table(layers: Sequence[Layer], rules: Sequence[Rule]) -> str:
+    """A table of the layers: name, parameters (with shapes), rule and its settings."""
+    rows = [("layer", "parameters", "mode")]
+    for layer, rule in zip(layers, rules):
+        params = ", ".join(
+            f"{name} {tuple(p.shape)}" for name, p in zip(layer.param_names, layer.params)
+        )
+        rows.append((layer.name or "(root)", params, rule.describe()))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)

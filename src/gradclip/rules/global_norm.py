@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradclip.core.rule import Measured, ScalingRule, State, set_fields
+from gradclip.core.rule import GroupLayout, Measured, ScalingRule, State, set_fields
 from gradclip.core.validation import check_threshold
 
 __all__ = ["TORCH_CLIP_EPS", "ClipGlobalNorm", "clip_coefficient"]
@@ -89,6 +89,10 @@ class ClipGlobalNorm(ScalingRule):
             max_norm=check_threshold(self.max_norm, what="max_norm"),
             norm_type=_norm_order(self.norm_type),
         )
+
+    def uniform(self, layout: GroupLayout) -> bool:
+        """One coefficient for all the tensors: always."""
+        return True
 
     def scale(self, m: Measured, state: State) -> tuple[torch.Tensor, State]:
         coefficient = clip_coefficient(m.total_norm(self.norm_type), self.max_norm)

@@ -1,0 +1,113 @@
+"""A step whose multiply a fused optimizer does: the divisor of ``grad_scale``.
+
+PyTorch's fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with
+``fused=True``) read and write every gradient in their own kernel, and divide it
+there by the device tensor ``optimizer.grad_scale`` when one is set (it is how
+``GradScaler`` unscales them). The engine can hand its work to that pass:
+
+* **AMP**: gradients still scaled by ``S`` are measured as they are and their
+  norms divided by ``S`` (norms are homogeneous: ``‖g·S‖ = S·‖g‖``), so every
+  rule reads the true norms; a per-layer multiply by the coefficients ``c``
+  keeps ``S``, and the kernel's division by ``S`` completes the unscale.
+* **Folding**: when every round of the step gives one coefficient ``c`` for all
+  the step's gradients (`foldable`), nothing is multiplied: the divisor becomes
+  ``S / c`` (``1 / c`` without AMP) and the kernel applies it.
+
+The divisor ``D`` is carried through the rounds: gradients in memory are the
+true ones times ``1 / D``, so a later round's re-measured norms are divided by
+``D`` too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradclip.core.measure import Measurement
+from gradclip.core.plan import Plan
+from gradclip.core.rule import ScalingRule
+
+__all__ = ["FusedArgs", "foldable", "in_place_rules", "true_norms"]
+
+
+def foldable(plan: Plan) -> bool:
+    """Whether every round of ``plan`` gives one coefficient to all of the step's tensors.
+
+    True when each round has a single scaling rule over every tensor of the step
+    whose `Rule.uniform` holds for its layout.
+    """
+    for round_ in plan.rounds:
+        if not round_.single or len(round_.stages) != 1 or round_.scaled is None:
+            return False
+        _, stage = round_.stages[0]
+        if not isinstance(stage.rule, ScalingRule) or len(round_.scaled) != plan.num_tensors:
+            return False
+        if not stage.rule.uniform(stage.layout):
+            return False
+    return bool(plan.rounds)
+
+
+def in_place_rules(plan: Plan) -> list[str]:
+    """The rules of ``plan`` that change gradients themselves (they need unscaled gradients)."""
+    return sorted(
+        {
+            stage.rule.describe()
+            for round_ in plan.rounds
+            for _, stage in round_.stages
+            if not isinstance(stage.rule, ScalingRule)
+        }
+    )
+
+
+def true_norms(measured: Measurement, divisor: torch.Tensor) -> Measurement:
+    """The step's norms of gradients stored as ``true / divisor``: each divided by ``divisor``."""
+    d = divisor.to(measured.tensor_norms.dtype)
+    return Measurement(
+        measured.tensor_norms / d,
+        measured.layer_norms / d,
+        {gi: norms / divisor.to(norms.dtype) for gi, norms in measured.p_norms.items()},
+        measured.reduced,
+    )
+
+
+@dataclass(frozen=True)
+class FusedArgs:
+    """What a fused optimizer's step passes to `Engine.step`.
+
+    Attributes:
+        divisor: the scale the gradients still carry (``GradScaler``'s ``S``).
+        skip: 0-d device flag of a step that will be skipped: no rule's state changes.
+        fold: leave a uniform coefficient to the optimizer instead of multiplying it in.
+        skip_on_device: ``nonfinite="skip"`` marks a step with a non-finite layer in
+            ``Engine.bad_step`` instead of reading it on the host.
+    """
+
+    divisor: torch.Tensor | None = None
+    skip: torch.Tensor | None = None
+    fold: bool = False
+    skip_on_device: bool = False
+
+    def begin(
+        self, plan: Plan, measured: Measurement
+    ) -> tuple[Measurement, torch.Tensor | None, bool]:
+        """The true norms, the divisor to carry through the rounds, and whether to fold.
+
+        Raises:
+            RuntimeError: a ``divisor`` with a rule that changes gradients in place
+                (nothing is modified).
+        """
+        if self.divisor is not None:
+            refused = in_place_rules(plan)
+            if refused:
+                raise RuntimeError(
+                    f"the gradients are still scaled by GradScaler and {', '.join(refused)} "
+                    "changes them in place: call scaler.unscale_(optimizer) before "
+                    "scaler.step(optimizer)"
+                )
+            measured = true_norms(measured, self.divisor)
+        fold = self.fold and foldable(plan)
+        carried = self.divisor
+        if fold and carried is None:
+            carried = torch.ones((), dtype=plan.acc_dtype, device=plan.device)
+        return measured, carried, fold

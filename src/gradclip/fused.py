@@ -1,0 +1,274 @@
+"""Attaching to a fused optimizer: the multiply, the unscale and the skip done by its kernel.
+
+PyTorch's fused optimizers (``fused=True``) divide every gradient by
+``optimizer.grad_scale`` and skip the update where ``optimizer.found_inf`` is 1,
+inside their one pass over the parameters, without the host. `attach_fused`
+wraps such an optimizer's ``step`` so that each step
+
+1. reads what ``GradScaler.step`` set, if anything: the scale ``S`` of gradients
+   not unscaled yet, and its ``found_inf``;
+2. runs the normalizer on the gradients as they are, its rules reading the true
+   norms (``‖g‖ / S``); see `gradclip.core.folding`. When the step's rules give
+   one coefficient ``c`` for all the gradients and folding is on, nothing is
+   multiplied and ``grad_scale`` becomes ``S / c`` (``1 / c`` without AMP);
+3. sets ``grad_scale`` and ``found_inf`` (new tensors: the scaler's own are
+   never modified) and calls the optimizer's step; with ``nonfinite="skip"``,
+   ``found_inf`` is also 1 when a layer was not finite, decided on the device;
+4. puts back what was there before; when the step raises, removes both
+   (``GradScaler`` would have removed its own after the step).
+
+On steps ``found_inf`` skips, no rule's state changes. The count of skipped
+steps stays on the device until it is read.
+
+Fused ``SGD`` with momentum has a hazard: on its first step it creates the
+momentum buffers uninitialized and fills them in the kernel, so a first step
+skipped through ``found_inf`` leaves garbage that the next step reads. Missing
+buffers are therefore created as zeros before the step, which with
+``dampening=0`` gives the very first update PyTorch computes (``0·m + g = g``);
+with ``dampening != 0`` it would not, and such an optimizer is not attached this
+way (`fusable` says why).
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from gradclip.core.engine import Engine
+from gradclip.core.folding import FusedArgs
+from gradclip.core.report import NormReport
+from gradclip.hooks import AttachHandle
+
+__all__ = ["FusedHandle", "FusedStep", "ParamCover", "attach_fused", "fusable", "fused_hook"]
+
+_MISSING: Any = object()
+
+
+def fusable(optimizer: torch.optim.Optimizer) -> str | None:
+    """``None`` if ``optimizer`` can take gradclip's work in its fused step, else why not.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> fusable(torch.optim.AdamW([w], fused=True)) is None
+        True
+        >>> fusable(torch.optim.AdamW([w]))
+        'its step is not fused (fused=True)'
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return "its step is not fused (fused=True)"
+    if isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            if group.get("momentum", 0) and group.get("dampening", 0):
+                return "fused SGD with momentum and dampening cannot skip its first step"
+    return None
+
+
+def _init_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers where fused SGD would create them uninitialized."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("momentum", 0):
+            continue
+        for p in group["params"]:
+            if p.grad is not None and optimizer.state[p].get("momentum_buffer") is None:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+
+
+class ParamCover:
+    """Whether an optimizer updates exactly the normalizer's parameters.
+
+    Only then may a coefficient go into its ``grad_scale``, which divides every
+    gradient it updates. Recomputed when its parameter groups change size.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._params = frozenset(id(p) for p in params)
+        self._sizes: tuple[int, ...] | None = None
+        self._same = False
+
+    def same(self, optimizer: torch.optim.Optimizer) -> bool:
+        sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
+        if sizes != self._sizes:
+            ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            self._sizes, self._same = sizes, ids == self._params
+        return self._same
+
+
+class FusedStep:
+    """An engine's step for a fused optimizer's step (see `Engine.step`).
+
+    Args:
+        optimizer: the fused optimizer.
+        fold: fold a uniform coefficient into ``grad_scale`` where the optimizer
+            updates exactly the engine's parameters.
+        skip_on_device: ``nonfinite="skip"``: mark the step on the device.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fold: bool, skip_on_device: bool) -> None:
+        self.optimizer = optimizer
+        self.fold = fold
+        self.skip_on_device = skip_on_device
+        self._covers: dict[int, ParamCover] = {}  # per engine: a changed model builds another
+
+    def __call__(
+        self, engine: Engine, scale: torch.Tensor | None, found: torch.Tensor | None
+    ) -> NormReport:
+        cover = self._covers.get(id(engine))
+        if cover is None:
+            self._covers.clear()
+            cover = self._covers[id(engine)] = ParamCover(engine.params)
+        fold = self.fold and cover.same(self.optimizer)
+        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device))
+
+
+class FusedHandle(AttachHandle):
+    """What `GradientNormalizer.attach` returns for a fused optimizer.
+
+    Attributes:
+        skipped: 0-d device tensor, the steps skipped through ``found_inf`` for
+            non-finite gradients (``nonfinite="skip"``) or by ``GradScaler``;
+            `skipped_steps` reads it (one host read).
+    """
+
+    def __init__(self, on_remove: Callable[[], None]) -> None:
+        self.skipped: torch.Tensor | None = None
+        super().__init__(on_remove)
+
+    @property  # type: ignore[override]
+    def skipped_steps(self) -> int:
+        """The steps skipped so far (reads the device counter)."""
+        return 0 if self.skipped is None else int(self.skipped.item())
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.skipped = None if value == 0 else torch.tensor(float(value))
+
+    def count(self, found_inf: torch.Tensor) -> None:
+        """Add a step's ``found_inf`` (0 or 1) to the counter, on the device."""
+        if self.skipped is None:
+            self.skipped = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+        self.skipped.add_(found_inf)
+
+
+def attach_fused(
+    optimizer: torch.optim.Optimizer,
+    run: Callable[
+        [torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor | None, torch.Tensor | None]
+    ],
+    forget: Callable[[], None],
+) -> FusedHandle:
+    """Wrap ``optimizer.step`` (see the module docstring).
+
+    ``run(scale, found_inf)`` normalizes the gradients and returns the
+    ``grad_scale`` to set (``None``: none) and a 0-d bool device flag of
+    non-finite gradients to skip on (``None``: none).
+    """
+    owner = weakref.ref(optimizer)
+    original = optimizer.step
+    had_instance_step = "step" in optimizer.__dict__
+    active = [True]
+    handle: FusedHandle
+
+    def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if not active[0]:
+            return original(*args, **kwargs)
+        if args or kwargs.get("closure") is not None:
+            raise RuntimeError(
+                "gradclip attached to a fused optimizer normalizes the gradients of the last "
+                "backward pass; fused optimizers take no closure"
+            )
+        scale = opt.__dict__.get("grad_scale", _MISSING)
+        found = opt.__dict__.get("found_inf", _MISSING)
+        try:
+            grad_scale, bad = run(
+                None if scale is _MISSING else scale,
+                None if found is _MISSING else found,
+            )
+            skip = None if found is _MISSING or found is None else found
+            if bad is not None:
+                flag = bad.to(torch.float32)
+                skip = flag if skip is None else torch.maximum(skip.to(flag.device), flag)
+            if grad_scale is not None:  # the fused kernels read a float32 scale
+                opt.grad_scale = grad_scale.to(torch.float32)  # type: ignore[attr-defined]
+            if skip is not None:
+                opt.found_inf = skip  # type: ignore[attr-defined]
+                _init_momentum(opt)
+                if bad is not None:
+                    handle.count(skip)
+            result = original(*args, **kwargs)
+        except BaseException:
+            # GradScaler removes what it set only after a step that returned: left
+            # here, its scale would make every later step look unscaled-but-scaled
+            opt.__dict__.pop("grad_scale", None)
+            opt.__dict__.pop("found_inf", None)
+            raise
+        for name, value in (("grad_scale", scale), ("found_inf", found)):
+            if value is _MISSING:
+                opt.__dict__.pop(name, None)
+            else:
+                setattr(opt, name, value)
+        return result
+
+    wrapper = types.MethodType(step, optimizer)
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+    def remove() -> None:
+        active[0] = False
+        opt = owner()
+        if opt is not None and opt.__dict__.get("step") is wrapper:
+            if had_instance_step:
+                opt.step = original  # type: ignore[method-assign]
+            else:
+                del opt.step
+        forget()
+
+    handle = FusedHandle(remove)
+    return handle
+
+
+class _Normalizer(Protocol):
+    """What `fused_hook` uses of a `GradientNormalizer`."""
+
+    _engine: Engine
+    _lock: Any
+    last_report: NormReport | None
+    nonfinite: str
+
+    def _refresh(self, force: bool = False) -> bool: ...
+
+
+def fused_hook(
+    normalizer: _Normalizer, fold: bool
+) -> Callable[[torch.optim.Optimizer, Callable[[], None]], AttachHandle | None]:
+    """How `GradientNormalizer.attach` hooks an optimizer: `attach_fused` where `fusable`.
+
+    Returns a function of the optimizer and the handle's ``forget``, which gives
+    ``None`` for an optimizer that is not fused (it is then hooked as before).
+    """
+
+    def hook(optimizer: torch.optim.Optimizer, forget: Callable[[], None]) -> AttachHandle | None:
+        if fusable(optimizer) is not None:
+            return None
+        fused_step = FusedStep(optimizer, fold, skip_on_device=normalizer.nonfinite == "skip")
+
+        def run(
+            scale: torch.Tensor | None, found: torch.Tensor | None
+        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            with normalizer._lock:  # as `GradientNormalizer.apply`
+                normalizer._refresh()
+                report = fused_step(normalizer._engine, scale, found)
+                if report.tensor_norms.numel() == 0 and normalizer._refresh(force=True):
+                    report = fused_step(normalizer._engine, scale, found)
+                normalizer.last_report = report
+                return normalizer._engine.divisor, normalizer._engine.bad_step
+
+        return attach_fused(optimizer, run, forget)
+
+    return hook
