@@ -27,6 +27,9 @@ def model_identity(engine: Engine) -> dict[str, list[str]]:
 
 def save_state(engine: Engine) -> dict[str, Any]:
     """The engine's state dict: its rules' state and `model_identity`."""
+    covers = (c for slot in engine.store.slots.values() for cs in slot.covers.values() for c in cs)
+    if any("(?)" in c for c in covers):  # lazy modules since materialized: record their shapes
+        engine._init_state()
     return {**engine.store.state_dict(), **model_identity(engine)}
 
 
