@@ -84,7 +84,17 @@ def test_unknown_mode_lists_both_spellings() -> None:
     ) as info:
         gradclip.normalize_(model, "ClipL2PerLayr")
     message = str(info.value)
+    assert "(did you mean 'ClipL2PerLayer'?)" in message
     assert "'ClipL2PerLayer' / 'CLIP_L2_PER_LAYER'" in message
+    for typo, meant in [
+        ("clip_l2_per_param", "ClipL2PerParamType"),
+        ("renorm_l2_per_layer", "RenormalizeL2PerLayer"),
+    ]:
+        with pytest.raises(ValueError, match=rf"\(did you mean '{meant}'\?\)"):
+            gradclip.GradientNormalization.parse(typo)
+    with pytest.raises(ValueError) as far:
+        gradclip.GradientNormalization.parse("xyz")
+    assert "did you mean" not in str(far.value)  # nothing close: no guess
     assert "'RenormalizeL2PerParamType'" in message
     assert_untouched(model, lambda: gradclip.normalize_(model, 3), TypeError, "mode must be")  # type: ignore[arg-type]
     assert_untouched(

@@ -16,6 +16,7 @@ FLOORS = [
     ("core",),
     ("rules",),
     (
+        "advice",
         "hooks",
         "step_guard",
         "copying",

@@ -103,6 +103,7 @@ def test_custom_groupings_follow_replaced_parameters(grouping: str) -> None:
     assert norm == pytest.approx(0.5, rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:a per-layer rule was given a flat list")  # on purpose
 def test_an_iterator_target_is_walked_once() -> None:
     model = _model()
     normalizer = gradclip.GradientNormalizer(model.parameters(), "ClipL2PerLayer")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradclip.advice import warn_if_no_gradients, warn_if_one_flat_layer
 from gradclip.config import parse_config
 from gradclip.copying import Copyable
 from gradclip.core.agreement import check_process_group, ddp_group
@@ -177,6 +178,7 @@ class GradientNormalizer(Recording, Copyable):
         if target is None:
             raise RuntimeError("the model this GradientNormalizer was built for no longer exists")
         layers, rules, tags, pipeline = configure_layers(target, self, _RULES_OF)
+        warn_if_one_flat_layer(target, layers, rules)
         return Engine(
             layers,
             rules,
@@ -279,6 +281,7 @@ class GradientNormalizer(Recording, Copyable):
         # behind our back (e.g. by fully_shard after this normalizer was built).
         if report.tensor_norms.numel() == 0 and self._refresh(force=True):
             report = self._engine.step()
+        warn_if_no_gradients(self, report)
         self.last_report = report
         self._keep(report, step)
         return report

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from gradclip.commands import bench
@@ -45,3 +49,31 @@ def test_small2000_compares_gradclip_with_torch_on_2000_tensors() -> None:
     assert methods["gradclip ClipL2PerLayer"].launches.kernels < 60  # type: ignore[union-attr]
     table = bench.format_table(rows)
     assert "| host ms | GPU ms | launches |" in table and table.count("| small2000 |") == len(rows)
+
+
+def test_the_bench_keeps_the_profilers_own_lines_off_stderr() -> None:
+    """Kineto writes a USDT line to file descriptor 2 on every profiler start and stop."""
+    code = (
+        "import sys, torch\n"
+        "from gradclip.commands.bench_timing import count_launches, peak_extra_bytes\n"
+        "x = torch.ones(4)\n"
+        "count_launches(lambda: x + 1, torch.device('cpu'), steps=1)\n"
+        "peak_extra_bytes(lambda: x + 1, torch.device('cpu'))\n"
+        "print('mine', file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stderr == "mine\n"
+    # what the profiler's block writes that is not its noise still reaches stderr
+    code = (
+        "import os\n"
+        "from gradclip.commands.bench_timing import quiet_profiler\n"
+        "with quiet_profiler():\n"
+        "    os.write(2, b'USDT: noise\\nkept\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stderr == "kept\n"

@@ -194,3 +194,43 @@ def test_an_unexpected_error_building_the_normalizer_is_one_line_too(
 def test_load_model_errors_are_model_errors() -> None:
     with pytest.raises(check.ModelError, match="no_colon"):
         check.load_model("no_colon")
+
+
+def test_the_console_script_imports_the_model_from_the_current_directory(folder: Path) -> None:
+    """As `python -m` does; nothing on PYTHONPATH but gradclip itself (not the folder)."""
+    script = Path(sys.executable).with_name("gradclip")
+    if not script.exists():
+        pytest.skip("the gradclip console script is not installed next to this Python")
+    package_root = str(Path(check.__file__).parents[2])  # src/, where gradclip is
+    env = {**os.environ, "PYTHONPATH": package_root}
+    done = subprocess.run(
+        [str(script), "check", "good.json", "--model", "gc_check_models:build"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ClipL2PerLayer(threshold=1.0)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        ("empty.json", "", "the file is empty;"),
+        ("empty.toml", "\n\n", "the file is empty;"),
+        ("empty.yaml", "", "the file is empty;"),
+        ("comments.yaml", "# mode: ClipL2PerLayer\n", "the file holds no configuration"),
+    ],
+)
+def test_an_empty_configuration_file_says_so(
+    folder: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, says: str
+) -> None:
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    (folder / name).write_text(text)
+    status, out, err = _check(capsys, name, "--model", "gc_check_models:build")
+    assert (status, out) == (2, "")
+    assert err.startswith(f"gradclip check: error: {name}: {says}")
+    assert '"mode": "ClipL2PerLayer"' in err and "NoneType" not in err

@@ -183,7 +183,12 @@ def test_cli_quick_runs_both_tasks_and_prints_their_tables(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert main(["demo", "--quick", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    progress = [
+        line for line in printed if line.startswith(("adding, seed 0: ", "scales, seed 0: "))
+    ]
+    assert len(progress) == 6  # a line per run as it ends
+    out = "\n".join(line for line in printed if line not in progress)
     assert out.count("no normalization") == 2
     assert out.count("torch clip_grad_norm_(1)") == 2
     assert out.count("gradclip ClipL2PerLayer(threshold=1.0)") == 2
@@ -338,6 +343,32 @@ def test_cli_seeds_prints_the_spread(capsys: pytest.CaptureFixture[str]) -> None
     assert "mixed-scale regression, 2 seeds:" in out
     assert "adding problem" not in out
     assert "0/2" in out
+    # --no-progress: a line as each run ends, no bar, before the tables
+    progress = [line for line in out.splitlines() if line.startswith("scales, seed ")]
+    assert len(progress) == 6 and all(" 50 steps in " in line for line in progress)
+    assert out.index(progress[-1]) < out.index("mixed-scale regression, 2 seeds:")
+    assert "\r" not in out
+
+
+def test_the_seed_footer_names_what_it_counts_so_it_cannot_contradict_the_table() -> None:
+    """With AutoClip as gradclip's rule the mixed-scale run beats the global clip's without
+    learning: the footer says "a lower test MSE", next to a learned column of 0."""
+    results = [
+        demo.run_demo(40, seed, task="scales", quick=True, strategy="autoclip") for seed in (0, 1)
+    ]
+    lines = demo.seed_summary(results).splitlines()
+    holds = sum(r.story_holds() for r in results)
+    assert lines[-1] == (
+        f"on {holds}/2 seeds gradclip {results[0]['gradclip'].label.removeprefix('gradclip ')} "
+        "ended with a lower test MSE than torch clip_grad_norm_(1)"
+    )
+    assert not any("demo's point" in line for line in lines)
+    adding = [demo.run_demo(30, 0, task="adding", quick=True)]
+    assert (
+        demo.seed_summary(adding)
+        .splitlines()[-1]
+        .endswith("no normalization diverged and gradclip ClipL2PerLayer(threshold=1.0) learned")
+    )
 
 
 def test_threads_setting_is_applied_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:

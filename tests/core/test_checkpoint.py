@@ -34,10 +34,12 @@ STEPS, SPLIT = 70, 67  # AutoClip's whole history outgrows a fresh one's (64) be
 
 
 def _rules(sharded: bool = False) -> tuple[gradclip.Rule, dict[str, Any]]:
-    default = gradclip.AutoClip(40.0, scope="layer")  # history_size=None: a growing buffer
+    default = gradclip.AutoClip(40.0, history_size=None, scope="layer")  # a growing buffer
     overrides: dict[str, Any] = {
         "0": gradclip.ZClip(warmup_steps=3, z_thresh=1.0, scope="layer"),
-        "1": gradclip.chain(gradclip.AdaptiveGradClip(0.05), gradclip.AutoClip(30.0)),
+        "1": gradclip.chain(
+            gradclip.AdaptiveGradClip(0.05), gradclip.AutoClip(30.0, history_size=None)
+        ),
         "5": gradclip.AutoClip(30.0, history_size=8),
     }
     if sharded:  # a chain whose later rule reads norms is refused on sharded gradients
@@ -143,7 +145,7 @@ def _states_equal(a: Any, b: Any) -> bool:
 
 
 RULES: dict[str, Callable[[], gradclip.Rule]] = {
-    "AutoClip-whole-history": lambda: gradclip.AutoClip(30.0, scope="layer"),
+    "AutoClip-whole-history": lambda: gradclip.AutoClip(30.0, history_size=None, scope="layer"),
     "AutoClip-ring": lambda: gradclip.AutoClip(30.0, history_size=4),
     "ZClip": lambda: gradclip.ZClip(warmup_steps=2, scope="layer"),
     "chain": lambda: gradclip.chain(gradclip.AdaptiveGradClip(0.05), gradclip.AutoClip()),

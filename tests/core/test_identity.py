@@ -171,7 +171,7 @@ def test_strict_false_restores_what_matches_and_returns_the_rest() -> None:
     assert str(other.state_dict()["rules"]) == str(before)  # nothing changed
     result = other.load_state_dict(saved, strict=False)
     assert result.missing_keys == []
-    assert result.unexpected_keys == ["AutoClip(history_size=None, scope='global')['*[dec]']"]
+    assert result.unexpected_keys == ["AutoClip(history_size=1000, scope='global')['*[dec]']"]
     zclip = "ZClip(alpha=0.97, warmup_steps=2, scope='global')"
     restored = other.state_dict()["rules"][zclip]["rows"]["*[enc]"]
     for key, value in saved["rules"][zclip]["rows"]["*[enc]"].items():
@@ -246,15 +246,18 @@ def _as_version_2(normalizer: gradclip.GradientNormalizer) -> dict:  # type: ign
 
 
 def test_a_version_2_state_loads() -> None:
+    # AutoClip(history_size=None) was AutoClip()'s default in gradclip 0.2: a checkpoint of
+    # that default loads into it
+    auto = gradclip.AutoClip(history_size=None, scope="layer")
     model = _net()
     normalizer = gradclip.GradientNormalizer(
-        model, gradclip.AutoClip(scope="layer"), overrides={"enc": gradclip.ZClip(warmup_steps=2)}
+        model, auto, overrides={"enc": gradclip.ZClip(warmup_steps=2)}
     )
     _spiky_run(normalizer, model, 3)
     old = _as_version_2(normalizer)
     assert "AutoClip(percentile=10.0, history_size=None, scope='layer')" in old["rules"]
     fresh = gradclip.GradientNormalizer(
-        model, gradclip.AutoClip(scope="layer"), overrides={"enc": gradclip.ZClip(warmup_steps=2)}
+        model, auto, overrides={"enc": gradclip.ZClip(warmup_steps=2)}
     )
     assert fresh.load_state_dict(old) == ([], [], {})
     assert str(fresh.state_dict()) == str(normalizer.state_dict())

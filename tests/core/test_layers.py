@@ -62,6 +62,7 @@ def test_frozen_and_missing_gradients_are_skipped() -> None:
     assert float(model[0].bias.grad.norm()) == pytest.approx(1.0)
 
 
+@pytest.mark.filterwarnings("ignore:a per-layer rule was given a flat list")  # on purpose
 def test_custom_groupings() -> None:
     a = nn.Parameter(torch.zeros(3))
     b = nn.Parameter(torch.zeros(4))

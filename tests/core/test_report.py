@@ -44,7 +44,8 @@ def test_measure_all_reports_every_norm() -> None:
 
 def test_no_gradient_at_all_gives_an_empty_report() -> None:
     model = mlp(2)
-    report = gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply()
+    with pytest.warns(UserWarning, match="found no gradient"):
+        report = gradclip.GradientNormalizer(model, "ClipL2PerLayer").apply()
     assert report.layer_names == []
     assert report.to_dict()["layer_norms"] == {}
     model[1].weight.grad = torch.ones(8, 8)

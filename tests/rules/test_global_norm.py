@@ -109,6 +109,7 @@ def test_norm_type_accepts_the_string_inf_as_torch_does() -> None:
 
 
 @pytest.mark.parametrize("in_chain", [False, True])
+@pytest.mark.filterwarnings("ignore:a per-layer rule was given a flat list")  # on purpose
 def test_inf_norm_with_an_empty_parameter(in_chain: bool) -> None:
     empty = nn.Parameter(torch.zeros(0))
     full = nn.Parameter(torch.zeros(3))

@@ -17,9 +17,14 @@ CPU over its operands, the CPU's equivalent of a launch).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,7 @@ __all__ = [
     "Timing",
     "count_launches",
     "peak_extra_bytes",
+    "quiet_profiler",
     "sync",
     "time_methods",
 ]
@@ -105,13 +111,45 @@ def time_methods(
     }
 
 
+# What the profiler's C++ side (Kineto) writes to stderr on every start and stop,
+# and its note on blocks allocated before it started: noise for a bench's reader.
+_PROFILER_NOISE = re.compile(
+    r"^(USDT:|STAGE:|\[W\d+ [^\]]*CPUAllocator\.cpp:\d+\] Memory block of unknown size)"
+)
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Drop the profiler's own stderr lines written inside the block; pass on the rest.
+
+    Kineto writes straight to file descriptor 2, so the descriptor is pointed at
+    a temporary file for the block and what it caught, less the noise, is
+    written back to stderr afterwards.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not _PROFILER_NOISE.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def count_launches(method: Method, device: torch.device, steps: int = 3) -> Launches:
     """Launches per call of ``method`` (already warmed up), averaged over ``steps`` calls."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     sync(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with quiet_profiler(), torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             method()
         sync(device)
@@ -151,9 +189,12 @@ def peak_extra_bytes(method: Method, device: torch.device) -> int:
         method()
         sync(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        quiet_profiler(),
+        torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof,
+    ):
         method()
     # Each op's own allocations (and frees) in time order; "self" so that an op's
     # children are not counted twice.

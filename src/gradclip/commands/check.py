@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from torch import nn
@@ -61,6 +62,8 @@ def load_model(spec: str) -> nn.Module:
     Args:
         spec: `package.module:name`; `name` may be dotted (`models:Zoo.small`). An
             `nn.Module` instance is used as is, a callable is called with no arguments.
+            The module is looked for in the current directory first, as
+            `python -m` does.
 
     Returns:
         The model.
@@ -81,6 +84,20 @@ def load_model(spec: str) -> nn.Module:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ModelError(f"--model must look like 'package.module:factory', got {spec!r}")
+    # The current directory first, as `python -m` has it: the console script's own
+    # sys.path starts at its bin directory, where no user's `models.py` is.
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return _load(spec, module_name, attribute)
+    finally:
+        if added:
+            sys.path.remove(here)
+
+
+def _load(spec: str, module_name: str, attribute: str) -> nn.Module:
     try:
         obj: object = importlib.import_module(module_name)
     except Exception as error:  # any error of the user's module at import time

@@ -8,6 +8,9 @@ Examples:
     usage: gradclip check [-h] --model MODULE:FACTORY config
     ...
     0
+    >>> main(["--version"])  # doctest: +ELLIPSIS
+    gradclip 0...
+    0
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import importlib
 from collections.abc import Sequence
 from typing import NoReturn
+
+from gradclip import __version__
 
 __all__ = ["ArgumentParser", "main"]
 
@@ -68,6 +73,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "gradclip") -> int:
         prog=prog,
         description="Deeplearning4j's per-layer gradient normalization for PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     modules = {}
     for name, (module_name, help_text) in _COMMANDS.items():

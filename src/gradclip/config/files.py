@@ -87,6 +87,9 @@ def _read_limited(path: str) -> bytes:
     return data
 
 
+_NEEDS = 'a configuration names at least a mode, e.g. {"mode": "ClipL2PerLayer", "threshold": 1.0}'
+
+
 def load_config(path: str | os.PathLike[str]) -> Any:
     """Read a JSON, YAML or TOML file with a safe loader (chosen by its suffix).
 
@@ -97,7 +100,7 @@ def load_config(path: str | os.PathLike[str]) -> Any:
         The parsed data (not validated: see `parse_config`).
 
     Raises:
-        ConfigError: an unknown suffix, a missing or unreadable file, a file over
+        ConfigError: an unknown suffix, a missing, unreadable or empty file, a file over
             `MAX_FILE_BYTES`, a parse error, a repeated key, nesting deeper than
             `MAX_DEPTH`, or PyYAML missing for a YAML file. The message is one
             line and names the file once.
@@ -116,7 +119,10 @@ def load_config(path: str | os.PathLike[str]) -> Any:
     if suffix not in (".json", ".yaml", ".yml", ".toml"):
         raise ConfigError("a configuration file ends in .json, .yaml, .yml or .toml", path)
     try:
-        data = _load(_read_limited(path), suffix, path)
+        raw = _read_limited(path)
+        if not raw.strip():
+            raise ConfigError(f"the file is empty; {_NEEDS}", path)
+        data = _load(raw, suffix, path)
     except ConfigError:
         raise
     except OSError as error:
@@ -137,6 +143,10 @@ def load_config(path: str | os.PathLike[str]) -> Any:
         if type(error).__module__.startswith("yaml"):
             raise ConfigError(_one_line_yaml_error(error), path) from None
         raise
+    if data is None:  # YAML of comments only, or a JSON null
+        raise ConfigError(
+            f"the file holds no configuration (comments or null only); {_NEEDS}", path
+        )
     try:
         check_depth(data)
     except ConfigError as error:

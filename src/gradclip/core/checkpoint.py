@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradclip.core.engine import Engine
-from gradclip.core.identity import LoadResult, row_key
+from gradclip.core.identity import LoadResult, row_key, shape_of
 from gradclip.core.stages import check_stage_identity, stage_identity
 from gradclip.core.state import FORMAT, StateStore
 
@@ -18,7 +18,7 @@ def model_identity(engine: Engine) -> dict[str, list[str]]:
     return {
         "layers": [layer.name for layer in engine.layers],
         "params": [
-            f"{layer.qualified(k)}{tuple(p.shape)}"
+            f"{layer.qualified(k)}{shape_of(p)}"
             for layer in engine.layers
             for k, p in enumerate(layer.params)
         ],
@@ -29,6 +29,9 @@ def model_identity(engine: Engine) -> dict[str, list[str]]:
 def save_state(engine: Engine, staged: bool = False) -> dict[str, Any]:
     """The engine's state dict: its rules' state and `model_identity` (on pipeline
     stages, ``staged``: `gradclip.core.stages.stage_identity`, keyed by layer)."""
+    covers = (c for slot in engine.store.slots.values() for cs in slot.covers.values() for c in cs)
+    if any("(?)" in c for c in covers):  # lazy modules since materialized: record their shapes
+        engine._init_state()
     if staged:
         return {**engine.store.state_dict(), **stage_identity(engine.layers, engine.rules)}
     return {**engine.store.state_dict(), **model_identity(engine)}

@@ -29,8 +29,12 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
+
+import torch
+from torch.nn.parameter import is_lazy
 
 from gradclip.core.layers import Layer
 from gradclip.core.rule import Rule, stages_of
@@ -44,6 +48,8 @@ __all__ = [
     "legacy_slot_name",
     "match_rows",
     "row_key",
+    "same_cover",
+    "shape_of",
     "slot_name",
     "state_fields",
     "state_key",
@@ -90,9 +96,26 @@ def group_row(tag: str | None) -> str:
     return GROUP_ROW if tag is None else f"{GROUP_ROW}[{tag}]"
 
 
+def shape_of(param: torch.Tensor) -> str:
+    """``"(8, 4)"``; ``"(?)"`` for a lazy module's parameter before its first forward."""
+    return "(?)" if is_lazy(param) else str(tuple(param.shape))
+
+
+def same_cover(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Equal layer signatures, where a shape ``(?)`` (not known yet) matches any shape."""
+    if list(a) == list(b):
+        return True
+    wild = r"\([^()]*\)"
+    return len(a) == len(b) and all(
+        re.fullmatch(re.escape(x).replace(re.escape("(?)"), wild), y) is not None
+        or re.fullmatch(re.escape(y).replace(re.escape("(?)"), wild), x) is not None
+        for x, y in zip(a, b)
+    )
+
+
 def layer_signature(layer: Layer) -> str:
     """A layer as a row's cover records it: ``"name: weight(8, 4), bias(8,)"``."""
-    params = ", ".join(f"{n}{tuple(p.shape)}" for n, p in zip(layer.param_names, layer.params))
+    params = ", ".join(f"{n}{shape_of(p)}" for n, p in zip(layer.param_names, layer.params))
     return f"{layer.name}: {params}"
 
 
@@ -164,7 +187,7 @@ def match_rows(
             elif row not in mine:
                 unexpected.append(key)
                 reasons[key] = "no group here has this row (another grouping or model)"
-            elif list(covers[row]) != list(mine[row]):
+            elif not same_cover(covers[row], mine[row]):
                 unexpected.append(key)
                 reasons[key] = (
                     f"it covers {list(covers[row])}, here the row covers {list(mine[row])}"

@@ -36,6 +36,7 @@ __all__ = [
     "ClampPlan",
     "Runs",
     "accumulation_dtype",
+    "add_at_",
     "clamp_abs_",
     "foreach_norms",
     "kernel_mode",
@@ -156,6 +157,25 @@ def _triton_kernel(device: torch.device, dtype: torch.dtype, mode: str) -> Trito
         raise RuntimeError(f"{KERNELS_ENV}=triton, but {message}")
     warnings.warn(f"gradclip: {message}; multiplying with _foreach_mul_", RuntimeWarning, 2)
     return None
+
+
+def add_at_(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[index[i]] += values[i]`` for every ``i`` (``index_add_`` along dim 0); returns ``out``.
+
+    Into a one-element ``out`` it is a plain sum: torch 2.13's CPU Inductor fails
+    to generate code for ``index_add_`` into a one-element buffer (an
+    ``AssertionError`` without a message), which a one-layer grouping such as a
+    bare ``nn.Linear`` or ``model.parameters()`` would compile.
+
+    Examples:
+        >>> add_at_(torch.zeros(2), torch.tensor([1, 0, 1]), torch.tensor([1.0, 2.0, 3.0]))
+        tensor([2., 4.])
+        >>> add_at_(torch.zeros(1), torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        tensor([3.])
+    """
+    if out.shape[0] == 1:
+        return out.add_(values.sum(0, keepdim=True).to(out.dtype))
+    return out.index_add_(0, index, values)
 
 
 def foreach_norms(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
@@ -304,7 +324,7 @@ class Runs:
                 parts.append(measured.to(device, dtype, non_blocking=True))
                 continue
             chunk = run.pick(tensors)
-            if run.empty and math.isinf(norm_type):
+            if run.empty and norm_type == math.inf:
                 chunk = list(chunk)
                 for i in run.empty:
                     chunk[i] = chunk[i].new_zeros(1)
@@ -322,14 +342,20 @@ class Runs:
         0-d views were made once, and one ``_foreach_mul_``. Both compute in
         float32 (float64 for float64 tensors) and round to nearest-even; a
         coefficient of exactly 1.0 leaves its tensor bit-for-bit unchanged. Under
-        ``torch.compile`` the ``_foreach_mul_`` path is traced (the compiler
-        fuses it itself).
+        ``torch.compile`` the ``_foreach_mul_`` path is traced, with the views
+        made in the graph (the compiler fuses it itself).
         """
         compiling = torch.compiler.is_compiling()
         for run in self.runs:
             assert run.coefficients is not None, "Runs built without scaled=True"
             chunk = run.pick(tensors)
-            if run.kernel is None or compiling:
+            if compiling:
+                # views made in the graph: views made once would be graph inputs that
+                # alias each other, which AOTAutograd cannot check under dynamic shapes
+                mine = coefficients[run.start : run.stop].to(run.coefficients.dtype)
+                torch._foreach_mul_(chunk, mine.unbind(0))
+                continue
+            if run.kernel is None:
                 run.coefficients.copy_(coefficients[run.start : run.stop], non_blocking=True)
                 torch._foreach_mul_(chunk, run.views)
                 continue

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradclip.core.kernels import add_at_
 from gradclip.core.plan import Plan
 from gradclip.core.rule import CrossRank, Measured, Shards
 from gradclip.core.sharding import Capacity, local_tensors
@@ -64,13 +65,13 @@ def layer_norms(
     norms: torch.Tensor, tensor_layer: torch.Tensor, num_layers: int, norm_type: float
 ) -> torch.Tensor:
     """``(L,)`` p-norm of each layer's tensors from their ``(T,)`` p-norms."""
-    if math.isinf(norm_type):
+    if norm_type == math.inf:
         out = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
         return out.scatter_reduce_(0, tensor_layer, norms, "amax")
     powers = torch.zeros(num_layers, dtype=norms.dtype, device=norms.device)
     if norm_type == 2.0:
-        return powers.index_add_(0, tensor_layer, norms.square()).sqrt_()
-    return powers.index_add_(0, tensor_layer, norms.pow(norm_type)).pow_(1.0 / norm_type)
+        return add_at_(powers, tensor_layer, norms.square()).sqrt_()
+    return add_at_(powers, tensor_layer, norms.pow(norm_type)).pow_(1.0 / norm_type)
 
 
 def p_norm_parts(norms: torch.Tensor, norm_type: float, weights: torch.Tensor) -> CrossRank:
@@ -79,14 +80,14 @@ def p_norm_parts(norms: torch.Tensor, norm_type: float, weights: torch.Tensor) -
     ``weights`` are ``1 / replicas`` of each piece, so a replicated piece is
     counted once; a maximum needs no weight.
     """
-    if math.isinf(norm_type):
+    if norm_type == math.inf:
         return CrossRank(maxima=norms)
     return CrossRank(sums=norms.pow(norm_type).mul_(weights))
 
 
 def p_norms_from(reduced: CrossRank, norm_type: float) -> torch.Tensor:
     """The full tensors' p-norms from the reduced `p_norm_parts`."""
-    if math.isinf(norm_type):
+    if norm_type == math.inf:
         assert reduced.maxima is not None
         return reduced.maxima
     assert reduced.sums is not None
@@ -144,7 +145,7 @@ def capacity_of(plan: Plan, stand_ins: list[torch.Tensor]) -> Capacity:
         stage = group.stages[0]
         p = stage.rule.norm_type
         if stage.norm_runs is not None and p is not None:
-            if math.isinf(p):
+            if p == math.inf:
                 maxima += len(group.positions)
             else:
                 sums += len(group.positions)

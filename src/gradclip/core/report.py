@@ -268,7 +268,11 @@ class NormReport:
         ]
 
     def table(self) -> str:
-        """A readable table: one row per layer, its norm and whether it was changed."""
+        """A readable table: one row per layer, its norm and whether it was changed.
+
+        Norms and the rules' stats are printed to 4 significant digits (``.4g``):
+        what a float32 norm holds reliably on any CPU, short enough to read.
+        """
         data = self.to_dict()
         plan = self._plan
         by_layer: dict[str, list[tuple[str, float | None]]] = {}
@@ -293,8 +297,9 @@ class NormReport:
             for r in rows
         ]
         lines.insert(1, "-" * max(len(line) for line in lines))
-        for key, value in data["stats"].items():
-            lines.append(f"{key}: {value}")
+        for key, value in data["stats"].items():  # in the norms' format
+            shown = fmt(value) if isinstance(value, float) else f"[{', '.join(map(fmt, value))}]"
+            lines.append(f"{key}: {shown}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

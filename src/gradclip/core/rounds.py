@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from gradclip.core.kernels import add_at_
 from gradclip.core.measure import Measurement
 from gradclip.core.measure import layer_norms as _layer_norms
 from gradclip.core.plan import Group, Plan, Stage
@@ -72,11 +73,11 @@ def run_round(
     for group, stage, m, state, new_state, flags in done:
         if isinstance(stage.rule, ScalingRule):
             assert flags is not None
-            changed.index_add_(0, group.tensor_layer_ids_t, (flags != 1).to(torch.int32))
+            add_at_(changed, group.tensor_layer_ids_t, (flags != 1).to(torch.int32))
         elif flags is None:
             unknown.append(group.layer_ids)
         else:
-            changed.index_add_(0, group.layer_ids_t, flags.to(torch.int32))
+            add_at_(changed, group.layer_ids_t, flags.to(torch.int32))
         if stage.slot is not None:
             assert stage.row_index is not None
             keep = _keep_rows(stage, group, m, finite)

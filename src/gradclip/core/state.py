@@ -36,8 +36,10 @@ from gradclip.core.identity import (
     group_row,
     match_rows,
     row_key,
+    same_cover,
     slot_name,
 )
+from gradclip.core.meta_state import moved_state, readable, refuse_on_meta
 from gradclip.core.packing import pack_tensor, unpack_tensor
 from gradclip.core.rule import Rule, State
 
@@ -153,8 +155,8 @@ class StateStore:
             self.generation += 1
         else:
             first = next(iter(slot.tensors.values()))
-            if first.device != device:
-                slot.tensors = {k: v.to(device) for k, v in slot.tensors.items()}
+            if first.device != device:  # moved (from meta: fresh, as nothing ran there)
+                slot.tensors = moved_state(rule, slot.tensors, len(slot.rows), device, dtype)
                 self.generation += 1
             missing = [r for r in rows if r not in slot.rows]
             if missing:
@@ -167,7 +169,8 @@ class StateStore:
                 for r in missing:
                     slot.rows[r] = len(slot.rows)
                 self.generation += 1
-            moved = [r for r in rows if covers and r in slot.covers and slot.covers[r] != covers[r]]
+            had = slot.covers
+            moved = [r for r in rows if covers and r in had and not same_cover(had[r], covers[r])]
             if moved:
                 self._reset(slot, moved)
         slot.covers.update(covers or {})
@@ -267,7 +270,7 @@ class StateStore:
             rows = {
                 row: {
                     k: pack_tensor(v[i]) if k in growable else v[i].detach().to("cpu", copy=True)
-                    for k, v in slot.tensors.items()
+                    for k, v in readable(slot.rule, slot.tensors, len(slot.rows)).items()
                 }
                 for row, i in slot.rows.items()
             }
@@ -334,6 +337,7 @@ class StateStore:
             (self.slots[name], *self._check_rows(name, saved[name], rows))
             for name, rows in matched.items()
         ]
+        refuse_on_meta(slot.tensors for slot in self.slots.values())
         for slot, steps, rows in installs:
             self._install(slot, steps, rows)
         return left

@@ -88,15 +88,24 @@ class AutoClip(ScalingRule):
 
     as the authors' loop does: append the current norm, take ``np.percentile``
     (linear interpolation), then ``clip_grad_norm_(params, c_t)`` (whence the
-    ``1e-6``). With ``history_size`` only the last ``history_size`` norms are
-    kept (a ring buffer); without it the history grows with every step, and so
-    does the cost of the percentile (a sort): set ``history_size`` for long runs.
-    The threshold is in the report's stats as ``"autoclip_threshold"``.
+    ``1e-6``). The threshold is in the report's stats as ``"autoclip_threshold"``.
+
+    **History.** By default only the last ``history_size = 1000`` norms are kept
+    (a ring buffer, ``H_t = {n_{t-999}, …, n_t}``): memory and per-step time
+    stay flat however long the run, and a compiled step never recompiles. For
+    the first 1,000 steps this is the paper's rule exactly; after them the
+    threshold follows the recent norms rather than the whole run's. The cost
+    per step is a sort of ``rows × history_size`` numbers (one row, or one per
+    layer with ``scope="layer"``). ``history_size=None`` is the paper's rule
+    for any length: every norm is kept, so memory grows by one number per row
+    per step (8 bytes in float64: 8 MB per row over 10⁶ steps), the sort
+    with it, and under ``torch.compile`` the step recompiles each time the
+    buffer doubles (at 64, 128, … steps).
 
     Args:
         percentile: ``p`` in ``[0, 100]``. Default 10 (the paper's choice).
-        history_size: keep only the last ``history_size`` norms; ``None`` (the
-            paper's rule) keeps them all.
+        history_size: keep only the last ``history_size`` norms (default 1000);
+            ``None`` keeps them all (the paper's rule, growing with the run).
         scope: ``"global"`` (default) or ``"layer"``.
 
     Examples:
@@ -115,7 +124,7 @@ class AutoClip(ScalingRule):
     """
 
     percentile: float = 10.0
-    history_size: int | None = None
+    history_size: int | None = 1000
     scope: Scope = "global"
     # the history is the same whatever percentile is read from it
     schedulable_fields: ClassVar[tuple[str, ...]] = ("percentile",)

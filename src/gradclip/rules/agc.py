@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from gradclip.core.kernels import accumulation_dtype, large_tensor_elements
+from gradclip.core.kernels import accumulation_dtype, add_at_, large_tensor_elements
 from gradclip.core.rule import CrossRank, GroupLayout, InPlaceRule, Measured, State, set_fields
 from gradclip.core.validation import check_threshold
 
@@ -277,5 +277,5 @@ class AdaptiveGradClip(InPlaceRule):
             run.coefficients.copy_(coef)
             torch._foreach_mul_([grads[i] for i in run.order], run.views)
             flags = (coef != 1).to(torch.int32).to(layout.device)
-            changed.index_add_(0, run.unit_layer, flags)
+            add_at_(changed, run.unit_layer, flags)
         return changed > 0, state

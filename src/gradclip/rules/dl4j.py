@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import difflib
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,9 +108,16 @@ class GradientNormalization(str, enum.Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(f"{m.value!r} / {m.name!r}" for m in cls)
+            hint = ""
+            if isinstance(value, str):
+                # compared without case, '_' or '-', as the names are accepted
+                spellings = {_normalized_key(s): m.value for m in cls for s in (m.value, m.name)}
+                close = difflib.get_close_matches(_normalized_key(value), spellings, n=1)
+                hint = f" (did you mean {spellings[close[0]]!r}?)" if close else ""
             raise ValueError(
-                f"unknown gradient normalization mode {value!r}; valid modes (DL4J / Python "
-                f"spelling) are: {names}, or a gradclip rule object such as gradclip.ZClip()"
+                f"unknown gradient normalization mode {value!r}{hint}; valid modes (DL4J / "
+                f"Python spelling) are: {names}, or a gradclip rule object such as "
+                "gradclip.ZClip()"
             ) from None
 
     @property

@@ -131,7 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.png",
         help="draw the loss and per-layer gradient norms of every run (needs matplotlib)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: a line as each run ends instead (for logs)",
+    )
     parser.add_argument(
         "--calibrate",
         action="store_true",
@@ -182,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         # Per-layer norms are read to the host only for the plot (every step: one
         # small transfer, which costs little next to a step of these models).
         "record_every": 1 if args.plot is not None else 0,
-        "progress": not args.no_progress,
+        "progress": "lines" if args.no_progress else True,
         "threads": args.threads,
     }
     start = time.perf_counter()
@@ -203,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if not failed:
         return 0
     for task in failed:
-        print(f"note: with these settings the {TASKS[task].title} does not show the demo's point")
+        story = by_task[task][0].story()
+        print(f"note: with these settings the {TASKS[task].title} does not show that {story}")
     # With the defaults this is a regression (CI runs --quick); with options a user
     # chose, it is just what those settings do.
     custom = any(

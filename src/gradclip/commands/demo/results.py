@@ -127,6 +127,14 @@ class DemoResults:
             and gradclip_run.test_loss < global_run.test_loss
         )
 
+    def story(self) -> str:
+        """What `story_holds` checks, in words naming the runs as the table does."""
+        gradclip_run = self["gradclip"].label
+        if self.task.key == "adding":
+            return f"no normalization diverged and {gradclip_run} learned"
+        global_run = self["clip_grad_norm_"].label
+        return f"{gradclip_run} ended with a lower test MSE than {global_run}"
+
     def table(self) -> str:
         """The summary table printed by `python -m gradclip demo`."""
         cfg = self.config
@@ -211,8 +219,8 @@ def seed_summary(results: Sequence[DemoResults]) -> str:
     notes = [
         f"{first.task.describe(cfg)}, batch {cfg.batch}, SGD lr={cfg.lr}, {cfg.steps} steps, "
         f"{_threads(cfg.threads)}; seeds {', '.join(map(str, seeds))}",
-        f"learned: test MSE < {first.task.learned_fraction:g} x baseline; "
-        f"the demo's point held on {holds}/{n} seeds",
+        f"learned: test MSE < {first.task.learned_fraction:g} x baseline",
+        f"on {holds}/{n} seeds {first.story()}",
     ]
     title = f"{first.task.title}, {n} seeds:"
     return "\n".join([title, *_table(rows, footer_rows=1), "", *notes])

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,12 +53,18 @@ def make_strategy(name: str | Rule, threshold: float) -> Rule:
     return strategy_from_name(name, threshold)
 
 
-class _Progress:
-    """A tqdm bar if tqdm is installed and wanted, else nothing."""
+Progress = bool | Literal["lines"]
 
-    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+
+class _Progress:
+    """A tqdm bar if tqdm is installed and wanted (``True``); with ``"lines"`` one
+    line per finished run instead; else (``False``) nothing."""
+
+    def __init__(self, enabled: Progress, total: int, desc: str) -> None:
         self._bar: Any = None
-        if enabled:
+        self._lines = enabled == "lines"
+        self._desc = desc
+        if enabled is True:
             try:
                 from tqdm.auto import tqdm
             except ImportError:  # tqdm is in the `demo` extra; train without a bar
@@ -71,9 +77,11 @@ class _Progress:
             self._bar.update(n)
             self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
-    def close(self) -> None:
+    def close(self, steps: int, seconds: float) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self._lines:  # flushed: a log shows the run as soon as it is over
+            print(f"{self._desc}: {steps} steps in {seconds:.1f} s", flush=True)
 
 
 @dataclass
@@ -92,7 +100,7 @@ def _train(
     initial: nn.Module,
     eval_set: tuple[torch.Tensor, torch.Tensor],
     baseline: float,
-    progress: bool,
+    progress: Progress,
 ) -> RunResult:
     model = copy.deepcopy(initial)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
@@ -108,7 +116,7 @@ def _train(
     losses = torch.full((cfg.steps,), math.nan)
     norms = torch.full((cfg.steps,), math.nan)
     bound = DIVERGENCE_FACTOR * baseline
-    bar = _Progress(progress, cfg.steps, f"{task.key}: {run.label}")
+    bar = _Progress(progress, cfg.steps, f"{task.key}, seed {cfg.seed}: {run.label}")
     start = time.perf_counter()
     last_read, steps_run, diverged = 0, cfg.steps, False
     for step in range(cfg.steps):
@@ -147,7 +155,7 @@ def _train(
                 steps_run, diverged = step + 1, True
                 break
     seconds = time.perf_counter() - start
-    bar.close()
+    bar.close(steps_run, seconds)
 
     losses, norms = losses[:steps_run], norms[:steps_run]
     bad = (~torch.isfinite(losses)) | (losses > bound)
@@ -201,7 +209,7 @@ def run_demo(
     threshold: float | None = None,
     strategy: str | Rule | Sequence[str | Rule] | None = None,
     record_every: int = 0,
-    progress: bool = False,
+    progress: Progress = False,
     **overrides: Any,
 ) -> DemoResults:
     """Train one task's model with each rule and return what happened.
@@ -217,7 +225,8 @@ def run_demo(
             `"ClipL2PerLayer"`. See `make_strategy`.
         record_every: record per-layer gradient norms every this many steps
             (0: never), for `gradclip.commands.demo.plot.plot`.
-        progress: show a progress bar per run.
+        progress: show a progress bar per run (``True``), a line as each run
+            ends (``"lines"``), or nothing (``False``).
         **overrides: any other `DemoConfig` field.
 
     Returns:
