@@ -57,6 +57,7 @@ __all__ = [
     "ddp_group",
     "dtensor_group",
     "mismatch_message",
+    "replica_group",
 ]
 
 #: the settings compared, in the digest's order
@@ -142,6 +143,15 @@ def ddp_group(module: object) -> RankGroup | None:
             return RankGroup(module.process_group)
         module = getattr(module, "_orig_mod", None)  # torch.compile's wrapper
     return None
+
+
+def replica_group(replicas: RankGroup | None) -> Any:
+    """``replicas`` as ``GradientNormalizer(process_group=)`` takes it (``None``: no replicas)."""
+    if replicas is None:
+        return None
+    import torch.distributed as dist
+
+    return replicas.group if replicas.group is not None else dist.group.WORLD
 
 
 def check_process_group(group: Any) -> Any:

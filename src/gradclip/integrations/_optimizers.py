@@ -77,10 +77,14 @@ class PerOptimizer:
         self.pending: list[dict[str, Any]] | None = None
 
     # -- building -----------------------------------------------------------------------------
-    def bind(self, model: nn.Module, overrides: Mapping[str, Any]) -> None:
+    def bind(
+        self, model: nn.Module, overrides: Mapping[str, Any], process_group: Any = None
+    ) -> None:
         """Take ``model``'s layers and check ``overrides`` against them (all optimizers' layers).
 
         A different model than before drops the normalizers (and their state).
+        ``process_group``: the ranks holding replicas of ``model`` (a DDP
+        strategy's), whose configurations the normalizers compare.
 
         Raises:
             KeyError: an override key names no layer of the model.
@@ -90,6 +94,7 @@ class PerOptimizer:
             self.cancel()
             self.entries = []
         self.model = model
+        self.process_group = process_group
         self._layers = build_layers(model)
         self._overrides = resolved
 
@@ -141,7 +146,12 @@ class PerOptimizer:
             key: value for key, value in self._overrides.items() if _names_any(key, list(names))
         }
         normalizer = GradientNormalizer(
-            target, self.mode, self.threshold, overrides, **self._recording(index, count)
+            target,
+            self.mode,
+            self.threshold,
+            overrides,
+            process_group=self.process_group,
+            **self._recording(index, count),
         )
         if old is not None:
             old.applier.cancel()

@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - the standalone package
             "gradclip.integrations.lightning needs Lightning: pip install 'gradclip[lightning]'"
         ) from error
 
+from gradclip.core.agreement import ddp_group, replica_group
 from gradclip.integrations._common import CallbackSettings
 from gradclip.integrations._optimizers import PerOptimizer
 from gradclip.normalizer import GradientNormalizer, Mode
@@ -192,7 +193,9 @@ class GradientNormalizationCallback(CallbackSettings, Callback):  # type: ignore
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After configure_model and configure_optimizers: the parameters are final.
-        self._optimizers.bind(pl_module, self.overrides)
+        # under a DDP strategy the ranks hold replicas: their configurations are compared
+        replicas = ddp_group(getattr(trainer.strategy, "model", None))
+        self._optimizers.bind(pl_module, self.overrides, replica_group(replicas))
         self._optimizers.sync(trainer.optimizers)
 
     def on_load_checkpoint(

@@ -58,6 +58,7 @@ except ImportError as error:  # pragma: no cover
         "pip install 'gradclip[transformers]'"
     ) from error
 
+from gradclip.core.agreement import ddp_group, replica_group
 from gradclip.core.layers import resolve_override_keys, unwrap_module
 from gradclip.integrations._common import (
     CallbackSettings,
@@ -139,13 +140,19 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
     def _ensure(self, model: torch.nn.Module | None) -> StepApplier:
         if model is None:
             raise RuntimeError("the Trainer passed no model to GradientNormalizationCallback")
+        replicas = ddp_group(model)  # a DDP-wrapped model: the ranks compare configurations
         model = unwrap_module(model)
         if self._applier is None or self._model is not model:
             overrides = resolve_override_keys(model, self.overrides)
             if self.normalizer is not None:
                 self.normalizer.close()
             self.normalizer = GradientNormalizer(
-                model, self.mode, self.threshold, overrides, **self.recording
+                model,
+                self.mode,
+                self.threshold,
+                overrides,
+                process_group=replica_group(replicas),
+                **self.recording,
             )
             self._applier = StepApplier(self.normalizer, self._record)
             self._model = model
