@@ -31,8 +31,6 @@ way (`fusable` says why).
 
 from __future__ import annotations
 
-import types
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,7 +39,7 @@ import torch
 from gradclip.core.engine import Engine
 from gradclip.core.folding import FusedArgs
 from gradclip.core.report import NormReport
-from gradclip.hooks import AttachHandle
+from gradclip.hooks import AttachHandle, StepWrapper
 
 __all__ = ["FusedHandle", "FusedStep", "ParamCover", "attach_fused", "fusable", "fused_hook"]
 
@@ -170,14 +168,11 @@ def attach_fused(
     ``grad_scale`` to set (``None``: none) and a 0-d bool device flag of
     non-finite gradients to skip on (``None``: none).
     """
-    owner = weakref.ref(optimizer)
-    original = optimizer.step
-    had_instance_step = "step" in optimizer.__dict__
-    active = [True]
     handle: FusedHandle
 
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        if not active[0]:
+        original = wrapped.original
+        if not wrapped.active:
             return original(*args, **kwargs)
         if args or kwargs.get("closure") is not None:
             raise RuntimeError(
@@ -216,20 +211,8 @@ def attach_fused(
                 setattr(opt, name, value)
         return result
 
-    wrapper = types.MethodType(step, optimizer)
-    optimizer.step = wrapper  # type: ignore[method-assign]
-
-    def remove() -> None:
-        active[0] = False
-        opt = owner()
-        if opt is not None and opt.__dict__.get("step") is wrapper:
-            if had_instance_step:
-                opt.step = original  # type: ignore[method-assign]
-            else:
-                del opt.step
-        forget()
-
-    handle = FusedHandle(remove)
+    wrapped = StepWrapper(optimizer, step, forget)
+    handle = FusedHandle(wrapped.remove)
     return handle
 
 

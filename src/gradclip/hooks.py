@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["AttachHandle", "attach_pre_hook", "attach_skipping"]
+__all__ = ["AttachHandle", "StepWrapper", "attach_pre_hook", "attach_skipping"]
 
 
 def _first(args: tuple[Any, ...], optimizer: torch.optim.Optimizer) -> int:
@@ -116,6 +116,39 @@ def attach_pre_hook(
     return AttachHandle(remove)
 
 
+class StepWrapper:
+    """``optimizer.step`` replaced on the instance by ``step(opt, *args, **kwargs)``.
+
+    Installed as a bound method, so that LR schedulers created later can wrap it
+    in turn. `remove` puts the original back; if something wrapped the step after
+    us, it cannot, and turns the wrapper into a pass-through instead (`active`).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        step: Callable[..., Any],
+        forget: Callable[[], None],
+    ) -> None:
+        self.owner = weakref.ref(optimizer)
+        self.original = optimizer.step
+        self.active = True
+        self._had_instance_step = "step" in optimizer.__dict__
+        self._forget = forget
+        self.wrapper = types.MethodType(step, optimizer)
+        optimizer.step = self.wrapper  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        self.active = False
+        opt = self.owner()
+        if opt is not None and opt.__dict__.get("step") is self.wrapper:
+            if self._had_instance_step:
+                opt.step = self.original  # type: ignore[method-assign]
+            else:
+                del opt.step
+        self._forget()
+
+
 def attach_skipping(
     optimizer: torch.optim.Optimizer,
     apply_and_check: Callable[[], bool],
@@ -123,18 +156,12 @@ def attach_skipping(
 ) -> AttachHandle:
     """Wrap ``optimizer.step``: normalize, and skip the step when ``apply_and_check()`` is false.
 
-    The step is wrapped on the instance (as a bound method, so that LR schedulers
-    created later can wrap it in turn). If something wrapped it after us,
-    ``remove`` cannot unwrap it and turns the wrapper into a pass-through instead.
+    The step is wrapped on the instance (see `StepWrapper`).
     """
-    owner = weakref.ref(optimizer)
-    original = optimizer.step
-    had_instance_step = "step" in optimizer.__dict__
-    active = [True]
     handle: AttachHandle
 
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        if active[0]:
+        if wrapped.active:
             if _closure_of(opt, args, kwargs) is not None:
                 raise RuntimeError(
                     "nonfinite='skip' cannot skip a step whose gradients a closure computes "
@@ -145,20 +172,8 @@ def attach_skipping(
             if not apply_and_check():
                 handle.skipped_steps += 1
                 return None
-        return original(*args, **kwargs)
+        return wrapped.original(*args, **kwargs)
 
-    wrapper = types.MethodType(step, optimizer)
-    optimizer.step = wrapper  # type: ignore[method-assign]
-
-    def remove() -> None:
-        active[0] = False
-        opt = owner()
-        if opt is not None and opt.__dict__.get("step") is wrapper:
-            if had_instance_step:
-                opt.step = original  # type: ignore[method-assign]
-            else:
-                del opt.step
-        forget()
-
-    handle = AttachHandle(remove)
+    wrapped = StepWrapper(optimizer, step, forget)
+    handle = AttachHandle(wrapped.remove)
     return handle
