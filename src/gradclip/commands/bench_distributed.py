@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradclip.commands.bench_timing import quiet_profiler
+
 __all__ = ["CollectiveCounter", "format_rows", "main", "run_distributed_bench"]
 
 # The profiler names every collective a process group runs "<backend>:<op>"
@@ -93,10 +95,13 @@ class CollectiveCounter:
         self.ops: list[str] = []
         self.elements: list[int] = []
         self._profile: Any = None
+        self._quiet: Any = None
 
     def __enter__(self) -> CollectiveCounter:
         from torch.profiler import ProfilerActivity, profile
 
+        self._quiet = quiet_profiler()  # no start/stop lines of the profiler on stderr
+        self._quiet.__enter__()
         self._profile = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
         self._profile.__enter__()
         return self
@@ -107,7 +112,10 @@ class CollectiveCounter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._profile.__exit__(exc_type, exc, tb)
+        try:
+            self._profile.__exit__(exc_type, exc, tb)
+        finally:
+            self._quiet.__exit__(None, None, None)
         events = [e for e in self._profile.events() if _COLLECTIVE_EVENT.match(e.name)]
         self.ops = [e.name for e in events]
         self.elements = [sum(math.prod(s) for s in e.input_shapes if s) for e in events]
@@ -276,27 +284,51 @@ def run_distributed_bench(
     Raises:
         RuntimeError: the worker processes failed or timed out.
     """
+    config = {
+        "layers": layers,
+        "width": width,
+        "repeats": repeats,
+        "warmup": warmup,
+        "mode": mode,
+        "threshold": threshold,
+        "threads": threads,
+    }
+    return run_ranks(
+        _worker,
+        lambda address, cfg: (world_size, address, cfg),
+        config,
+        world_size,
+        timeout_s,
+        "the distributed benchmark",
+    )
+
+
+def run_ranks(
+    worker: Callable[..., None],
+    arguments: Callable[[str, dict[str, Any]], tuple[Any, ...]],
+    config: dict[str, Any],
+    world_size: int,
+    timeout_s: float,
+    what: str,
+) -> list[dict[str, Any]]:
+    """Run ``worker`` on ``world_size`` gloo ranks on loopback; the rows its rank 0 wrote.
+
+    ``arguments(address, config)`` gives the worker's arguments; ``config``
+    gains ``"out"``, the JSON file rank 0 writes its rows to.
+
+    Raises:
+        RuntimeError: no gloo here, or the workers failed or timed out.
+    """
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
-        raise RuntimeError("the distributed benchmark needs torch.distributed with gloo")
+        raise RuntimeError(f"{what} needs torch.distributed with gloo")
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "rows.json")
-        config = {
-            "layers": layers,
-            "width": width,
-            "repeats": repeats,
-            "warmup": warmup,
-            "mode": mode,
-            "threshold": threshold,
-            "threads": threads,
-            "out": str(out),
-        }
-        spawn(
-            _worker, (world_size, f"tcp://127.0.0.1:{free_port()}", config), world_size, timeout_s
-        )
+        address = f"tcp://127.0.0.1:{free_port()}"
+        spawn(worker, arguments(address, {**config, "out": str(out)}), world_size, timeout_s)
         rows: list[dict[str, Any]] = json.loads(out.read_text())
     return rows
 

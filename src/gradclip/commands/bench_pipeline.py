@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradclip.commands.bench_distributed import CollectiveCounter, _median_ms, free_port, spawn
+from gradclip.commands.bench_distributed import CollectiveCounter, _median_ms, run_ranks
 
 __all__ = ["format_rows", "main", "run_pipeline_bench"]
 
@@ -67,18 +66,15 @@ def run_pipeline_bench(
     Raises:
         RuntimeError: the worker processes failed or timed out.
     """
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        raise RuntimeError("the pipeline benchmark needs torch.distributed with gloo")
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp, "rows.json")
-        config = {"layers": layers, "width": width, "repeats": repeats, "out": str(out)}
-        spawn(_worker, (f"tcp://127.0.0.1:{free_port()}", config), _WORLD, timeout_s)
-        rows: list[dict[str, Any]] = json.loads(out.read_text())
-    return rows
+    config = {"layers": layers, "width": width, "repeats": repeats}
+    return run_ranks(
+        _worker,
+        lambda address, cfg: (address, cfg),
+        config,
+        _WORLD,
+        timeout_s,
+        "the pipeline benchmark",
+    )
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
