@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from docs_support import PAGES, ROOT, Block, blocks
+from helpers import torch_inductor_scalar_bug
 
 from gradclip.config import parse_config
 
@@ -200,6 +201,9 @@ def test_examples_run_and_print_what_the_page_shows(
                         assert _claims(expected) == _claims(output), f"{block.where}:\n{output}"
                         assert _claims(expected), block.where
                     else:
+                        reason = torch_inductor_scalar_bug(output)
+                        if reason is not None:
+                            pytest.skip(f"{block.where}: {reason}")
                         assert _same(expected, output), f"{block.where}: $ {command}\n{output}"
     finally:
         # Modules a page wrote and imported must not leak into the next page.

@@ -88,10 +88,13 @@ def test_quick_run_uses_per_layer_clipping_by_default(quick: demo.DemoResults) -
 
 def test_the_three_runs_start_from_the_same_weights_and_data(quick: demo.DemoResults) -> None:
     first_losses = {r.losses[0] for r in quick.runs}
-    first_norms = {r.grad_norms[0] for r in quick.runs}
-    assert len(first_losses) == 1 and len(first_norms) == 1
+    first_norms = [r.grad_norms[0] for r in quick.runs]
+    assert len(first_losses) == 1
+    # the same gradients: each run's norm of them agrees to float32 rounding (torch's norm
+    # and gradclip's exact one may differ in the last bit, depending on the CPU's kernels)
+    assert first_norms == pytest.approx([first_norms[0]] * len(first_norms), rel=1e-6)
     # ...and the norms are measured before clipping (the first one is above the threshold).
-    assert first_norms.pop() > quick.config.threshold
+    assert first_norms[0] > quick.config.threshold
     assert quick.baseline == pytest.approx(1 / 6, abs=0.01)
 
 
