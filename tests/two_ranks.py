@@ -13,7 +13,6 @@ group) calls `restart`, on every rank at the same point.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gradclip.commands.bench_distributed import free_port, spawn
+from gradclip.commands.bench_distributed import free_port, gloo_rank, spawn
 
 WORLD = 2
 # The first step of a normalizer on replicas (DDP, DTensor parameters) runs one more
@@ -50,36 +49,28 @@ def restart() -> None:
 
 
 def _worker(rank: int, init_method: str, outdir: str, modules: list[str]) -> None:
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     _restarts["dir"] = outdir
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT
-    )
     results: dict[str, dict[str, Any]] = {}
-    try:
-        for name in modules:
-            out = results.setdefault(name, {})
-            for case in importlib.import_module(name).CASES:
-                try:
-                    case(rank, out)
-                except Exception:
-                    out.setdefault(case.__name__, {"ok": False, "msg": traceback.format_exc()})
-                    # a case that failed half-way may leave the ranks out of step
-                    dist.barrier()
-    finally:
-        Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
-        # every rank done before the group goes: gloo may abort a rank whose peer
-        # tears the group down while it still talks to it
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
-    # The work is done and written: leave without the interpreter's teardown, which
-    # gloo on the CPU can abort (std::terminate from a thread it still holds).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    with gloo_rank(rank, WORLD, init_method, GLOO_TIMEOUT.total_seconds()):
+        try:
+            _run_cases(rank, modules, results)
+        finally:
+            Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _run_cases(rank: int, modules: list[str], results: dict[str, dict[str, Any]]) -> None:
+    import torch.distributed as dist
+
+    for name in modules:
+        out = results.setdefault(name, {})
+        for case in importlib.import_module(name).CASES:
+            try:
+                case(rank, out)
+            except Exception:
+                out.setdefault(case.__name__, {"ok": False, "msg": traceback.format_exc()})
+                # a case that failed half-way may leave the ranks out of step
+                dist.barrier()
 
 
 def run(modules: list[str], outdir: Path, timeout_s: float) -> list[dict[str, dict[str, Any]]]:

@@ -19,8 +19,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -445,20 +444,24 @@ def case_resume(mesh: Any, outdir: str) -> dict[str, Any]:
     return {"collectives": [], "worst": 0.0, "total_error": 0.0}
 
 
+@contextlib.contextmanager
+def _written(outdir: str, phase: str, rank: int, results: dict[str, Any]) -> Iterator[None]:
+    """Write ``results`` for the launcher when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        Path(outdir, f"{phase}{rank}.json").write_text(json.dumps(results))
+
+
 def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from gradclip.commands.bench_distributed import gloo_rank
+
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=init_method,
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
     results: dict[str, Any] = {}
-    try:
+    with gloo_rank(rank, WORLD, init_method, timeout_s=60), _written(outdir, phase, rank, results):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         cases: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         if phase == "resume":
@@ -498,14 +501,6 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
                 results[case] = {"ok": False, "msg": traceback.format_exc()}
                 with contextlib.suppress(Exception):
                     dist.barrier()
-    finally:
-        Path(outdir, f"{phase}{rank}.json").write_text(json.dumps(results))
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def launch(outdir: Path, timeout_s: float) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -143,6 +143,38 @@ def _median_ms(
     return statistics.median(times) * 1e3
 
 
+@contextlib.contextmanager
+def gloo_rank(
+    rank: int, world_size: int, init_method: str, timeout_s: float = 120.0
+) -> Iterator[None]:
+    """This process as rank ``rank`` of a gloo group for the block, then gone.
+
+    After the block every rank meets the others before the group goes (gloo may
+    abort a rank whose peer tears the group down while it still talks to it),
+    and the process leaves without the interpreter's teardown, which gloo on the
+    CPU can abort (std::terminate from a thread it still holds). An exception
+    from the block propagates, so that `spawn` sees the rank fail.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -150,14 +182,7 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
     import gradclip
 
     torch.set_num_threads(config["threads"])
-    dist.init_process_group(
-        "gloo",
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=120),
-    )
-    try:
+    with gloo_rank(rank, world_size, init_method):
         model = _mlp(config["layers"], config["width"])
         for module in model:
             if isinstance(module, nn.Linear):
@@ -211,17 +236,6 @@ def _worker(rank: int, world_size: int, init_method: str, config: dict[str, Any]
             row["ratio_vs_clip_grad_norm_"] = round(row["median_ms"] / base, 3)
         if rank == 0:
             Path(config["out"]).write_text(json.dumps(rows))
-    finally:
-        # every rank done before the group goes: gloo may abort a rank whose peer
-        # tears the group down while it still talks to it
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
-    # The work is done and written: leave without the interpreter's teardown, which
-    # gloo on the CPU can abort (std::terminate from a thread it still holds).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def spawn(worker: Any, args: tuple[Any, ...], nprocs: int, timeout_s: float) -> None:

@@ -32,19 +32,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import sys
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradclip.commands.bench_distributed import CollectiveCounter, _median_ms, run_ranks
+from gradclip.commands.bench_distributed import (
+    CollectiveCounter,
+    _median_ms,
+    gloo_rank,
+    run_ranks,
+)
 
 __all__ = ["format_rows", "main", "run_pipeline_bench"]
 
@@ -177,30 +178,14 @@ def _rows(mesh: Any, dp: str, config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _worker(rank: int, init_method: str, config: dict[str, Any]) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=init_method,
-        rank=rank,
-        world_size=_WORLD,
-        timeout=timedelta(seconds=120),
-    )
-    try:
+    with gloo_rank(rank, _WORLD, init_method):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         rows = _rows(mesh, "fsdp2", config) + _rows(mesh, "ddp", config)
         if rank == 0:
             Path(config["out"]).write_text(json.dumps(rows))
-    finally:
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        dist.destroy_process_group()
-    # leave without the interpreter's teardown, which gloo on the CPU can abort
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
