@@ -39,6 +39,7 @@ import torch
 from gradclip.core.engine import Engine
 from gradclip.core.folding import FusedArgs
 from gradclip.core.report import NormReport
+from gradclip.fused_scaler import attach_scaler, check_scaler
 from gradclip.hooks import AttachHandle, StepWrapper
 
 __all__ = ["FusedHandle", "FusedStep", "ParamCover", "attach_fused", "fusable", "fused_hook"]
@@ -116,14 +117,32 @@ class FusedStep:
         self._covers: dict[int, ParamCover] = {}  # per engine: a changed model builds another
 
     def __call__(
-        self, engine: Engine, scale: torch.Tensor | None, found: torch.Tensor | None
+        self,
+        engine: Engine,
+        scale: torch.Tensor | None,
+        found: torch.Tensor | None,
+        find_inf: bool = False,
     ) -> NormReport:
         cover = self._covers.get(id(engine))
         if cover is None:
             self._covers.clear()
             cover = self._covers[id(engine)] = ParamCover(engine.params)
         fold = self.fold and cover.same(self.optimizer)
-        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device))
+        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device, find_inf))
+
+    def checks_all(self, engine: Engine) -> bool:
+        """Whether the engine reads every gradient the optimizer updates (``GradScaler``'s check).
+
+        The optimizer must update exactly the engine's parameters, and no frozen
+        one (which the engine leaves out) may have a gradient.
+        """
+        cover = self._covers.get(id(engine))
+        if cover is None:
+            self._covers.clear()
+            cover = self._covers[id(engine)] = ParamCover(engine.params)
+        return cover.same(self.optimizer) and all(
+            p.requires_grad or p.grad is None for p in engine.params
+        )
 
 
 class FusedHandle(AttachHandle):
@@ -155,24 +174,36 @@ class FusedHandle(AttachHandle):
         self.skipped.add_(found_inf)
 
 
+#: ``run(scale, found_inf, find_inf)``: normalizes the gradients and returns the
+#: ``grad_scale`` to set (``None``: none), a 0-d bool device flag of non-finite
+#: gradients to skip on (``None``: none) and, with ``find_inf``, the
+#: `gradclip.core.folding.nonfinite_flag`; ``None`` (only with ``find_inf``) when
+#: the normalizer does not read every gradient the optimizer updates
+Run = Callable[
+    [torch.Tensor | None, torch.Tensor | None, bool],
+    "tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None",
+]
+
+
 def attach_fused(
     optimizer: torch.optim.Optimizer,
-    run: Callable[
-        [torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor | None, torch.Tensor | None]
-    ],
+    run: Run,
     forget: Callable[[], None],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> FusedHandle:
-    """Wrap ``optimizer.step`` (see the module docstring).
-
-    ``run(scale, found_inf)`` normalizes the gradients and returns the
-    ``grad_scale`` to set (``None``: none) and a 0-d bool device flag of
-    non-finite gradients to skip on (``None``: none).
-    """
+    """Wrap ``optimizer.step`` (see the module docstring), and ``scaler.step`` if given
+    (`gradclip.fused_scaler`)."""
     handle: FusedHandle
+    prepared = [False]  # scaler.step ran the normalizer for the coming step
 
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         original = wrapped.original
         if not wrapped.active:
+            return original(*args, **kwargs)
+        if prepared[0]:  # the scaler set grad_scale and found_inf from gradclip's
+            prepared[0] = False
+            if opt.__dict__.get("found_inf") is not None:
+                _init_momentum(opt)
             return original(*args, **kwargs)
         if args or kwargs.get("closure") is not None:
             raise RuntimeError(
@@ -182,10 +213,13 @@ def attach_fused(
         scale = opt.__dict__.get("grad_scale", _MISSING)
         found = opt.__dict__.get("found_inf", _MISSING)
         try:
-            grad_scale, bad = run(
+            ran = run(
                 None if scale is _MISSING else scale,
                 None if found is _MISSING else found,
+                False,
             )
+            assert ran is not None
+            grad_scale, bad, _ = ran
             skip = None if found is _MISSING or found is None else found
             if bad is not None:
                 flag = bad.to(torch.float32)
@@ -211,8 +245,32 @@ def attach_fused(
                 setattr(opt, name, value)
         return result
 
+    def prepare(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        ran = run(scale, None, True)
+        if ran is None:
+            return None
+        grad_scale, bad, found = ran
+        assert found is not None
+        if bad is not None:
+            found = torch.maximum(found, bad.to(found))
+            handle.count(found)
+        prepared[0] = True
+        return (scale if grad_scale is None else grad_scale).to(torch.float32), found
+
+    def finish() -> None:
+        prepared[0] = False
+
     wrapped = StepWrapper(optimizer, step, forget)
-    handle = FusedHandle(wrapped.remove)
+    if scaler is None:
+        handle = FusedHandle(wrapped.remove)
+        return handle
+    unwrap_scaler = attach_scaler(scaler, optimizer, prepare, finish)
+
+    def remove() -> None:
+        unwrap_scaler()
+        wrapped.remove()
+
+    handle = FusedHandle(remove)
     return handle
 
 
@@ -228,13 +286,19 @@ class _Normalizer(Protocol):
 
 
 def fused_hook(
-    normalizer: _Normalizer, fold: bool
+    normalizer: _Normalizer, fold: bool, scaler: torch.amp.GradScaler | None = None
 ) -> Callable[[torch.optim.Optimizer, Callable[[], None]], AttachHandle | None]:
     """How `GradientNormalizer.attach` hooks an optimizer: `attach_fused` where `fusable`.
 
     Returns a function of the optimizer and the handle's ``forget``, which gives
-    ``None`` for an optimizer that is not fused (it is then hooked as before).
+    ``None`` for an optimizer that is not fused (it is then hooked as before,
+    and ``scaler.step`` unscales before its step).
+
+    Raises:
+        TypeError: ``scaler`` is not a ``torch.amp.GradScaler``.
     """
+    if scaler is not None:
+        check_scaler(scaler)
 
     def hook(optimizer: torch.optim.Optimizer, forget: Callable[[], None]) -> AttachHandle | None:
         if fusable(optimizer) is not None:
@@ -242,16 +306,20 @@ def fused_hook(
         fused_step = FusedStep(optimizer, fold, skip_on_device=normalizer.nonfinite == "skip")
 
         def run(
-            scale: torch.Tensor | None, found: torch.Tensor | None
-        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            scale: torch.Tensor | None, found: torch.Tensor | None, find_inf: bool
+        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
             with normalizer._lock:  # as `GradientNormalizer.apply`
                 normalizer._refresh()
-                report = fused_step(normalizer._engine, scale, found)
+                engine = normalizer._engine
+                if find_inf and not fused_step.checks_all(engine):
+                    return None
+                report = fused_step(engine, scale, found, find_inf)
                 if report.tensor_norms.numel() == 0 and normalizer._refresh(force=True):
-                    report = fused_step(normalizer._engine, scale, found)
+                    engine = normalizer._engine
+                    report = fused_step(engine, scale, found, find_inf)
                 normalizer.last_report = report
-                return normalizer._engine.divisor, normalizer._engine.bad_step
+                return engine.divisor, engine.bad_step, engine.found_inf
 
-        return attach_fused(optimizer, run, forget)
+        return attach_fused(optimizer, run, forget, scaler)
 
     return hook

@@ -119,6 +119,8 @@ def attach_pre_hook(
 class StepWrapper:
     """``optimizer.step`` replaced on the instance by ``step(opt, *args, **kwargs)``.
 
+    (Also ``GradScaler.step``, `gradclip.fused_scaler`: any object with a ``step``.)
+
     Installed as a bound method, so that LR schedulers created later can wrap it
     in turn. `remove` puts the original back; if something wrapped the step after
     us, it cannot, and turns the wrapper into a pass-through instead (`active`).
@@ -126,7 +128,7 @@ class StepWrapper:
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Any,
         step: Callable[..., Any],
         forget: Callable[[], None],
     ) -> None:

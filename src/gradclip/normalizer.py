@@ -50,7 +50,6 @@ __all__ = ["GradientNormalizer", "Mode"]
 Mode = GradientNormalization | str | Rule | None
 _RULES_OF = (dl4j.assign_rules, dl4j.resolve_override)  # for core.stages.configure_layers
 
-
 _KEEP: Any = object()  # reconfigure(): leave the default rule as it is
 # the state store a normalizer starts from (GradientNormalizer._sharing); None: a fresh one
 _SEED: contextvars.ContextVar[StateStore | None] = contextvars.ContextVar("seed", default=None)
@@ -288,7 +287,9 @@ class GradientNormalizer(Recording, Copyable):
 
     __call__ = apply
 
-    def attach(self, optimizer: torch.optim.Optimizer, *, fold: bool = True) -> AttachHandle:
+    def attach(
+        self, optimizer: torch.optim.Optimizer, *, fold: bool = True, scaler: Any = None
+    ) -> AttachHandle:
         """Apply this normalizer inside every ``optimizer.step()``.
 
         Before the update, on the gradients of the last backward pass; for an
@@ -296,23 +297,23 @@ class GradientNormalizer(Recording, Copyable):
         the closure instead. See `gradclip.hooks`. The latest report is kept in
         `last_report`.
 
-        Returns:
-            A handle; ``handle.remove()`` detaches the normalizer.
-
         ``optimizer`` may be a framework's wrapper (accelerate's
         ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the
         optimizer inside it is hooked. With ``nonfinite="skip"`` steps stay
         normalized and skipped when something replaces ``optimizer.step``
         afterwards (see `gradclip.step_guard`). A fused optimizer (``fused=True``)
-        takes the multiply (``fold``), the unscale and the skip into its own step:
-        see `gradclip.fused`.
+        takes the multiply (``fold``), the unscale and the skip into its own step,
+        and with ``scaler`` (its ``GradScaler``) the scaler's check for inf/NaN:
+        see `gradclip.fused`, `gradclip.fused_scaler`. Returns a handle;
+        ``handle.remove()`` detaches the normalizer.
 
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper of one).
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or a wrapper
+                of one), or ``scaler`` is not a ``torch.amp.GradScaler``.
             RuntimeError: this normalizer is already attached to ``optimizer``.
         """
         skip = self.nonfinite == "skip"
-        hook = fused_hook(self, fold)
+        hook = fused_hook(self, fold, scaler)
         return attach_once(self._attached, optimizer, self.apply, self.apply_skipping, skip, hook)
 
     def apply_skipping(self) -> bool:

@@ -7,7 +7,8 @@ clipping at 1.0, timed as whole optimizer steps:
   with the coefficient folded into the optimizer's ``grad_scale`` and with
   ``fold=False`` (a multiply pass, then the step);
 * the AMP recipe ``scaler.unscale_`` + ``clip_grad_norm_`` + ``scaler.step``
-  against gradclip attached and ``scaler.step`` alone (no ``unscale_``).
+  against gradclip attached with ``scaler=`` and ``scaler.step`` alone (no
+  ``unscale_``, and no pass of the scaler's own over the gradients).
 
 The scaler's scale is 1 and never grows, so that repeated steps keep the
 gradients' values (an unscale by 2^16 per repetition would drive them to
@@ -48,9 +49,10 @@ def step_methods(
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
 
     plain, folded, unfolded = adamw(), adamw(), adamw()
-    gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(1.0)).attach(folded)
-    gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(1.0)).attach(unfolded, fold=False)
     torch_scaler, gradclip_scaler = _scaler(device), _scaler(device)
+    clip = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(1.0))
+    clip.attach(folded, scaler=gradclip_scaler)  # scaler.step leaves its check to gradclip
+    gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(1.0)).attach(unfolded, fold=False)
     # GradScaler creates its scale at its first scale(): once, before timing
     for scaler in (torch_scaler, gradclip_scaler):
         scaler.scale(torch.ones((), device=device))

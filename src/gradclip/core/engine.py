@@ -29,7 +29,7 @@ import torch
 
 from gradclip.core.agreement import Configuration, agree, dtensor_group
 from gradclip.core.collective import ShardedModel
-from gradclip.core.folding import FusedArgs
+from gradclip.core.folding import FusedArgs, nonfinite_flag
 from gradclip.core.identity import GROUP_ROW, layer_signature, legacy_slot_name
 from gradclip.core.layers import Layer
 from gradclip.core.measure import Measurement as _Measurement
@@ -143,6 +143,8 @@ class Engine:
         self.divisor: torch.Tensor | None = None
         #: after a step with ``skip_on_device``: 0-d bool, a layer was not finite
         self.bad_step: torch.Tensor | None = None
+        #: after a step with ``find_inf``: 0-d float32, 1 if a norm was not finite
+        self.found_inf: torch.Tensor | None = None
         # known now for plain tensors (no collective), so that a compiled first step
         # finds it set; a sharded model's collective is sized at its first step
         plain = not any(is_dtensor(p) for p in self.params)
@@ -321,10 +323,13 @@ class Engine:
         return report
 
     def _step(self, fused: FusedArgs | None) -> NormReport:
-        self.divisor, self.bad_step = None, None
+        self.divisor, self.bad_step, self.found_inf = None, None, None
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
-            self.divisor = None if fused is None else fused.divisor
+            if fused is not None:
+                self.divisor = fused.divisor
+                if fused.find_inf and fused.divisor is not None:
+                    self.found_inf = torch.zeros((), device=fused.divisor.device)
             return prepared
         plan, grads, measured = prepared
         if self.pipeline is not None and measured.stage_totals is None:
@@ -332,6 +337,8 @@ class Engine:
         fused = fused or FusedArgs()
         measured, carried, fold = fused.begin(plan, measured)
         skip = fused.skip
+        if fused.find_inf:
+            self.found_inf = skip = nonfinite_flag(plan, grads, measured)
         reported = (measured.tensor_norms, measured.layer_norms)
         judged = judged_layer_norms(plan, measured)
         if self.nonfinite != "propagate" and plan.sharding is None:
@@ -340,7 +347,7 @@ class Engine:
         zeroed: torch.Tensor | None = None
         if self.nonfinite == "skip" and fused.skip_on_device:
             self.bad_step = bad_layers(plan, judged).any()
-            skip = self.bad_step if skip is None else self.bad_step | skip
+            skip = self.bad_step if skip is None else self.bad_step | skip.to(self.bad_step)
         elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read

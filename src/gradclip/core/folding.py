@@ -16,10 +16,19 @@ there by the device tensor ``optimizer.grad_scale`` when one is set (it is how
 The divisor ``D`` is carried through the rounds: gradients in memory are the
 true ones times ``1 / D``, so a later round's re-measured norms are divided by
 ``D`` too.
+
+With ``find_inf`` (`GradScaler` handing its check to the step, see
+`gradclip.fused_scaler`) the step also sets a 0-d float32 flag, 1 where a
+measured norm of the scaled gradients is not finite: where an element is inf
+or NaN, as the scaler's own check finds, and also where a float32 sum of
+squares overflowed with finite elements (a norm past ~1.8e19 of the *scaled*
+gradients). The scaler then skips the step and lowers its scale, as for an
+inf: the next steps' scaled norms are that much smaller.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +37,7 @@ from gradclip.core.measure import Measurement
 from gradclip.core.plan import Plan
 from gradclip.core.rule import ScalingRule
 
-__all__ = ["FusedArgs", "foldable", "in_place_rules", "true_norms"]
+__all__ = ["FusedArgs", "foldable", "in_place_rules", "nonfinite_flag", "true_norms"]
 
 
 def foldable(plan: Plan) -> bool:
@@ -71,6 +80,23 @@ def true_norms(measured: Measurement, divisor: torch.Tensor) -> Measurement:
     )
 
 
+def nonfinite_flag(plan: Plan, grads: list[torch.Tensor], measured: Measurement) -> torch.Tensor:
+    """0-d float32: 1 if a norm of the step's gradients is inf or NaN, else 0 (no host read).
+
+    Tensors the step does not measure (a rule that reads no L2 norm) are read
+    once more for their largest magnitude.
+    """
+    norms = measured.tensor_norms
+    if not plan.all_measured:
+        norms = norms.index_select(0, plan.measured_positions_t)
+        seen = set(plan.measured.positions)
+        rest = [g for i, g in enumerate(grads) if i not in seen]
+        if rest:
+            largest = torch.stack(torch._foreach_norm(rest, math.inf)).to(norms)
+            norms = torch.cat([norms, largest])
+    return (~torch.isfinite(norms)).any().to(torch.float32)
+
+
 @dataclass(frozen=True)
 class FusedArgs:
     """What a fused optimizer's step passes to `Engine.step`.
@@ -81,12 +107,15 @@ class FusedArgs:
         fold: leave a uniform coefficient to the optimizer instead of multiplying it in.
         skip_on_device: ``nonfinite="skip"`` marks a step with a non-finite layer in
             ``Engine.bad_step`` instead of reading it on the host.
+        find_inf: set ``Engine.found_inf``, `nonfinite_flag` of the step, and skip
+            on it (``GradScaler``'s check done by the step).
     """
 
     divisor: torch.Tensor | None = None
     skip: torch.Tensor | None = None
     fold: bool = False
     skip_on_device: bool = False
+    find_inf: bool = False
 
     def begin(
         self, plan: Plan, measured: Measurement
