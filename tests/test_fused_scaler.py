@@ -1,0 +1,201 @@
+"""``attach(optimizer, scaler=scaler)``: ``scaler.step`` without the scaler's own pass.
+
+The steps are compared with the same loop attached without ``scaler=`` (where
+``GradScaler`` reads every gradient for inf/NaN first): parameters, scales and
+the rules' state agree exactly, while the scaler's check never runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from helpers import HostReadCounter, OpCounter
+from torch import nn
+
+import gradclip
+
+CHECK = "_amp_foreach_non_finite_check_and_unscale_"
+RULES: dict[str, Callable[[], Any]] = {
+    "ClipGlobalNorm": lambda: gradclip.ClipGlobalNorm(0.05),
+    "chain": lambda: gradclip.chain(gradclip.ClipGlobalNorm(0.2), gradclip.ClipGlobalNorm(0.05)),
+    "ClipL2PerLayer": lambda: gradclip.ClipL2PerLayer(0.05),
+    "ZClip layer": lambda: gradclip.ZClip(warmup_steps=2, scope="layer"),
+    "AutoClip": lambda: gradclip.AutoClip(percentile=50.0),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9))
+
+
+def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler) -> None:
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
+    scaler.scale(model(x).square().mean() * 10).backward()
+
+
+class _Loop:
+    def __init__(self, rule: Any, takeover: bool, nonfinite: str = "propagate") -> None:
+        self.model = _model()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        self.normalizer = gradclip.GradientNormalizer(self.model, rule, nonfinite=nonfinite)
+        self.handle = self.normalizer.attach(self.opt, scaler=self.scaler if takeover else None)
+        self.checks = 0
+        check = self.scaler._check_inf_per_device
+
+        def counted(opt: torch.optim.Optimizer) -> Any:
+            self.checks += 1
+            return check(opt)
+
+        self.scaler._check_inf_per_device = counted  # type: ignore[method-assign]
+
+    def step(self, k: int, poison: float | None = None) -> None:
+        self.opt.zero_grad()
+        _backward(self.model, k, self.scaler)
+        if poison is not None:
+            first = next(self.model.parameters())
+            assert first.grad is not None
+            first.grad[0, 0] = poison
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+@pytest.mark.parametrize("rule_name", list(RULES))
+def test_the_scaler_step_is_the_same_without_its_check(rule_name: str) -> None:
+    ours, theirs = _Loop(RULES[rule_name](), True), _Loop(RULES[rule_name](), False)
+    for k in range(6):
+        poison = math.inf if k == 2 else (math.nan if k == 4 else None)
+        for loop in (ours, theirs):
+            loop.step(k, poison)
+        for p, q in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
+            assert torch.equal(p, q), k
+        assert float(ours.scaler._scale) == float(theirs.scaler._scale), k
+        a, b = ours.normalizer.last_report, theirs.normalizer.last_report
+        assert a is not None and b is not None
+        torch.testing.assert_close(a.layer_norm_vector, b.layer_norm_vector, rtol=0, atol=0, equal_nan=True)
+    assert ours.checks == 0 and theirs.checks == 6
+    assert float(ours.scaler._scale) == 2.0**10 / 4 * 2  # two skips, one growth after 2
+    state, other = ours.normalizer.state_dict()["rules"], theirs.normalizer.state_dict()["rules"]
+    assert repr(state) == repr(other)
+    assert "grad_scale" not in ours.opt.__dict__ and "found_inf" not in ours.opt.__dict__
+
+
+def test_no_pass_over_the_gradients_but_the_norms_and_the_step() -> None:
+    loop = _Loop(gradclip.ClipGlobalNorm(0.05), True)
+    loop.step(0)
+    loop.opt.zero_grad()
+    _backward(loop.model, 1, loop.scaler)
+    with OpCounter() as ops, HostReadCounter() as reads:
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+    assert CHECK not in ops.ops and "_foreach_mul_" not in ops.ops
+    assert sum(reads.calls.values()) == 0 and ops.syncs == 0
+
+
+def test_finite_gradients_whose_squares_overflow_lower_the_scale() -> None:
+    # float32 elements of 1e20 are finite, their squares are not: the norm is inf,
+    # the scaler skips the step and halves its scale, as for an inf
+    loop = _Loop(gradclip.ClipGlobalNorm(0.05), True)
+    before = [p.detach().clone() for p in loop.model.parameters()]
+    loop.step(0, poison=1e20)
+    assert float(loop.scaler._scale) == 2.0**9
+    assert all(torch.equal(p, q) for p, q in zip(loop.model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("takeover", [True, False], ids=["scaler=", "without"])
+def test_skip_counts_on_the_device_and_the_scaler_sees_it(takeover: bool) -> None:
+    # (without scaler=, the scaler's float flag and gradclip's bool one are combined)
+    loop = _Loop(gradclip.ZClip(warmup_steps=1), takeover, nonfinite="skip")
+    loop.step(0)
+    with HostReadCounter() as reads:
+        loop.step(1, poison=math.nan)
+    assert sum(reads.calls.values()) == 0
+    assert loop.handle.skipped_steps == 1 and float(loop.scaler._scale) == 2.0**9
+
+
+def test_unscale_first_stays_correct() -> None:
+    ours, ref = _Loop(RULES["ClipGlobalNorm"](), True), _Loop(RULES["ClipGlobalNorm"](), True)
+    for k in range(3):
+        ours.opt.zero_grad()
+        _backward(ours.model, k, ours.scaler)
+        ours.scaler.unscale_(ours.opt)  # the scaler's own pass; gradclip sees true gradients
+        ours.scaler.step(ours.opt)
+        ours.scaler.update()
+        ref.step(k)
+    for p, q in zip(ours.model.parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=0)
+
+
+def test_the_scaler_checks_itself_what_gradclip_does_not_read() -> None:
+    model = _model()
+    extra = nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([*model.parameters(), extra], lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt, scaler=scaler)
+    _backward(model, 0, scaler)
+    extra.grad = torch.full((3,), math.inf)  # only the scaler's check sees it
+    before = [p.detach().clone() for p in model.parameters()]
+    with OpCounter() as ops:
+        scaler.step(opt)
+    scaler.update()
+    assert CHECK in ops.ops and float(scaler._scale) == 2.0**9
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    # a frozen parameter that kept a gradient: the same
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt, scaler=scaler)
+    _backward(model, 0, scaler)
+    model[2].bias.requires_grad_(False)
+    with OpCounter() as ops:
+        scaler.step(opt)
+    assert CHECK in ops.ops
+
+
+def test_an_in_place_rule_refuses_before_anything_changes_and_unscale_fixes_it() -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    normalizer = gradclip.GradientNormalizer(model, "ClipElementWiseAbsoluteValue", 0.01)
+    normalizer.attach(opt, scaler=scaler)
+    _backward(model, 0, scaler)
+    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.step(opt)
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    scaler.unscale_(opt)  # the scaler's state for this step was left as it was
+    scaler.step(opt)
+    scaler.update()
+    assert all(float(p.grad.abs().max()) <= 0.01 for p in model.parameters())  # type: ignore[union-attr]
+
+
+def test_remove_gives_the_scaler_its_step_back() -> None:
+    loop = _Loop(gradclip.ClipGlobalNorm(0.05), True)
+    assert "step" in vars(loop.scaler)
+    loop.handle.remove()
+    assert "step" not in vars(loop.scaler) and "step" not in vars(loop.opt)
+    loop.step(0)
+    assert loop.checks == 1
+
+
+def test_scaler_must_be_a_grad_scaler_and_is_ignored_for_unfused_optimizers() -> None:
+    model = _model()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05))
+    fused = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    with pytest.raises(TypeError, match="GradScaler"):
+        normalizer.attach(fused, scaler=object())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    normalizer.attach(opt, scaler=scaler)  # scaler.step unscales before a plain step
+    assert "step" not in vars(scaler)
+    _backward(model, 0, scaler)
+    scaler.step(opt)
+    scaler.update()
+    report = normalizer.last_report
+    assert report is not None and float(report.total_norm()) < 100  # true norms
