@@ -226,6 +226,8 @@ def attach_fused(
                 skip = flag if skip is None else torch.maximum(skip.to(flag.device), flag)
             if grad_scale is not None:  # the fused kernels read a float32 scale
                 opt.grad_scale = grad_scale.to(torch.float32)  # type: ignore[attr-defined]
+            else:  # unscaled already (put back after the step)
+                opt.__dict__.pop("grad_scale", None)
             if skip is not None:
                 opt.found_inf = skip  # type: ignore[attr-defined]
                 _init_momentum(opt)
@@ -255,7 +257,7 @@ def attach_fused(
             found = torch.maximum(found, bad.to(found))
             handle.count(found)
         prepared[0] = True
-        return (scale if grad_scale is None else grad_scale).to(torch.float32), found
+        return None if grad_scale is None else grad_scale.to(torch.float32), found
 
     def finish() -> None:
         prepared[0] = False

@@ -43,8 +43,9 @@ from gradclip.hooks import StepWrapper
 __all__ = ["Prepare", "attach_scaler", "check_scaler"]
 
 #: runs the normalizer on gradients scaled by the given ``S``: ``(grad_scale,
-#: found_inf)`` for the optimizer, or ``None`` where it cannot take the scaler's check
-Prepare = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+#: found_inf)`` for the optimizer (``grad_scale`` ``None``: unscaled already), or
+#: ``None`` where it cannot take the scaler's check
+Prepare = Callable[[torch.Tensor], "tuple[torch.Tensor | None, torch.Tensor] | None"]
 
 
 def check_scaler(scaler: object) -> None:
@@ -90,7 +91,7 @@ def attach_scaler(
         grad_scale, found_inf = prepared
         state["found_inf_per_device"] = {found_inf.device: found_inf}
         state["stage"] = OptState.UNSCALED  # the kernel still divides by grad_scale
-        opt.grad_scale = grad_scale
+        opt.grad_scale = grad_scale  # the scaler passes it on (None: no division)
         try:
             return original(opt, *args, **kwargs)
         except BaseException:

@@ -334,7 +334,7 @@ class Engine:
         plan, grads, measured = prepared
         if self.pipeline is not None and measured.stage_totals is None:
             measured.stage_totals = {}  # nothing from other stages: a total would be refused
-        fused = fused or FusedArgs()
+        fused = fused or FusedArgs(optimizer_step=False)
         measured, carried, fold = fused.begin(plan, measured)
         skip = fused.skip
         if fused.find_inf:
@@ -352,6 +352,7 @@ class Engine:
             bad = bad_layers(plan, judged)
             self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
             if self.last_nonfinite:  # "error" raises, "skip" leaves everything as it is
+                self.divisor = fused.divisor  # the gradients as they are
                 report = NormReport.unchanged(plan, *reported)
                 if self.nonfinite == "error":  # with the step's norms, for a recording
                     raise NonFiniteGradientError(self.last_nonfinite, report)
@@ -381,7 +382,7 @@ class Engine:
                 self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats,
                 seen, carried, fold,
             )  # fmt: skip
-        self.divisor = carried
+        self.divisor = fused.finish(grads, carried, fold)
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)
         return NormReport(plan, reported[0], reported[1], changed > 0, stats, unknown)

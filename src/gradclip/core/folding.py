@@ -109,6 +109,10 @@ class FusedArgs:
             ``Engine.bad_step`` instead of reading it on the host.
         find_inf: set ``Engine.found_inf``, `nonfinite_flag` of the step, and skip
             on it (``GradScaler``'s check done by the step).
+        optimizer_step: a fused optimizer's step follows (``False``: `Engine.step`
+            without one, e.g. ``apply()``); a uniform coefficient is then carried
+            through the rounds and applied at the end, by the kernel (``fold``) or
+            by `finish`.
     """
 
     divisor: torch.Tensor | None = None
@@ -116,11 +120,13 @@ class FusedArgs:
     fold: bool = False
     skip_on_device: bool = False
     find_inf: bool = False
+    optimizer_step: bool = True
 
     def begin(
         self, plan: Plan, measured: Measurement
     ) -> tuple[Measurement, torch.Tensor | None, bool]:
-        """The true norms, the divisor to carry through the rounds, and whether to fold.
+        """The true norms, the divisor to carry through the rounds, and whether the
+        step is uniform (`foldable`: nothing is multiplied in the rounds).
 
         Raises:
             RuntimeError: a ``divisor`` with a rule that changes gradients in place
@@ -135,8 +141,23 @@ class FusedArgs:
                     "scaler.step(optimizer)"
                 )
             measured = true_norms(measured, self.divisor)
-        fold = self.fold and foldable(plan)
+        uniform = self.optimizer_step and foldable(plan)
         carried = self.divisor
-        if fold and carried is None:
+        if uniform and carried is None:
             carried = torch.ones((), dtype=plan.acc_dtype, device=plan.device)
-        return measured, carried, fold
+        return measured, carried, uniform
+
+    def finish(
+        self, grads: list[torch.Tensor], carried: torch.Tensor | None, uniform: bool
+    ) -> torch.Tensor | None:
+        """What the optimizer's ``grad_scale`` must be after the rounds (``None``: none).
+
+        A uniform step that is not folded divides the gradients here by the very
+        float32 divisor the fused kernel would have divided them by: folded or
+        not, the optimizer sees the same gradients (a multiply by ``c`` would
+        round ``g·c`` where the kernel rounds ``g / (1/c)``, one ulp apart).
+        """
+        if uniform and not self.fold and carried is not None:
+            torch._foreach_div_(grads, carried.to(torch.float32))
+            return None
+        return carried
