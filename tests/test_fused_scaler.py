@@ -199,3 +199,57 @@ def test_scaler_must_be_a_grad_scaler_and_is_ignored_for_unfused_optimizers() ->
     scaler.update()
     report = normalizer.last_report
     assert report is not None and float(report.total_norm()) < 100  # true norms
+
+
+@pytest.mark.parametrize("rule_name", ["ClipGlobalNorm", "ClipL2PerLayer", "ZClip layer"])
+def test_a_callback_step_on_gradients_the_scaler_left_scaled(rule_name: str) -> None:
+    # accelerate's fp16 step without clipping: scaler.step(optimizer), no unscale_;
+    # the callbacks' hook must read true norms, as after an unscale_
+    from gradclip.integrations._common import StepApplier
+
+    loops = []
+    for unscale in (False, True):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        applier = StepApplier(gradclip.GradientNormalizer(model, RULES[rule_name]()))
+        loops.append((model, opt, scaler, applier, unscale))
+    for k in range(5):
+        for model, opt, scaler, applier, unscale in loops:
+            opt.zero_grad()
+            _backward(model, k, scaler)
+            if k == 2:
+                next(model.parameters()).grad[0, 0] = math.inf  # type: ignore[index]
+            if unscale:
+                scaler.unscale_(opt)
+            applier.step(opt, scaler)
+            scaler.step(opt)
+            scaler.update()
+            applier.finish()
+        (a, *_), (b, *_) = loops
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    norms = [loop[3].normalizer.last_report.layer_norm_vector for loop in loops]
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-6, atol=0)
+    states = [repr(loop[3].normalizer.state_dict()["rules"]) for loop in loops]
+    assert states[0] == states[1]
+
+
+def test_an_attached_fused_optimizer_counts_and_records_its_steps(tmp_path: Any) -> None:
+    loop = _Loop(gradclip.ClipGlobalNorm(0.05), True)
+    recorded = gradclip.GradientNormalizer(
+        _model(), gradclip.ClipGlobalNorm(0.05), record=tmp_path / "run.gcr", record_every=1
+    )
+    model = recorded._module()
+    assert model is not None
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    recorded.attach(opt, scaler=loop.scaler)
+    for k in range(3):
+        loop.step(k)
+        opt.zero_grad()
+        _backward(model, k, loop.scaler)
+        loop.scaler.step(opt)
+        loop.scaler.update()
+    assert loop.normalizer.steps == 3 and recorded.steps == 3
+    recorded.close()
+    assert (tmp_path / "run.gcr").stat().st_size > 0

@@ -42,7 +42,15 @@ from gradclip.core.report import NormReport
 from gradclip.fused_scaler import attach_scaler, check_scaler
 from gradclip.hooks import AttachHandle, StepWrapper
 
-__all__ = ["FusedHandle", "FusedStep", "ParamCover", "attach_fused", "fusable", "fused_hook"]
+__all__ = [
+    "FusedHandle",
+    "FusedStep",
+    "ParamCover",
+    "attach_fused",
+    "fusable",
+    "fused_hook",
+    "fused_once",
+]
 
 _MISSING: Any = object()
 
@@ -286,6 +294,65 @@ class _Normalizer(Protocol):
 
     def _refresh(self, force: bool = False) -> bool: ...
 
+    def _keep(self, report: NormReport, step: int | None) -> None: ...
+
+    def _failed(self, error: BaseException, step: int | None) -> None: ...
+
+
+def _run_locked(
+    normalizer: _Normalizer,
+    fused_step: FusedStep,
+    scale: torch.Tensor | None,
+    found: torch.Tensor | None,
+    find_inf: bool,
+    step: int | None,
+) -> Engine | None:
+    """One fused step of ``normalizer`` (as `GradientNormalizer.apply_at`: locked,
+    counted, recorded); the engine that ran it, ``None`` where ``find_inf`` cannot be."""
+    with normalizer._lock:
+        try:
+            normalizer._refresh()
+            engine = normalizer._engine
+            if find_inf and not fused_step.checks_all(engine):
+                return None
+            report = fused_step(engine, scale, found, find_inf)
+            if report.tensor_norms.numel() == 0 and normalizer._refresh(force=True):
+                engine = normalizer._engine
+                report = fused_step(engine, scale, found, find_inf)
+        except Exception as error:
+            normalizer._failed(error, step)
+            raise
+        normalizer.last_report = report
+        normalizer._keep(report, step)
+        return engine
+
+
+def fused_once(
+    normalizer: _Normalizer, optimizer: torch.optim.Optimizer, step: int | None
+) -> NormReport:
+    """Normalize for a fused optimizer's step from inside it (a step pre-hook).
+
+    For the trainer callbacks, whose ``GradScaler`` calls the step: reads the
+    ``grad_scale`` (gradients still scaled) and ``found_inf`` the scaler set,
+    runs the normalizer on the true norms, folding a uniform coefficient, and
+    sets both for the kernel; the scaler removes them after the step.
+    """
+    scale = optimizer.__dict__.get("grad_scale")
+    found = optimizer.__dict__.get("found_inf")
+    fused_step = FusedStep(optimizer, True, skip_on_device=normalizer.nonfinite == "skip")
+    engine = _run_locked(normalizer, fused_step, scale, found, False, step)
+    assert engine is not None and normalizer.last_report is not None
+    # None: unscaled already (the scaler deletes the attribute after the step)
+    divisor = None if engine.divisor is None else engine.divisor.to(torch.float32)
+    optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+    if engine.bad_step is not None:
+        flag = engine.bad_step.to(torch.float32)
+        found = flag if found is None else torch.maximum(found.to(flag.device), flag)
+        optimizer.found_inf = found  # type: ignore[attr-defined]
+    if found is not None:
+        _init_momentum(optimizer)
+    return normalizer.last_report
+
 
 def fused_hook(
     normalizer: _Normalizer, fold: bool, scaler: torch.amp.GradScaler | None = None
@@ -310,17 +377,8 @@ def fused_hook(
         def run(
             scale: torch.Tensor | None, found: torch.Tensor | None, find_inf: bool
         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
-            with normalizer._lock:  # as `GradientNormalizer.apply`
-                normalizer._refresh()
-                engine = normalizer._engine
-                if find_inf and not fused_step.checks_all(engine):
-                    return None
-                report = fused_step(engine, scale, found, find_inf)
-                if report.tensor_norms.numel() == 0 and normalizer._refresh(force=True):
-                    engine = normalizer._engine
-                    report = fused_step(engine, scale, found, find_inf)
-                normalizer.last_report = report
-                return engine.divisor, engine.bad_step, engine.found_inf
+            engine = _run_locked(normalizer, fused_step, scale, found, find_inf, None)
+            return None if engine is None else (engine.divisor, engine.bad_step, engine.found_inf)
 
         return attach_fused(optimizer, run, forget, scaler)
 

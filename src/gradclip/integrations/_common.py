@@ -11,6 +11,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip.core.identity import StateNotRestoredWarning
 from gradclip.core.report import NormReport
+from gradclip.fused import fusable, fused_once
 from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import resolve_override, resolve_rule
 from gradclip.step_guard import unwrap_optimizer
@@ -74,7 +75,11 @@ class StepApplier:
     normalizer is then registered as a one-shot step pre-hook on the wrapped
     optimizer: ``scaler.step`` unscales (if nobody did) and calls
     ``optimizer.step()`` only for a finite step, so a skipped step never runs
-    the normalizer and leaves the state of adaptive strategies untouched.
+    the normalizer and leaves the state of adaptive strategies untouched. A
+    fused optimizer's step always runs, the scaler's ``found_inf`` skipping it
+    in the kernel: its hook reads the true norms of gradients the scaler may
+    have left scaled, folds a uniform coefficient into ``grad_scale`` and
+    leaves the state alone on a skipped step (`gradclip.fused.fused_once`).
 
     Args:
         normalizer: what to run.
@@ -109,9 +114,16 @@ class StepApplier:
             self._run()
             return
 
-        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        def hook(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
             self.cancel()
-            self._run()
+            if fusable(opt) is not None:
+                self._run()
+                return
+            # a fused optimizer: the scaler may have left the gradients scaled (no
+            # unscale_), its kernel divides by grad_scale; see gradclip.fused
+            self.pending = report = fused_once(self.normalizer, opt, self._step)
+            if self._on_report is not None:
+                self._on_report(report)
 
         self._handle = inner.register_step_pre_hook(hook)
 
