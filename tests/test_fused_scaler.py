@@ -77,7 +77,9 @@ def test_the_scaler_step_is_the_same_without_its_check(rule_name: str) -> None:
         assert float(ours.scaler._scale) == float(theirs.scaler._scale), k
         a, b = ours.normalizer.last_report, theirs.normalizer.last_report
         assert a is not None and b is not None
-        torch.testing.assert_close(a.layer_norm_vector, b.layer_norm_vector, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(
+            a.layer_norm_vector, b.layer_norm_vector, rtol=0, atol=0, equal_nan=True
+        )
     assert ours.checks == 0 and theirs.checks == 6
     assert float(ours.scaler._scale) == 2.0**10 / 4 * 2  # two skips, one growth after 2
     state, other = ours.normalizer.state_dict()["rules"], theirs.normalizer.state_dict()["rules"]

@@ -21,6 +21,7 @@ FLOORS = [
         "step_guard",
         "copying",
         "fused",
+        "fused_scaler",
         "normalizer",
         "normalize",
         "config",

@@ -255,7 +255,7 @@ def attach_fused(
                 setattr(opt, name, value)
         return result
 
-    def prepare(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prepare(scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         ran = run(scale, None, True)
         if ran is None:
             return None

@@ -1,4 +1,4 @@
-"""``GradScaler.step`` for an attached fused optimizer: the scaler's own pass over the gradients done by gradclip.
+"""``GradScaler.step`` for an attached fused optimizer: the scaler's check read from the norms.
 
 With a fused optimizer and no ``scaler.unscale_``, ``scaler.step(optimizer)``
 first reads every gradient to find an inf or NaN (``_check_inf_per_device``),
@@ -91,7 +91,7 @@ def attach_scaler(
         grad_scale, found_inf = prepared
         state["found_inf_per_device"] = {found_inf.device: found_inf}
         state["stage"] = OptState.UNSCALED  # the kernel still divides by grad_scale
-        opt.grad_scale = grad_scale  # the scaler passes it on (None: no division)
+        opt.__dict__["grad_scale"] = grad_scale  # the scaler passes it on (None: no division)
         try:
             return original(opt, *args, **kwargs)
         except BaseException:
