@@ -255,3 +255,27 @@ def test_an_attached_fused_optimizer_counts_and_records_its_steps(tmp_path: Any)
     assert loop.normalizer.steps == 3 and recorded.steps == 3
     recorded.close()
     assert (tmp_path / "run.gcr").stat().st_size > 0
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_the_unscale_error_of_a_hooked_fused_optimizer_does_not_stick(nonfinite: str) -> None:
+    # fused SGD with dampening is hooked as a non-fused optimizer: scaled gradients
+    # are refused, and once the loop calls unscale_ every step works
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 0.05, nonfinite=nonfinite)
+    normalizer.attach(opt, scaler=scaler)
+    _backward(model, 0, scaler)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.step(opt)
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for k in range(3):
+        opt.zero_grad()
+        _backward(model, k, scaler)
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        report = normalizer.last_report
+        assert report is not None and float(report.total_norm()) < 100
