@@ -279,3 +279,32 @@ def test_the_unscale_error_of_a_hooked_fused_optimizer_does_not_stick(nonfinite:
         scaler.update()
         report = normalizer.last_report
         assert report is not None and float(report.total_norm()) < 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_scaler_step_is_the_same_without_its_check_and_without_a_sync() -> None:
+    def loop(takeover: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+        model = _model().cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+        normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05))
+        normalizer.attach(opt, scaler=scaler if takeover else None)
+        return model, opt, scaler
+
+    ours, theirs = loop(True), loop(False)
+    for k in range(4):
+        for model, opt, scaler in (ours, theirs):
+            opt.zero_grad()
+            x = torch.randn(16, 6, generator=torch.Generator().manual_seed(k)).cuda()
+            scaler.scale(model(x).square().mean() * 10).backward()
+            if k == 2:
+                next(model.parameters()).grad[0, 0] = math.inf  # type: ignore[index]
+            torch.cuda.set_sync_debug_mode("error" if k and scaler is ours[2] else "default")
+            try:
+                scaler.step(opt)
+                scaler.update()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        for p, q in zip(ours[0].parameters(), theirs[0].parameters(), strict=True):
+            assert torch.equal(p, q), k
+        assert float(ours[2]._scale) == float(theirs[2]._scale)
