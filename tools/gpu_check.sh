@@ -14,7 +14,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', 
   | tee -a "$out/gpu.txt"
 timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
   tests/core/test_kernels.py tests/core/test_launches.py tests/core/test_cuda_sync.py \
-  tests/test_fused.py tests/core/test_row_norms.py \
+  tests/test_fused.py tests/test_fused_scaler.py tests/core/test_row_norms.py \
   ${EXTRA_TESTS:-} 2>&1 | tail -n 60 | tee "$out/tests.txt"
 timeout "${BENCH_TIMEOUT:-300}" python3 -m gradclip bench --device cuda ${BENCH_ARGS:-} 2>&1 \
   | tee "$out/bench.txt"
