@@ -308,3 +308,31 @@ def test_on_cuda_the_scaler_step_is_the_same_without_its_check_and_without_a_syn
         for p, q in zip(ours[0].parameters(), theirs[0].parameters(), strict=True):
             assert torch.equal(p, q), k
         assert float(ours[2]._scale) == float(theirs[2]._scale)
+
+
+def test_one_scaler_for_two_attached_optimizers() -> None:
+    # a GAN's loop: one scaler steps two optimizers, each with its normalizer
+    loops = [_Loop(gradclip.ClipGlobalNorm(0.05), takeover) for takeover in (True, False)]
+    ours, theirs = loops
+    extra = [_model() for _ in loops]
+    extra_opts = [torch.optim.AdamW(m.parameters(), lr=0.01, fused=True) for m in extra]
+    for m, opt, loop in zip(extra, extra_opts, loops, strict=True):
+        normalizer = gradclip.GradientNormalizer(m, "ClipL2PerLayer", 0.05)
+        normalizer.attach(opt, scaler=loop.scaler if loop is ours else None)
+    for k in range(3):
+        for m, opt, loop in zip(extra, extra_opts, loops, strict=True):
+            loop.opt.zero_grad()
+            opt.zero_grad()
+            _backward(loop.model, k, loop.scaler)
+            _backward(m, k + 10, loop.scaler)
+            if k == 1:
+                next(m.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
+            loop.scaler.step(loop.opt)
+            loop.scaler.step(opt)
+            loop.scaler.update()
+        for a, b in ((ours.model, theirs.model), (extra[0], extra[1])):
+            for p, q in zip(a.parameters(), b.parameters(), strict=True):
+                assert torch.equal(p, q), k
+        assert float(ours.scaler._scale) == float(theirs.scaler._scale)
+    assert float(ours.scaler._scale) == 2.0**9  # the NaN of the second optimizer
+    assert ours.checks == 0
