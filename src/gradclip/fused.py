@@ -11,14 +11,18 @@ wraps such an optimizer's ``step`` so that each step
    norms (``‖g‖ / S``); see `gradclip.core.folding`. When the step's rules give
    one coefficient ``c`` for all the gradients and folding is on, nothing is
    multiplied and ``grad_scale`` becomes ``S / c`` (``1 / c`` without AMP);
+   with folding off, gradclip divides the gradients by that same float32
+   divisor itself, so that both give the optimizer the same gradients;
 3. sets ``grad_scale`` and ``found_inf`` (new tensors: the scaler's own are
    never modified) and calls the optimizer's step; with ``nonfinite="skip"``,
    ``found_inf`` is also 1 when a layer was not finite, decided on the device;
 4. puts back what was there before; when the step raises, removes both
    (``GradScaler`` would have removed its own after the step).
 
-On steps ``found_inf`` skips, no rule's state changes. The count of skipped
-steps stays on the device until it is read.
+With ``attach(optimizer, scaler=scaler)`` the normalizer runs earlier, inside
+``scaler.step``, and the scaler's own check for inf/NaN is read from its norms
+(`gradclip.fused_scaler`). On steps ``found_inf`` skips, no rule's state
+changes. The count of skipped steps stays on the device until it is read.
 
 Fused ``SGD`` with momentum has a hazard: on its first step it creates the
 momentum buffers uninitialized and fills them in the kernel, so a first step
@@ -131,12 +135,15 @@ class FusedStep:
         found: torch.Tensor | None,
         find_inf: bool = False,
     ) -> NormReport:
+        fold = self.fold and self._cover(engine).same(self.optimizer)
+        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device, find_inf))
+
+    def _cover(self, engine: Engine) -> ParamCover:
         cover = self._covers.get(id(engine))
         if cover is None:
             self._covers.clear()
             cover = self._covers[id(engine)] = ParamCover(engine.params)
-        fold = self.fold and cover.same(self.optimizer)
-        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device, find_inf))
+        return cover
 
     def checks_all(self, engine: Engine) -> bool:
         """Whether the engine reads every gradient the optimizer updates (``GradScaler``'s check).
@@ -144,11 +151,7 @@ class FusedStep:
         The optimizer must update exactly the engine's parameters, and no frozen
         one (which the engine leaves out) may have a gradient.
         """
-        cover = self._covers.get(id(engine))
-        if cover is None:
-            self._covers.clear()
-            cover = self._covers[id(engine)] = ParamCover(engine.params)
-        return cover.same(self.optimizer) and all(
+        return self._cover(engine).same(self.optimizer) and all(
             p.requires_grad or p.grad is None for p in engine.params
         )
 

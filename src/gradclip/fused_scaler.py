@@ -27,6 +27,21 @@ Anything else goes to the scaler as it is: another optimizer, a step after
 ``unscale_``, a disabled scaler, an optimizer that also updates parameters the
 normalizer does not cover (the scaler must check those), or a frozen
 parameter that still has a gradient.
+
+Examples:
+    >>> net = nn.Linear(4, 2)
+    >>> opt = torch.optim.AdamW(net.parameters(), fused=True)
+    >>> scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    >>> clip = gradclip.GradientNormalizer(net, gradclip.ClipGlobalNorm(1.0))
+    >>> handle = clip.attach(opt, scaler=scaler)
+    >>> scaler.scale(net(torch.ones(3, 4)).sum()).backward()
+    >>> scaler.step(opt)  # no pass of the scaler's own over the gradients
+    >>> scaler.update()
+    >>> print(f"{float(clip.last_report.total_norm()):.4f}", scaler.get_scale())
+    9.4868 1024.0
+    >>> handle.remove()  # the scaler's own step again
+    >>> "step" in vars(scaler)
+    False
 """
 
 from __future__ import annotations
@@ -49,7 +64,15 @@ Prepare = Callable[[torch.Tensor], "tuple[torch.Tensor | None, torch.Tensor] | N
 
 
 def check_scaler(scaler: object) -> None:
-    """Raise a ``TypeError`` unless ``scaler`` is a ``torch.amp.GradScaler``."""
+    """Raise a ``TypeError`` unless ``scaler`` is a ``torch.amp.GradScaler``.
+
+    Examples:
+        >>> check_scaler(torch.amp.GradScaler("cpu"))
+        >>> check_scaler("scaler")
+        Traceback (most recent call last):
+        ...
+        TypeError: attach(..., scaler=) takes the torch.amp.GradScaler ..., got str
+    """
     if not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(
             "attach(..., scaler=) takes the torch.amp.GradScaler that steps this optimizer "
