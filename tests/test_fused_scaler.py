@@ -25,6 +25,9 @@ RULES: dict[str, Callable[[], Any]] = {
     "ClipL2PerLayer": lambda: gradclip.ClipL2PerLayer(0.05),
     "ZClip layer": lambda: gradclip.ZClip(warmup_steps=2, scope="layer"),
     "AutoClip": lambda: gradclip.AutoClip(percentile=50.0),
+    # p-norm rules measure no L2 norms: the flag reads those tensors' largest values
+    "ClipGlobalNorm p=inf": lambda: gradclip.ClipGlobalNorm(0.05, norm_type=math.inf),
+    "ClipGlobalNorm p=3": lambda: gradclip.ClipGlobalNorm(0.05, norm_type=3.0),
 }
 
 
@@ -39,11 +42,19 @@ def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler) -> None
 
 
 class _Loop:
-    def __init__(self, rule: Any, takeover: bool, nonfinite: str = "propagate") -> None:
+    def __init__(
+        self,
+        rule: Any,
+        takeover: bool,
+        nonfinite: str = "propagate",
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.model = _model()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        self.normalizer = gradclip.GradientNormalizer(self.model, rule, nonfinite=nonfinite)
+        self.normalizer = gradclip.GradientNormalizer(
+            self.model, rule, nonfinite=nonfinite, overrides=overrides
+        )
         self.handle = self.normalizer.attach(self.opt, scaler=self.scaler if takeover else None)
         self.checks = 0
         check = self.scaler._check_inf_per_device
@@ -65,9 +76,12 @@ class _Loop:
         self.scaler.update()
 
 
-@pytest.mark.parametrize("rule_name", list(RULES))
+@pytest.mark.parametrize("rule_name", [*RULES, "a layer of None"])
 def test_the_scaler_step_is_the_same_without_its_check(rule_name: str) -> None:
-    ours, theirs = _Loop(RULES[rule_name](), True), _Loop(RULES[rule_name](), False)
+    # "a layer of None": its gradients are not measured, the flag reads them
+    rule = RULES.get(rule_name, RULES["ClipL2PerLayer"])
+    overrides = {"0": None} if rule_name == "a layer of None" else None
+    ours, theirs = (_Loop(rule(), takeover, overrides=overrides) for takeover in (True, False))
     for k in range(6):
         poison = math.inf if k == 2 else (math.nan if k == 4 else None)
         for loop in (ours, theirs):

@@ -58,13 +58,16 @@ def foldable(plan: Plan) -> bool:
 
 
 def in_place_rules(plan: Plan) -> list[str]:
-    """The rules of ``plan`` that change gradients themselves (they need unscaled gradients)."""
+    """The rules of ``plan`` that change gradients themselves (they need unscaled gradients).
+
+    A rule that neither reads nor changes them (``None``) is not one of them.
+    """
     return sorted(
         {
             stage.rule.describe()
             for round_ in plan.rounds
             for _, stage in round_.stages
-            if not isinstance(stage.rule, ScalingRule)
+            if not isinstance(stage.rule, ScalingRule) and stage.rule.reads_gradient
         }
     )
 
