@@ -9,7 +9,11 @@ unscales fp16 gradients) and right before ``optimizer.step()``:
   hook, with no host-device synchronization;
 * with fp16 and accelerate's ``GradScaler``, it runs as a one-shot step
   pre-hook on the wrapped optimizer, inside ``scaler.step``: after unscaling,
-  and only when the scaler does not skip the step for inf/NaN gradients.
+  and only when the scaler does not skip the step for inf/NaN gradients. A
+  fused optimizer (``fused=True``) steps either way, skipping in its kernel;
+  the hook then reads the true norms of gradients the scaler may have left
+  scaled (``max_grad_norm=0``: no unscale) and leaves the rules' state alone
+  on a skipped step (`gradclip.fused.fused_once`).
 
 ``max_grad_norm``. ``TrainingArguments.max_grad_norm`` defaults to ``1.0``: the
 Trainer then clips the *global* norm of all gradients to 1.0 first, and gradclip
