@@ -50,6 +50,7 @@ __all__ = [
     "FusedHandle",
     "FusedStep",
     "ParamCover",
+    "ScalerCheckOnce",
     "attach_fused",
     "fusable",
     "fused_hook",
@@ -355,6 +356,59 @@ def fused_once(
     if found is not None:
         _init_momentum(optimizer)
     return normalizer.last_report
+
+
+class ScalerCheckOnce:
+    """For the trainer callbacks: the coming ``scaler.step(optimizer)`` of a fused
+    optimizer leaves its inf/NaN check to the normalizer, once (`gradclip.fused_scaler`).
+
+    Installed before the trainer steps; `taken` is set when the scaler's step
+    ran the normalizer, and the optimizer's step pre-hook then only calls
+    `before_step`. `remove` takes it away (it also goes after the step it took).
+
+    Args:
+        normalizer: what runs.
+        optimizer: the fused optimizer.
+        scaler: the trainer's ``GradScaler``.
+        step: the trainer's step, for a recording.
+        on_report: called with the step's report when it ran.
+    """
+
+    def __init__(
+        self,
+        normalizer: _Normalizer,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        step: int | None,
+        on_report: Callable[[NormReport], None],
+    ) -> None:
+        self.taken = False
+        fused_step = FusedStep(optimizer, True, skip_on_device=normalizer.nonfinite == "skip")
+
+        def prepare(scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+            engine = _run_locked(normalizer, fused_step, scale, None, True, step)
+            if engine is None:
+                return None
+            found = engine.found_inf
+            assert found is not None and normalizer.last_report is not None
+            if engine.bad_step is not None:
+                found = torch.maximum(found, engine.bad_step.to(found))
+            on_report(normalizer.last_report)
+            self.taken = True
+            divisor = None if engine.divisor is None else engine.divisor.to(torch.float32)
+            return divisor, found
+
+        self._off = attach_scaler(scaler, optimizer, prepare, self.remove)
+
+    def remove(self) -> None:
+        """Give the scaler its own step back (again: nothing)."""
+        self._off()
+
+    @staticmethod
+    def before_step(optimizer: torch.optim.Optimizer) -> None:
+        """In the step the scaler prepared: what a step skipped through ``found_inf`` needs."""
+        if optimizer.__dict__.get("found_inf") is not None:
+            _init_momentum(optimizer)
 
 
 def fused_hook(

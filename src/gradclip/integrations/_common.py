@@ -11,7 +11,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip.core.identity import StateNotRestoredWarning
 from gradclip.core.report import NormReport
-from gradclip.fused import fusable, fused_once
+from gradclip.fused import ScalerCheckOnce, fusable, fused_once
 from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import resolve_override, resolve_rule
 from gradclip.step_guard import unwrap_optimizer
@@ -79,7 +79,9 @@ class StepApplier:
     fused optimizer's step always runs, the scaler's ``found_inf`` skipping it
     in the kernel: its hook reads the true norms of gradients the scaler may
     have left scaled, folds a uniform coefficient into ``grad_scale`` and
-    leaves the state alone on a skipped step (`gradclip.fused.fused_once`).
+    leaves the state alone on a skipped step (`gradclip.fused.fused_once`); a
+    ``scaler.step`` without ``unscale_`` then leaves its own check for inf/NaN
+    to the normalizer (`gradclip.fused.ScalerCheckOnce`).
 
     Args:
         normalizer: what to run.
@@ -95,6 +97,7 @@ class StepApplier:
         self.pending: NormReport | None = None
         self._on_report = on_report
         self._handle: RemovableHandle | None = None
+        self._once: ScalerCheckOnce | None = None
         self._step: int | None = None
 
     def _run(self) -> None:
@@ -115,7 +118,11 @@ class StepApplier:
             return
 
         def hook(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            once = self._once
             self.cancel()
+            if once is not None and once.taken:  # scaler.step ran the normalizer
+                once.before_step(opt)
+                return
             if fusable(opt) is not None:
                 self._run()
                 return
@@ -126,6 +133,14 @@ class StepApplier:
                 self._on_report(report)
 
         self._handle = inner.register_step_pre_hook(hook)
+        if fusable(inner) is None and isinstance(scaler, torch.amp.GradScaler):
+            # a scaler.step without unscale_ then reads no gradient of its own
+            self._once = ScalerCheckOnce(self.normalizer, inner, scaler, self._step, self._took)
+
+    def _took(self, report: NormReport) -> None:
+        self.pending = report
+        if self._on_report is not None:
+            self._on_report(report)
 
     def finish(self) -> None:
         """After the optimizer's step: record a step the scaler skipped (its gradients as
@@ -139,6 +154,9 @@ class StepApplier:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._once is not None:
+            self._once.remove()
+            self._once = None
 
     def take_report(self) -> NormReport | None:
         """The report of the last step that ran, once (``None`` if none ran since)."""
