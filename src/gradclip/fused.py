@@ -19,6 +19,10 @@ wraps such an optimizer's ``step`` so that each step
 4. puts back what was there before; when the step raises, removes both
    (``GradScaler`` would have removed its own after the step).
 
+A step pre-hook does the same for a step that bypassed the wrapper
+(accelerate's fp16 path swaps ``optimizer.step`` for the step it saw before
+``attach``), and a post-hook puts back what it set.
+
 With ``attach(optimizer, scaler=scaler)`` the normalizer runs earlier, inside
 ``scaler.step``, and the scaler's own check for inf/NaN is read from its norms
 (`gradclip.fused_scaler`). On steps ``found_inf`` skips, no rule's state
@@ -35,7 +39,7 @@ way (`fusable` says why).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -197,6 +201,15 @@ Run = Callable[
 ]
 
 
+def _grads_token(optimizer: torch.optim.Optimizer) -> tuple[int, int] | None:
+    """Which gradients these are: the first one's identity and in-place version."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                return id(p.grad), p.grad._version
+    return None
+
+
 def attach_fused(
     optimizer: torch.optim.Optimizer,
     run: Run,
@@ -207,6 +220,40 @@ def attach_fused(
     (`gradclip.fused_scaler`)."""
     handle: FusedHandle
     prepared = [False]  # scaler.step ran the normalizer for the coming step
+    entered = [False]  # the wrapper runs this step (its pre-hook then does nothing)
+    names = ("grad_scale", "found_inf")
+    saved: list[Any] = []  # what the guard replaced for a step that bypassed the wrapper
+    guarded: list[Any] = [None]  # the gradients the guard normalized, `_grads_token`
+
+    def hand_over(opt: torch.optim.Optimizer, scale: Any, found: Any) -> None:
+        """Normalize, and set ``grad_scale``/``found_inf`` for the kernel."""
+        ran = run(
+            None if scale is _MISSING else scale,
+            None if found is _MISSING else found,
+            False,
+        )
+        assert ran is not None
+        grad_scale, bad, _ = ran
+        skip = None if found is _MISSING or found is None else found
+        if bad is not None:
+            flag = bad.to(torch.float32)
+            skip = flag if skip is None else torch.maximum(skip.to(flag.device), flag)
+        if grad_scale is not None:  # the fused kernels read a float32 scale
+            opt.grad_scale = grad_scale.to(torch.float32)  # type: ignore[attr-defined]
+        else:  # unscaled already (put back after the step)
+            opt.__dict__.pop("grad_scale", None)
+        if skip is not None:
+            opt.found_inf = skip  # type: ignore[attr-defined]
+            _init_momentum(opt)
+            if bad is not None:
+                handle.count(skip)
+
+    def put_back(opt: torch.optim.Optimizer, values: Sequence[Any]) -> None:
+        for name, value in zip(names, values):
+            if value is _MISSING:
+                opt.__dict__.pop(name, None)
+            else:
+                setattr(opt, name, value)
 
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         original = wrapped.original
@@ -216,35 +263,20 @@ def attach_fused(
             prepared[0] = False
             if opt.__dict__.get("found_inf") is not None:
                 _init_momentum(opt)
-            return original(*args, **kwargs)
-        if args or kwargs.get("closure") is not None:
+            entered[0] = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                entered[0] = False
+        if any(callable(a) for a in (*args, *kwargs.values())):  # accelerate passes None
             raise RuntimeError(
                 "gradclip attached to a fused optimizer normalizes the gradients of the last "
                 "backward pass; fused optimizers take no closure"
             )
-        scale = opt.__dict__.get("grad_scale", _MISSING)
-        found = opt.__dict__.get("found_inf", _MISSING)
+        before = [opt.__dict__.get(name, _MISSING) for name in names]
         try:
-            ran = run(
-                None if scale is _MISSING else scale,
-                None if found is _MISSING else found,
-                False,
-            )
-            assert ran is not None
-            grad_scale, bad, _ = ran
-            skip = None if found is _MISSING or found is None else found
-            if bad is not None:
-                flag = bad.to(torch.float32)
-                skip = flag if skip is None else torch.maximum(skip.to(flag.device), flag)
-            if grad_scale is not None:  # the fused kernels read a float32 scale
-                opt.grad_scale = grad_scale.to(torch.float32)  # type: ignore[attr-defined]
-            else:  # unscaled already (put back after the step)
-                opt.__dict__.pop("grad_scale", None)
-            if skip is not None:
-                opt.found_inf = skip  # type: ignore[attr-defined]
-                _init_momentum(opt)
-                if bad is not None:
-                    handle.count(skip)
+            hand_over(opt, *before)
+            entered[0] = True  # for its pre-hooks (a subclass's step runs them twice)
             result = original(*args, **kwargs)
         except BaseException:
             # GradScaler removes what it set only after a step that returned: left
@@ -252,12 +284,33 @@ def attach_fused(
             opt.__dict__.pop("grad_scale", None)
             opt.__dict__.pop("found_inf", None)
             raise
-        for name, value in (("grad_scale", scale), ("found_inf", found)):
-            if value is _MISSING:
-                opt.__dict__.pop(name, None)
-            else:
-                setattr(opt, name, value)
+        finally:
+            entered[0] = False
+        put_back(opt, before)
         return result
+
+    def guard(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Inside every Optimizer.step, whoever calls it: a step that bypassed the
+        # wrapper (accelerate's fp16 path swaps optimizer.step for a copy of the
+        # step it saw before attach) is normalized here, as by the wrapper.
+        if entered[0] or not wrapped.active:
+            return
+        if saved and guarded[0] == _grads_token(opt):
+            return  # a subclass's step calling Optimizer.step: this very step again
+        unguard(opt, args, kwargs)  # a guarded step that raised left them set
+        if prepared[0]:
+            prepared[0] = False
+            if opt.__dict__.get("found_inf") is not None:
+                _init_momentum(opt)
+            return
+        saved[:] = [opt.__dict__.get(name, _MISSING) for name in names]
+        hand_over(opt, *saved)
+        guarded[0] = _grads_token(opt)
+
+    def unguard(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if saved:
+            put_back(opt, saved)
+            saved.clear()
 
     def prepare(scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         ran = run(scale, None, True)
@@ -275,13 +328,14 @@ def attach_fused(
         prepared[0] = False
 
     wrapped = StepWrapper(optimizer, step, forget)
-    if scaler is None:
-        handle = FusedHandle(wrapped.remove)
-        return handle
-    unwrap_scaler = attach_scaler(scaler, optimizer, prepare, finish)
+    hooks = [optimizer.register_step_pre_hook(guard), optimizer.register_step_post_hook(unguard)]
+    unwrap_scaler = None if scaler is None else attach_scaler(scaler, optimizer, prepare, finish)
 
     def remove() -> None:
-        unwrap_scaler()
+        if unwrap_scaler is not None:
+            unwrap_scaler()
+        for hook in hooks:
+            hook.remove()
         wrapped.remove()
 
     handle = FusedHandle(remove)

@@ -103,14 +103,16 @@ def test_integrations_see_the_optimizer_inside(accelerator: Any) -> None:
     assert inner_optimizer(object()) is None
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
-@pytest.mark.parametrize("attach_to", ["inner-first", "inner-after", "wrapper"])
+@pytest.mark.parametrize("attach_to", ["inner-first", "inner-after", "wrapper", "scaler="])
 def test_fp16_scaler_path_normalizes_every_step(
-    accelerator: Any, nonfinite: str, attach_to: str
+    accelerator: Any, nonfinite: str, attach_to: str, fused: bool
 ) -> None:
-    """The scaler's step swaps ``optimizer.step``: gradclip still runs in every step."""
+    """The scaler's step swaps ``optimizer.step``: gradclip still runs in every step
+    (a fused optimizer's wrapped step too, and with ``scaler=`` inside ``scaler.step``)."""
     model = _model()
-    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0, fused=fused)
     normalizer = gradclip.GradientNormalizer(
         model, "ClipL2PerLayer", THRESHOLD, nonfinite=nonfinite
     )
@@ -118,7 +120,9 @@ def test_fp16_scaler_path_normalizes_every_step(
         normalizer.attach(sgd)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     optimizer = AcceleratedOptimizer(sgd, device_placement=False, scaler=scaler)
-    if attach_to != "inner-first":
+    if attach_to == "scaler=":
+        normalizer.attach(sgd, scaler=scaler)
+    elif attach_to != "inner-first":
         normalizer.attach(optimizer if attach_to == "wrapper" else sgd)
 
     def backward(loss: torch.Tensor) -> None:
