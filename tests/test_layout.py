@@ -22,6 +22,7 @@ FLOORS = [
         "copying",
         "fused",
         "fused_scaler",
+        "fused_hooks",
         "normalizer",
         "normalize",
         "config",

@@ -40,25 +40,23 @@ way (`fusable` says why).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from gradclip.core.engine import Engine
 from gradclip.core.folding import FusedArgs
 from gradclip.core.report import NormReport
-from gradclip.fused_scaler import attach_scaler, check_scaler
+from gradclip.fused_scaler import attach_scaler
 from gradclip.hooks import AttachHandle, StepWrapper
 
 __all__ = [
     "FusedHandle",
     "FusedStep",
     "ParamCover",
-    "ScalerCheckOnce",
     "attach_fused",
     "fusable",
-    "fused_hook",
-    "fused_once",
+    "init_momentum",
 ]
 
 _MISSING: Any = object()
@@ -83,8 +81,8 @@ def fusable(optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def _init_momentum(optimizer: torch.optim.Optimizer) -> None:
-    """Zero momentum buffers where fused SGD would create them uninitialized."""
+def init_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers where fused SGD would create them uninitialized (see above)."""
     if not isinstance(optimizer, torch.optim.SGD):
         return
     for group in optimizer.param_groups:
@@ -244,7 +242,7 @@ def attach_fused(
             opt.__dict__.pop("grad_scale", None)
         if skip is not None:
             opt.found_inf = skip  # type: ignore[attr-defined]
-            _init_momentum(opt)
+            init_momentum(opt)
             if bad is not None:
                 handle.count(skip)
 
@@ -262,7 +260,7 @@ def attach_fused(
         if prepared[0]:  # the scaler set grad_scale and found_inf from gradclip's
             prepared[0] = False
             if opt.__dict__.get("found_inf") is not None:
-                _init_momentum(opt)
+                init_momentum(opt)
             entered[0] = True
             try:
                 return original(*args, **kwargs)
@@ -301,7 +299,7 @@ def attach_fused(
         if prepared[0]:
             prepared[0] = False
             if opt.__dict__.get("found_inf") is not None:
-                _init_momentum(opt)
+                init_momentum(opt)
             return
         saved[:] = [opt.__dict__.get(name, _MISSING) for name in names]
         hand_over(opt, *saved)
@@ -340,157 +338,3 @@ def attach_fused(
 
     handle = FusedHandle(remove)
     return handle
-
-
-class _Normalizer(Protocol):
-    """What `fused_hook` uses of a `GradientNormalizer`."""
-
-    _engine: Engine
-    _lock: Any
-    last_report: NormReport | None
-    nonfinite: str
-
-    def _refresh(self, force: bool = False) -> bool: ...
-
-    def _keep(self, report: NormReport, step: int | None) -> None: ...
-
-    def _failed(self, error: BaseException, step: int | None) -> None: ...
-
-
-def _run_locked(
-    normalizer: _Normalizer,
-    fused_step: FusedStep,
-    scale: torch.Tensor | None,
-    found: torch.Tensor | None,
-    find_inf: bool,
-    step: int | None,
-) -> Engine | None:
-    """One fused step of ``normalizer`` (as `GradientNormalizer.apply_at`: locked,
-    counted, recorded); the engine that ran it, ``None`` where ``find_inf`` cannot be."""
-    with normalizer._lock:
-        try:
-            normalizer._refresh()
-            engine = normalizer._engine
-            if find_inf and not fused_step.checks_all(engine):
-                return None
-            report = fused_step(engine, scale, found, find_inf)
-            if report.tensor_norms.numel() == 0 and normalizer._refresh(force=True):
-                engine = normalizer._engine
-                report = fused_step(engine, scale, found, find_inf)
-        except Exception as error:
-            normalizer._failed(error, step)
-            raise
-        normalizer.last_report = report
-        normalizer._keep(report, step)
-        return engine
-
-
-def fused_once(
-    normalizer: _Normalizer, optimizer: torch.optim.Optimizer, step: int | None
-) -> NormReport:
-    """Normalize for a fused optimizer's step from inside it (a step pre-hook).
-
-    For the trainer callbacks, whose ``GradScaler`` calls the step: reads the
-    ``grad_scale`` (gradients still scaled) and ``found_inf`` the scaler set,
-    runs the normalizer on the true norms, folding a uniform coefficient, and
-    sets both for the kernel; the scaler removes them after the step.
-    """
-    scale = optimizer.__dict__.get("grad_scale")
-    found = optimizer.__dict__.get("found_inf")
-    fused_step = FusedStep(optimizer, True, skip_on_device=normalizer.nonfinite == "skip")
-    engine = _run_locked(normalizer, fused_step, scale, found, False, step)
-    assert engine is not None and normalizer.last_report is not None
-    # None: unscaled already (the scaler deletes the attribute after the step)
-    divisor = None if engine.divisor is None else engine.divisor.to(torch.float32)
-    optimizer.grad_scale = divisor  # type: ignore[attr-defined]
-    if engine.bad_step is not None:
-        flag = engine.bad_step.to(torch.float32)
-        found = flag if found is None else torch.maximum(found.to(flag.device), flag)
-        optimizer.found_inf = found  # type: ignore[attr-defined]
-    if found is not None:
-        _init_momentum(optimizer)
-    return normalizer.last_report
-
-
-class ScalerCheckOnce:
-    """For the trainer callbacks: the coming ``scaler.step(optimizer)`` of a fused
-    optimizer leaves its inf/NaN check to the normalizer, once (`gradclip.fused_scaler`).
-
-    Installed before the trainer steps; `taken` is set when the scaler's step
-    ran the normalizer, and the optimizer's step pre-hook then only calls
-    `before_step`. `remove` takes it away (it also goes after the step it took).
-
-    Args:
-        normalizer: what runs.
-        optimizer: the fused optimizer.
-        scaler: the trainer's ``GradScaler``.
-        step: the trainer's step, for a recording.
-        on_report: called with the step's report when it ran.
-    """
-
-    def __init__(
-        self,
-        normalizer: _Normalizer,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler,
-        step: int | None,
-        on_report: Callable[[NormReport], None],
-    ) -> None:
-        self.taken = False
-        fused_step = FusedStep(optimizer, True, skip_on_device=normalizer.nonfinite == "skip")
-
-        def prepare(scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-            engine = _run_locked(normalizer, fused_step, scale, None, True, step)
-            if engine is None:
-                return None
-            found = engine.found_inf
-            assert found is not None and normalizer.last_report is not None
-            if engine.bad_step is not None:
-                found = torch.maximum(found, engine.bad_step.to(found))
-            on_report(normalizer.last_report)
-            self.taken = True
-            divisor = None if engine.divisor is None else engine.divisor.to(torch.float32)
-            return divisor, found
-
-        self._off = attach_scaler(scaler, optimizer, prepare, self.remove)
-
-    def remove(self) -> None:
-        """Give the scaler its own step back (again: nothing)."""
-        self._off()
-
-    @staticmethod
-    def before_step(optimizer: torch.optim.Optimizer) -> None:
-        """In the step the scaler prepared: what a step skipped through ``found_inf`` needs."""
-        if optimizer.__dict__.get("found_inf") is not None:
-            _init_momentum(optimizer)
-
-
-def fused_hook(
-    normalizer: _Normalizer, fold: bool, scaler: torch.amp.GradScaler | None = None
-) -> Callable[[torch.optim.Optimizer, Callable[[], None]], AttachHandle | None]:
-    """How `GradientNormalizer.attach` hooks an optimizer: `attach_fused` where `fusable`.
-
-    Returns a function of the optimizer and the handle's ``forget``, which gives
-    ``None`` for an optimizer that is not fused (it is then hooked as before,
-    and ``scaler.step`` unscales before its step).
-
-    Raises:
-        TypeError: ``scaler`` is not a ``torch.amp.GradScaler``.
-    """
-    if scaler is not None:
-        check_scaler(scaler)
-
-    def hook(optimizer: torch.optim.Optimizer, forget: Callable[[], None]) -> AttachHandle | None:
-        if fusable(optimizer) is not None:
-            return None
-        fused_step = FusedStep(optimizer, fold, skip_on_device=normalizer.nonfinite == "skip")
-
-        def run(
-            scale: torch.Tensor | None, found: torch.Tensor | None, find_inf: bool
-        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
-            engine = _run_locked(normalizer, fused_step, scale, found, find_inf, None)
-            return None if engine is None else (engine.divisor, engine.bad_step, engine.found_inf)
-
-        return attach_fused(optimizer, run, forget, scaler)
-
-    return hook

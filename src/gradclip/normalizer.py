@@ -38,7 +38,7 @@ from gradclip.core.sharding import RankGroup
 from gradclip.core.stages import configure_layers, setup_stages, stage_layers
 from gradclip.core.state import StateStore
 from gradclip.core.validation import check_threshold
-from gradclip.fused import fused_hook
+from gradclip.fused_hooks import fused_hook
 from gradclip.hooks import AttachHandle
 from gradclip.recording import Recording, RecordPath
 from gradclip.rules import dl4j

@@ -11,7 +11,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip.core.identity import StateNotRestoredWarning
 from gradclip.core.report import NormReport
-from gradclip.fused import ScalerCheckOnce, fusable, fused_once
+from gradclip.fused import fusable
+from gradclip.fused_hooks import ScalerCheckOnce, fused_once
 from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import resolve_override, resolve_rule
 from gradclip.step_guard import unwrap_optimizer
@@ -79,9 +80,9 @@ class StepApplier:
     fused optimizer's step always runs, the scaler's ``found_inf`` skipping it
     in the kernel: its hook reads the true norms of gradients the scaler may
     have left scaled, folds a uniform coefficient into ``grad_scale`` and
-    leaves the state alone on a skipped step (`gradclip.fused.fused_once`); a
+    leaves the state alone on a skipped step (`gradclip.fused_hooks.fused_once`); a
     ``scaler.step`` without ``unscale_`` then leaves its own check for inf/NaN
-    to the normalizer (`gradclip.fused.ScalerCheckOnce`).
+    to the normalizer (`gradclip.fused_hooks.ScalerCheckOnce`).
 
     Args:
         normalizer: what to run.

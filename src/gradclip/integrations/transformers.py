@@ -13,7 +13,7 @@ unscales fp16 gradients) and right before ``optimizer.step()``:
   fused optimizer (``fused=True``) steps either way, skipping in its kernel;
   the hook then reads the true norms of gradients the scaler may have left
   scaled (``max_grad_norm=0``: no unscale) and leaves the rules' state alone
-  on a skipped step (`gradclip.fused.fused_once`).
+  on a skipped step (`gradclip.fused_hooks.fused_once`).
 
 ``max_grad_norm``. ``TrainingArguments.max_grad_norm`` defaults to ``1.0``: the
 Trainer then clips the *global* norm of all gradients to 1.0 first, and gradclip
