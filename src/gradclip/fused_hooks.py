@@ -148,7 +148,7 @@ class ScalerCheckOnce:
 def fused_hook(
     normalizer: _Normalizer, fold: bool, scaler: torch.amp.GradScaler | None = None
 ) -> Callable[[torch.optim.Optimizer, Callable[[], None]], AttachHandle | None]:
-    """How `GradientNormalizer.attach` hooks an optimizer: `gradclip.fused.attach_fused` where `gradclip.fused.fusable`.
+    """How `GradientNormalizer.attach` hooks an optimizer (`gradclip.fused.attach_fused`).
 
     Returns a function of the optimizer and the handle's ``forget``, which gives
     ``None`` for an optimizer that is not fused (it is then hooked as before,
