@@ -122,7 +122,6 @@ MESH_CASES = [
     f"{layout}:{name}"
     for layout in pipeline_mesh_ranks.LAYOUTS
     for name in pipeline_mesh_ranks.RULES
-    if (layout, name) not in pipeline_mesh_ranks.REFUSED
 ]
 MESH_CHECKS = ["hsdp:checkpoint", "hsdp:disagreement"]
 

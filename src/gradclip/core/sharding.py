@@ -64,13 +64,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradclip.core.mesh_group import reduction_group
 from gradclip.core.rule import CrossRank
+from gradclip.core.split_rows import SplitRows, split_rows_of
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -154,6 +155,8 @@ class Sharding:
             its accumulation dtype; ``None`` when every piece is held by one rank.
         num_sharded: how many of the tensors are ``DTensor`` s.
         split_dims: per tensor, the dims split across ranks (see `gradclip.core.rule.Shards`).
+        split_rows: per tensor split on dim 0 and another dim, the rows this rank
+            holds (`gradclip.core.split_rows`); ``None`` for the others.
         rank: this rank's index in ``group``.
         device: where the norms live (the plan's device).
         dtype: their accumulation dtype.
@@ -167,6 +170,7 @@ class Sharding:
     rank: int
     device: torch.device
     dtype: torch.dtype
+    split_rows: list[SplitRows | None] = field(default_factory=list)
 
     def group_shards(self, positions: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """``(weights, split_dims)`` of the tensors at ``positions`` (once per plan)."""
@@ -412,8 +416,9 @@ def sharding_of(
         weights = torch.tensor([1.0 / c for c in counts], dtype=dtype, device=device)
     num_sharded = sum(1 for r in replicas if r is not None)
     split_dims = [_split_dims(g) if isinstance(g, cls) else () for g in grads]
+    rows = [split_rows_of(g, d, device) if d else None for g, d in zip(grads, split_dims)]
     rank = dist.get_rank(group)
-    return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype)
+    return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype, rows)
 
 
 def _split_dims(grad: Any) -> tuple[int, ...]:
