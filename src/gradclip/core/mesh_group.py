@@ -18,7 +18,8 @@ gradients' device meshes:
   ``k / n``. Meshes that do not nest are reduced over every rank of the job
   (each then a slice of one world mesh).
 
-Everything here runs once per plan, never per step.
+Everything here runs when an engine is built and once per plan, never per step;
+a group is made once per process and set of ranks.
 """
 
 from __future__ import annotations
