@@ -20,8 +20,9 @@ Each rank gets its share of the same full gradients, the unsplit
 single-process model gets them whole, both are normalized by the same rule;
 each rank records its worst relative mismatch over `STEPS` steps and how many
 collectives a steady step ran. Also: a DCP checkpoint of the HSDP
-stages loaded into fresh normalizers and models (in the same processes), and
-the configuration check refusing a rank whose rule differs, on every rank.
+stages loaded into fresh normalizers and models (in the same processes), the
+configuration check refusing a rank whose rule differs, and the step's check
+refusing a rank without one gradient, on every rank.
 """
 
 from __future__ import annotations
@@ -250,6 +251,35 @@ def case_disagreement() -> dict[str, Any]:
     return {"worst": 0.0, "collectives": [], "total_error": 0.0}
 
 
+def case_gradient_mismatch() -> dict[str, Any]:
+    """One rank of each HSDP stage without one gradient, under a rule spanning the
+    stages: every rank raises in the step's one collective, no piece changes."""
+    import torch.distributed as dist
+
+    model, pp_mesh = hsdp_stage()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(1.0), pp_mesh=pp_mesh)
+    pr._set(model, pr.full_grads(0, pr.Tiny()), None)
+    normalizer.apply()  # the first step, alike on every rank
+    pr._set(model, pr.full_grads(1, pr.Tiny()), None)
+    first = next(p for _, p in model.named_parameters())
+    if dist.get_rank() % 4 == 3:
+        first.grad = None
+    before = {
+        n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+    try:
+        normalizer.apply()
+    except gradclip.RankMismatchError as err:
+        if not err.params:
+            raise AssertionError(f"the error names no parameter: {err}") from err
+    else:
+        raise AssertionError("a step ran with a gradient missing on one rank")
+    for n, p in model.named_parameters():
+        if p.grad is not None and not torch.equal(p.grad.to_local(), before[n]):
+            raise AssertionError(f"{n} changed before the error")
+    return {"worst": 0.0, "collectives": [], "total_error": 0.0}
+
+
 def _worker(rank: int, init_method: str, outdir: str) -> None:
     import torch.distributed as dist
 
@@ -270,6 +300,7 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
         ]
         cases.append(("hsdp:checkpoint", lambda: case_checkpoint(outdir)))
         cases.append(("hsdp:disagreement", case_disagreement))
+        cases.append(("hsdp:gradient-mismatch", case_gradient_mismatch))
         only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
         for case, call in cases:
             if only and not case.startswith(only):

@@ -123,7 +123,7 @@ MESH_CASES = [
     for layout in pipeline_mesh_ranks.LAYOUTS
     for name in pipeline_mesh_ranks.RULES
 ]
-MESH_CHECKS = ["hsdp:checkpoint", "hsdp:disagreement"]
+MESH_CHECKS = ["hsdp:checkpoint", "hsdp:disagreement", "hsdp:gradient-mismatch"]
 
 
 @pytest.fixture(scope="module")
