@@ -491,6 +491,10 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
             cases.append(
                 (f"interleaved:{name}", lambda n=name: case_interleaved(mesh, n, RULES[n]()))
             )
+        if phase == "main":
+            import pipeline_edges
+
+            cases += pipeline_edges.edge_cases(sys.modules[__name__], mesh)
         only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
         for case, call in cases:
             if only and not case.startswith(only):

@@ -50,7 +50,7 @@ from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, group_of, stages_of
 from gradclip.core.sharding import RankGroup, is_dtensor
-from gradclip.core.stage_step import UNKNOWN, prepare_step
+from gradclip.core.stage_step import UNKNOWN, keep_group_state, prepare_step
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -138,6 +138,8 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        #: the last step was skipped ("skip": a layer here, or on another stage, not finite)
+        self.skipped = False
         #: after a step with ``divisor`` or ``fold``: what the fused optimizer must
         #: divide the gradients by (its ``grad_scale``); ``None`` otherwise
         self.divisor: torch.Tensor | None = None
@@ -321,7 +323,7 @@ class Engine:
         return report
 
     def _step(self, fused: FusedArgs | None) -> NormReport:
-        self.divisor, self.bad_step = None, None
+        self.divisor, self.bad_step, self.skipped = None, None, False
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
             self.divisor = None if fused is None else fused.divisor
@@ -338,13 +340,18 @@ class Engine:
             judged = judge_unsquared(plan, grads, judged)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
+        # on pipeline stages: whether a tensor on any stage was not finite
+        elsewhere = measured.stage_bad[0] if measured.stage_bad is not None else None
         if self.nonfinite == "skip" and fused.skip_on_device:
             self.bad_step = bad_layers(plan, judged).any()
+            if elsewhere is not None:
+                self.bad_step = self.bad_step | elsewhere
             skip = self.bad_step if skip is None else self.bad_step | skip
         elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
-            self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
-            if self.last_nonfinite:  # "error" raises, "skip" leaves everything as it is
+            # the one host read (with the other stages' verdict, on pipeline stages)
+            self.last_nonfinite, self.skipped = read_bad_layers(plan, bad, elsewhere)
+            if self.skipped:  # "error" raises, "skip" leaves everything as it is
                 report = NormReport.unchanged(plan, *reported)
                 if self.nonfinite == "error":  # with the step's norms, for a recording
                     raise NonFiniteGradientError(self.last_nonfinite, report)
@@ -361,8 +368,12 @@ class Engine:
                     for gi, norms in measured.p_norms.items()
                 },
                 measured.reduced,
+                measured.stage_totals,  # formed without the zeroed layers (stage_step)
+                measured.stage_bad,
             )
         finite = torch.isfinite(judged) if plan.has_state else None
+        if finite is not None and measured.stage_bad is not None:
+            finite = keep_group_state(plan, finite, measured.stage_bad[1])
         if finite is not None and skip is not None:
             finite = finite & ~skip.to(device=plan.device, dtype=torch.bool)
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)

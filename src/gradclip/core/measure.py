@@ -45,6 +45,9 @@ class Measurement:
     reduced: dict[int, CrossRank]  # group index -> its rule's reduced cross-rank quantities
     # pipeline stages: group index -> {p: norm of its gradients on every stage}
     stage_totals: dict[int, dict[float, torch.Tensor]] | None = None
+    # pipeline stages, nonfinite "zero"/"skip": (a tensor on some stage was not
+    # finite, {spanning group index: one of its tensors on some stage was not})
+    stage_bad: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
 
 
 @dataclass(eq=False)

@@ -35,13 +35,14 @@ without such a rule sends nothing more than it would on one stage.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradclip.core.rule import Rule, group_of, stages_of
+from gradclip.core.stage_transport import StageTransport
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = [
     "EVERY_STAGE",
     "Pipeline",
+    "StageLayout",
+    "StageTotals",
     "StageTransport",
     "pipeline_of",
     "spanning_slots",
@@ -110,9 +113,11 @@ class Pipeline:
     rank: int
     size: int
     slots: tuple[tuple[str, float], ...] = ()
+    nonfinite: str = "propagate"
+    layout: StageLayout = field(default_factory=lambda: StageLayout())
     _sum_of: dict[str, int] = field(default_factory=dict, repr=False)
     _max_of: dict[str, int] = field(default_factory=dict, repr=False)
-    _plan_slots: tuple[Plan, list[tuple[int, float, bool, int]]] | None = field(
+    _plan_slots: tuple[Plan, list[tuple[int, float, bool, int, int]]] | None = field(
         default=None, repr=False
     )
 
@@ -127,30 +132,55 @@ class Pipeline:
                 self._sum_of[key] = sums
 
     def with_slots(self, slots: tuple[tuple[str, float], ...]) -> Pipeline:
-        """This pipeline exchanging ``slots``."""
-        return Pipeline(self.group, self.rank, self.size, slots)
+        """This pipeline exchanging ``slots`` (the same policy, and the layout learned)."""
+        return Pipeline(self.group, self.rank, self.size, slots, self.nonfinite, self.layout)
 
     @property
     def active(self) -> bool:
-        """Whether a step exchanges anything between stages."""
-        return bool(self.slots)
+        """Whether a step exchanges anything between stages: a rule spans layers, or a
+        non-finite layer on any stage skips every stage's step."""
+        return bool(self.slots) or self.nonfinite == "skip"
+
+    @property
+    def flags(self) -> bool:
+        """Whether the sums carry the counts of non-finite tensors (``zero``, ``skip``)."""
+        return self.nonfinite in ("zero", "skip")
+
+    @property
+    def bad_at(self) -> int:
+        """The column counting every non-finite tensor (slot ``j``'s: ``bad_at + 1 + j``)."""
+        return 1 + len(self._sum_of)
 
     @property
     def num_sums(self) -> int:
-        return 1 + len(self._sum_of)
+        return self.bad_at + (1 + len(self.slots) if self.flags else 0)
 
     @property
     def num_maxima(self) -> int:
         return len(self._max_of)
 
     def partials(
-        self, plan: Plan | None, parts: LocalParts | None, dtype: torch.dtype, device: torch.device
+        self,
+        plan: Plan | None,
+        parts: LocalParts | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        bad: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(S,)`` sums and ``(M,)`` maxima (zeros without gradients)."""
+        """This rank's ``(S,)`` sums and ``(M,)`` maxima (zeros without gradients).
+
+        ``bad``: ``(T,)`` bool, the plan's tensors that count as non-finite
+        (``nonfinite="zero"``/``"skip"``): they add 0 to the spanning rules' sums
+        and maxima, as the zeroed layers of the unsplit model do, and are counted
+        in the flag columns (every tensor's, and each slot's). The report's sum
+        keeps them, as the unsplit model's report does.
+        """
         sums = torch.zeros(self.num_sums, dtype=dtype, device=device)
         maxima = torch.zeros(self.num_maxima, dtype=dtype, device=device)
         if plan is None or parts is None:
             return sums, maxima
+        if bad is not None and self.flags:
+            sums[self.bad_at] = bad.sum()
         weights = plan.sharding.weights if plan.sharding is not None else None
         full: torch.Tensor | None = None  # (T,) local L2 norms, 0 where not measured
         if parts.norms is not None:
@@ -162,12 +192,17 @@ class Pipeline:
             if not plan.all_measured:
                 full = parts.norms.new_zeros(plan.num_tensors)
                 full.index_copy_(0, plan.measured_positions_t, parts.norms)
-        for gi, p, is_max, index in self._slots_of(plan):
+        for gi, p, is_max, index, j in self._slots_of(plan):
             group = plan.groups[gi]
             norms = parts.p_norms.get(gi)
             if norms is None:  # the step's L2 norms of the group's tensors
                 assert full is not None
                 norms = full if group.covers_all else full.index_select(0, group.positions_t)
+            if bad is not None:
+                own = bad if group.covers_all else bad.index_select(0, group.positions_t)
+                norms = norms.masked_fill(own, 0.0)
+                if self.flags:
+                    sums[self.bad_at + 1 + j] = own.sum()
             if is_max:
                 maxima[index] = norms.amax() if norms.numel() else norms.new_zeros(())
             else:
@@ -177,29 +212,28 @@ class Pipeline:
                 sums[index] = powers.sum()
         return sums, maxima
 
-    def _slots_of(self, plan: Plan) -> list[tuple[int, float, bool, int]]:
-        """``(group index, p, is a maximum, slot)`` of the plan's spanning groups (cached)."""
+    def _slots_of(self, plan: Plan) -> list[tuple[int, float, bool, int, int]]:
+        """``(group index, p, is a maximum, slot, j)`` of the plan's spanning groups
+        (``j``: the slot's place in `slots`, for its flag column; cached)."""
         cached = self._plan_slots
         if cached is not None and cached[0] is plan:
             return cached[1]
+        place = {key: j for j, (key, _) in enumerate(self.slots)}
         out = []
         for gi, group in enumerate(plan.groups):
             key = _slot_key(group.rule, plan.tags[group.layer_ids[0]])
             p = group.stages[0].rule.norm_type
-            if p is None or (key not in self._sum_of and key not in self._max_of):
+            if p is None or key not in place:
                 continue
             if key in self._max_of:
-                out.append((gi, p, True, self._max_of[key]))
+                out.append((gi, p, True, self._max_of[key], place[key]))
             else:
-                out.append((gi, p, False, self._sum_of[key]))
+                out.append((gi, p, False, self._sum_of[key], place[key]))
         self._plan_slots = (plan, out)
         return out
 
-    def totals(
-        self, plan: Plan, sum_rows: torch.Tensor, max_rows: torch.Tensor
-    ) -> tuple[dict[int, dict[float, torch.Tensor]], torch.Tensor]:
-        """Per group index ``{p: norm of its gradients on every stage}``, and the sum of
-        squares of every stage's measured gradients (the report's), from the rows.
+    def totals(self, plan: Plan, sum_rows: torch.Tensor, max_rows: torch.Tensor) -> StageTotals:
+        """The totals over every stage, from the reduced rows (see `StageTotals`).
 
         Formed from the reduced rows alone, in one order, so that every rank of
         every stage gets the same bits (and the state of a global rule is the
@@ -207,10 +241,48 @@ class Pipeline:
         """
         summed = sum_rows.sum(dim=0)
         top = max_rows.amax(dim=0) if max_rows.numel() else max_rows.new_zeros(0)
-        out: dict[int, dict[float, torch.Tensor]] = {}
-        for gi, p, is_max, index in self._slots_of(plan):
-            out[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
-        return out, summed[0]
+        norms: dict[int, dict[float, torch.Tensor]] = {}
+        bad: dict[int, torch.Tensor] = {}
+        for gi, p, is_max, index, j in self._slots_of(plan):
+            norms[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
+            if self.flags:
+                bad[gi] = summed[self.bad_at + 1 + j] > 0
+        anywhere = summed[self.bad_at] > 0 if self.flags else None
+        return StageTotals(norms, summed[0], anywhere, bad)
+
+
+@dataclass(eq=False)
+class StageTotals:
+    """What a step learns from every stage.
+
+    Attributes:
+        norms: per group index ``{p: norm of its gradients on every stage}``.
+        squares: the sum of squares of every stage's measured gradients (the report's).
+        anywhere: 0-d bool, a tensor on some stage was not finite (``nonfinite``
+            ``"zero"``/``"skip"``; ``None`` otherwise).
+        bad: per spanning group index, 0-d bool: one of its tensors, on some
+            stage, was not finite (its group state then stays as it was, as on
+            the unsplit model).
+    """
+
+    norms: dict[int, dict[float, torch.Tensor]]
+    squares: torch.Tensor
+    anywhere: torch.Tensor | None = None
+    bad: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class StageLayout:
+    """What the ranks of a sharded step learned of each other's blocks, kept by the
+    `Pipeline` across this rank's rebuilt engines (a changed layer rebuilds them).
+
+    Attributes:
+        stage_of: per rank of the transport's group, its pipeline rank.
+        blocks: per pipeline rank, its block's length.
+    """
+
+    stage_of: list[int] | None = None
+    blocks: list[int] | None = None
 
 
 def pipeline_of(pp_mesh: Any) -> Pipeline:
@@ -240,79 +312,6 @@ def pipeline_of(pp_mesh: Any) -> Pipeline:
             f"pp_mesh must be a 1-D DeviceMesh or a ProcessGroup, got {type(pp_mesh).__name__}"
         )
     return Pipeline(group, dist.get_rank(group), dist.get_world_size(group))
-
-
-@dataclass(eq=False)
-class StageTransport:
-    """The step's ``all_reduce`` on pipeline stages: stage blocks, then the shared slots.
-
-    ``[block of stage 0 | … | block of stage N-1 | (stages, S) sums | (ranks, M) maxima]``:
-    this rank writes its stage's block (the data-parallel vector of a sharded
-    step, or nothing) at the stage's offset, so that after the sum over the
-    ranks of every stage each block holds its own stage's data-parallel sum,
-    exactly as a reduction over that stage's data-parallel group would.
-
-    Attributes:
-        pipeline: the stages and slots.
-        group: the ranks reduced over (``None``: the default group).
-        ranks: their number; rank: this rank's index in it.
-        sharded: the gradients are sharded: stages send blocks of their own lengths.
-        blocks: every stage's block length, by pipeline rank (learned once).
-    """
-
-    pipeline: Pipeline
-    group: ProcessGroup | None
-    ranks: int
-    rank: int
-    sharded: bool = False
-    blocks: list[int] | None = None
-    reduced: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _learn_blocks(self, length: int) -> list[int]:
-        if self.blocks is None:
-            if self.pipeline.size == 1:
-                self.blocks = [length]
-            else:  # once per engine: the other stages' lengths
-                import torch.distributed as dist
-
-                gathered: list[Any] = [None] * self.pipeline.size
-                dist.all_gather_object(gathered, length, group=self.pipeline.group)
-                self.blocks = [int(n) for n in gathered]
-        if self.blocks[self.pipeline.rank] != length:
-            raise RuntimeError("a sharded step's vector changed length on a pipeline stage")
-        return self.blocks
-
-    def run(
-        self, block: torch.Tensor | None, sums: torch.Tensor, maxima: torch.Tensor
-    ) -> torch.Tensor | None:
-        """All-reduce once; keep the slots' rows (`reduced`) and return this stage's block."""
-        import torch.distributed as dist
-
-        pipe = self.pipeline
-        length = 0 if block is None else block.numel()
-        blocks = self._learn_blocks(length) if self.sharded else [0] * pipe.size
-        head = sum(blocks)
-        s, m = sums.numel(), maxima.numel()
-        size = head + pipe.size * s + self.ranks * m
-        vector = torch.zeros(size, dtype=sums.dtype, device=sums.device)
-        offset = sum(blocks[: pipe.rank])
-        if block is not None:
-            vector[offset : offset + length] = block
-        sum_rows = vector[head : head + pipe.size * s].view(pipe.size, s)
-        sum_rows[pipe.rank] = sums
-        max_rows = vector[head + pipe.size * s :].view(self.ranks, m)
-        max_rows[self.rank] = maxima
-        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)  # the step's one
-        self.reduced = (sum_rows, max_rows)
-        return None if block is None else vector[offset : offset + length]
-
-    def reducer(self, sums: torch.Tensor, maxima: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-        """``vector -> reduced vector`` for `gradclip.core.collective.StepCollective.exchange`."""
-
-        def reduce(vector: torch.Tensor) -> Any:
-            return self.run(vector, sums, maxima)
-
-        return reduce
 
 
 def transport_for(pipeline: Pipeline, sharded_world: int | None) -> StageTransport:
