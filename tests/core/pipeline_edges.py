@@ -34,6 +34,8 @@ NONFINITE_RULES = {
     "zero": ("global-2", "global-inf", "zclip-global", "ClipL2PerLayer"),
     "skip": ("global-2", "zclip-global", "ClipL2PerLayer"),
 }
+# a chain whose global member waits for round 1: the counts ride in that collective
+NONFINITE_CHAINS = [("zero", "layer-then-global"), ("zero", "global-then-zclip")]
 COUNTED_STEPS = (0, 3)  # a first and a steady step (3: after a non-finite one)
 READ_STEP = 4
 
@@ -44,10 +46,51 @@ def nonfinite_cases() -> list[str]:
         for policy, names in NONFINITE_RULES.items()
         for dp in ("fsdp2", "ddp")
         for name in names
-    ]
+    ] + [f"nonfinite-{policy}:ddp:{name}" for policy, name in NONFINITE_CHAINS]
 
 
 RELAYOUT_CASES = ["relayout:fsdp2", "relayout:ddp"]
+
+# chains whose later members span layers (replicated gradients: on sharded ones a
+# later member that reads norms is refused with or without stages), and how many
+# collectives a step runs: one per round that needs the stages
+CHAINS: dict[str, tuple[Any, dict[str, Any] | None, int]] = {
+    "layer-then-global": (
+        lambda: gradclip.chain(("ClipL2PerLayer", 0.5), gradclip.ClipGlobalNorm(1.0)),
+        None,
+        1,
+    ),
+    "elementwise-then-global-inf": (
+        lambda: gradclip.chain(
+            ("ClipElementWiseAbsoluteValue", 0.05), gradclip.ClipGlobalNorm(0.5, norm_type="inf")
+        ),
+        None,
+        1,
+    ),
+    "global-then-zclip": (
+        lambda: gradclip.chain(gradclip.ClipGlobalNorm(2.0), gradclip.ZClip(warmup_steps=3)),
+        None,
+        2,
+    ),
+    "layer-then-autoclip-p3": (  # and a global member of order 3
+        lambda: gradclip.chain(
+            ("ClipL2PerLayer", 0.5),
+            gradclip.AutoClip(percentile=50.0),
+            gradclip.ClipGlobalNorm(0.5, norm_type=3),
+        ),
+        None,
+        2,
+    ),
+    "on-one-stage": (  # stage 0 has no layer of the chain: it sends zeros
+        lambda: ("ClipL2PerLayer", 0.5),
+        {
+            "layers.3": gradclip.chain(("ClipL2PerLayer", 0.2), gradclip.ClipGlobalNorm(0.3)),
+            "head": gradclip.chain(("ClipL2PerLayer", 0.2), gradclip.ClipGlobalNorm(0.3)),
+        },
+        1,
+    ),
+}
+CHAIN_CASES = [f"chain:ddp:{name}" for name in CHAINS]
 
 
 def poisoned(step: int, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,10 +221,23 @@ def edge_cases(ranks: Any, mesh: Any) -> list[tuple[str, Any]]:
             for name in names:
                 call = functools.partial(_nonfinite, ranks, mesh, policy, dp, name)
                 out.append((f"nonfinite-{policy}:{dp}:{name}", call))
+    for policy, name in NONFINITE_CHAINS:
+        call = functools.partial(_nonfinite, ranks, mesh, policy, "ddp", name)
+        out.append((f"nonfinite-{policy}:ddp:{name}", call))
     for dp in ("fsdp2", "ddp"):
         out.append((f"relayout:{dp}", functools.partial(case_relayout, ranks, mesh, dp)))
+    for name, (make, overrides, _) in CHAINS.items():
+        call = functools.partial(_chain, ranks, mesh, name, make, overrides)
+        out.append((f"chain:ddp:{name}", call))
     return out
 
 
+def _chain(
+    ranks: Any, mesh: Any, name: str, make: Any, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
+    return ranks.run_case(mesh, "ddp", name, make(), overrides)  # type: ignore[no-any-return]
+
+
 def _nonfinite(ranks: Any, mesh: Any, policy: str, dp: str, name: str) -> dict[str, Any]:
-    return case_nonfinite(ranks, mesh, policy, dp, ranks.RULES[name]())
+    make = CHAINS[name][0] if name in CHAINS else ranks.RULES[name]
+    return case_nonfinite(ranks, mesh, policy, dp, make())

@@ -94,6 +94,22 @@ def test_a_steady_step_reads_nothing_to_the_host_but_the_agreement_flag(
 
 
 EDGES = pipeline_edges.nonfinite_cases() + pipeline_edges.RELAYOUT_CASES
+EDGES += pipeline_edges.CHAIN_CASES
+
+
+@pytest.mark.parametrize("case", pipeline_edges.CHAIN_CASES)
+def test_a_later_chain_member_spans_every_stage_in_as_few_collectives_as_it_needs(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    # one collective per round whose members span layers; none before round 0 when
+    # the first members decide layer by layer (their sums ride in the later one)
+    needed = pipeline_edges.CHAINS[case.split(":")[2]][2]
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        assert result["collectives"] == [needed, needed], (case, result["collectives"])
+        assert result["host_reads"] == 0, (case, result["host_reads"])
 
 
 @pytest.mark.parametrize("case", pipeline_edges.nonfinite_cases())

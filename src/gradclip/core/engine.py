@@ -50,7 +50,7 @@ from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, group_of, stages_of
 from gradclip.core.sharding import RankGroup, is_dtensor
-from gradclip.core.stage_step import UNKNOWN, keep_group_state, prepare_step
+from gradclip.core.stage_step import UNKNOWN, prepare_step, stage_round
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -354,7 +354,9 @@ class Engine:
             if self.skipped:  # "error" raises, "skip" leaves everything as it is
                 report = NormReport.unchanged(plan, *reported)
                 if self.nonfinite == "error":  # with the step's norms, for a recording
-                    raise NonFiniteGradientError(self.last_nonfinite, report)
+                    raise NonFiniteGradientError(
+                        self.last_nonfinite or ["(a layer of another pipeline stage)"], report
+                    )
                 return report
         elif self.nonfinite == "zero":
             bad = bad_layers(plan, judged)
@@ -372,19 +374,21 @@ class Engine:
                 measured.stage_bad,
             )
         finite = torch.isfinite(judged) if plan.has_state else None
-        if finite is not None and measured.stage_bad is not None:
-            finite = keep_group_state(plan, finite, measured.stage_bad[1])
         if finite is not None and skip is not None:
             finite = finite & ~skip.to(device=plan.device, dtype=torch.bool)
         changed = torch.zeros(plan.num_layers, dtype=torch.int32, device=plan.device)
         unknown: list[list[int]] = []  # layers whose rule cannot tell if it changed them
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
-        for k in range(len(plan.rounds)):
-            carried = run_round(
-                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats,
-                seen, carried, fold,
-            )  # fmt: skip
+        later = self.pipeline.later_rounds if self.pipeline is not None else ()
+        for k in range(max(len(plan.rounds), max(later, default=-1) + 1)):
+            if k in later:  # a chain member spans layers: the stages' norms now
+                stage_round(self, plan, k, grads, measured, carried)
+            if k < len(plan.rounds):
+                carried = run_round(
+                    self.store, plan, k, grads, measured, zeroed, finite, changed, unknown,
+                    stats, seen, carried, fold,
+                )  # fmt: skip
         self.divisor = carried
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)

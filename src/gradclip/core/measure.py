@@ -48,6 +48,10 @@ class Measurement:
     # pipeline stages, nonfinite "zero"/"skip": (a tensor on some stage was not
     # finite, {spanning group index: one of its tensors on some stage was not})
     stage_bad: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+    # chain members after the first that span layers: (round, group index) -> the
+    # norms measured again before the round, and {p: their total on every stage}
+    later_norms: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    later_totals: dict[tuple[int, int], dict[float, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

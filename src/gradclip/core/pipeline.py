@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradclip.core.rule import Rule, group_of, stages_of
-from gradclip.core.stage_transport import StageTransport
+from gradclip.core.stage_transport import StageLayout, StageTransport
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -70,81 +70,103 @@ def _slot_key(rule: Rule, tag: str | None) -> str:
     return repr(group_of(rule, tag))
 
 
-def spanning_slots(rules: Iterable[tuple[Rule, str | None]]) -> tuple[tuple[str, float], ...]:
-    """``(group key, p)`` of every ``(rule, override key)`` of the configuration that
-    spans layers, sorted (the default rule's key is ``None``).
+Slot = tuple[str, int, float]  # (group key, round, p)
+
+
+def spanning_slots(rules: Iterable[tuple[Rule, str | None]]) -> tuple[Slot, ...]:
+    """``(group key, round, p)`` of every member of every ``(rule, override key)`` of the
+    configuration that spans layers, sorted (the default rule's key is ``None``; the
+    round is the member's place in a `chain`, 0 for a single rule).
 
     Raises:
-        ValueError: a chain member after the first spans layers (its norms are
-            measured again after the first member ran, which would take a second
-            collective), or a rule that spans layers reads no norm.
+        ValueError: a rule that spans layers reads no norm.
     """
-    slots: set[tuple[str, float]] = set()
+    slots: set[Slot] = set()
     for rule, tag in rules:
-        members = stages_of(rule)
-        for later in members[1:]:
-            if later.spans_layers:
-                raise ValueError(
-                    f"{rule.describe()}: on pipeline stages a chain may read the total norm of "
-                    f"its layers only in its first rule, not in {later.describe()} (the total "
-                    "after the first rule ran would need a second collective); put the rule "
-                    "that spans layers first"
-                )
-        first = members[0]
-        if first.spans_layers:
-            if first.norm_type is None:
-                raise ValueError(f"{first.describe()} spans layers but reads no norm (norm_type)")
-            slots.add((_slot_key(rule, tag), float(first.norm_type)))
+        for k, member in enumerate(stages_of(rule)):
+            if not member.spans_layers:
+                continue
+            if member.norm_type is None:
+                raise ValueError(f"{member.describe()} spans layers but reads no norm (norm_type)")
+            slots.add((_slot_key(rule, tag), k, float(member.norm_type)))
     return tuple(sorted(slots))
+
+
+# per plan: (group index, round, p, is a maximum, its column, its place j in `slots`)
+Entry = tuple[int, int, float, bool, int, int]
 
 
 @dataclass(eq=False)
 class Pipeline:
     """This rank's place among the pipeline stages, and the slots the step exchanges.
 
+    A chain member after the first that spans layers (round ``k > 0``) reads the
+    norms left by the rounds before it, on every stage: its slot travels in a
+    collective of its own, run before its round (`later_rounds`). When no rule
+    needs the stages before round 0 (`now` is false), the step's own columns
+    (the report's sum, the non-finite counts) wait for that collective, which is
+    then the step's only one.
+
     Attributes:
         group: the pipeline process group (``None``: the default group).
         rank: this rank's index in it (its row).
         size: its number of ranks.
-        slots: ``(group key, p)`` of the configuration's rules that span layers.
+        slots: ``(group key, round, p)`` of the configuration's members that span layers.
+        nonfinite: the normalizer's policy (``"zero"``, ``"skip"``: see `flags`).
+        layout: what the ranks learned of each other's blocks (`StageLayout`).
     """
 
     group: ProcessGroup | None
     rank: int
     size: int
-    slots: tuple[tuple[str, float], ...] = ()
+    slots: tuple[Slot, ...] = ()
     nonfinite: str = "propagate"
     layout: StageLayout = field(default_factory=lambda: StageLayout())
-    _sum_of: dict[str, int] = field(default_factory=dict, repr=False)
-    _max_of: dict[str, int] = field(default_factory=dict, repr=False)
-    _plan_slots: tuple[Plan, list[tuple[int, float, bool, int, int]]] | None = field(
-        default=None, repr=False
-    )
+    _sum_of: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)
+    _max_of: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)
+    _plan_slots: tuple[Plan, list[Entry]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         sums = maxima = 0
-        for key, p in self.slots:
+        for key, k, p in self.slots:
             if math.isinf(p):
-                self._max_of[key] = maxima
+                self._max_of[key, k] = maxima
                 maxima += 1
             else:
                 sums += 1  # slot 0 is the report's total
-                self._sum_of[key] = sums
+                self._sum_of[key, k] = sums
 
-    def with_slots(self, slots: tuple[tuple[str, float], ...]) -> Pipeline:
+    def with_slots(self, slots: tuple[Slot, ...]) -> Pipeline:
         """This pipeline exchanging ``slots`` (the same policy, and the layout learned)."""
         return Pipeline(self.group, self.rank, self.size, slots, self.nonfinite, self.layout)
 
     @property
+    def later_rounds(self) -> tuple[int, ...]:
+        """The rounds after the first with a member that spans layers: one collective each."""
+        return tuple(sorted({k for _, k, _ in self.slots if k > 0}))
+
+    @property
     def active(self) -> bool:
-        """Whether a step exchanges anything between stages: a rule spans layers, or a
-        non-finite layer on any stage skips every stage's step."""
-        return bool(self.slots) or self.nonfinite == "skip"
+        """Whether a step exchanges anything between stages."""
+        return bool(self.slots) or self.now
+
+    @property
+    def now(self) -> bool:
+        """Whether the stages exchange before round 0: a first rule spans layers, or a
+        non-finite layer on any stage decides every stage's step (``"skip"``, and
+        ``"error"`` when a later collective would wait for a rank that raised)."""
+        return (
+            self.nonfinite == "skip" or self._error_decides or any(k == 0 for _, k, _ in self.slots)
+        )
+
+    @property
+    def _error_decides(self) -> bool:
+        return self.nonfinite == "error" and bool(self.later_rounds)
 
     @property
     def flags(self) -> bool:
-        """Whether the sums carry the counts of non-finite tensors (``zero``, ``skip``)."""
-        return self.nonfinite in ("zero", "skip")
+        """Whether the sums carry the counts of non-finite tensors."""
+        return self.nonfinite in ("zero", "skip") or self._error_decides
 
     @property
     def bad_at(self) -> int:
@@ -167,7 +189,8 @@ class Pipeline:
         device: torch.device,
         bad: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(S,)`` sums and ``(M,)`` maxima (zeros without gradients).
+        """This rank's ``(S,)`` sums and ``(M,)`` maxima before round 0 (zeros without
+        gradients): the report's sum, the first rules' slots, the non-finite counts.
 
         ``bad``: ``(T,)`` bool, the plan's tensors that count as non-finite
         (``nonfinite="zero"``/``"skip"``): they add 0 to the spanning rules' sums
@@ -192,48 +215,92 @@ class Pipeline:
             if not plan.all_measured:
                 full = parts.norms.new_zeros(plan.num_tensors)
                 full.index_copy_(0, plan.measured_positions_t, parts.norms)
-        for gi, p, is_max, index, j in self._slots_of(plan):
+        for gi, k, p, is_max, index, j in self._slots_of(plan):
             group = plan.groups[gi]
+            own = None
+            if bad is not None:
+                own = bad if group.covers_all else bad.index_select(0, group.positions_t)
+                if self.flags:
+                    sums[self.bad_at + 1 + j] = own.sum()
+            if k > 0:  # measured again before its round
+                continue
             norms = parts.p_norms.get(gi)
             if norms is None:  # the step's L2 norms of the group's tensors
                 assert full is not None
                 norms = full if group.covers_all else full.index_select(0, group.positions_t)
-            if bad is not None:
-                own = bad if group.covers_all else bad.index_select(0, group.positions_t)
+            if own is not None:
                 norms = norms.masked_fill(own, 0.0)
-                if self.flags:
-                    sums[self.bad_at + 1 + j] = own.sum()
-            if is_max:
-                maxima[index] = norms.amax() if norms.numel() else norms.new_zeros(())
-            else:
-                powers = norms.pow(p)
-                if group.shard_weights is not None:
-                    powers = powers * group.shard_weights
-                sums[index] = powers.sum()
+            self._put(sums, maxima, group.shard_weights, norms, p, is_max, index)
         return sums, maxima
 
-    def _slots_of(self, plan: Plan) -> list[tuple[int, float, bool, int, int]]:
-        """``(group index, p, is a maximum, slot, j)`` of the plan's spanning groups
-        (``j``: the slot's place in `slots`, for its flag column; cached)."""
+    def round_partials(
+        self,
+        plan: Plan | None,
+        k: int,
+        norms: dict[int, torch.Tensor],
+        base: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``base`` (`partials`' or zeros) with round ``k``'s slots: each group's
+        ``norms``, measured again before the round."""
+        sums, maxima = base[0].clone(), base[1].clone()
+        for gi, kk, p, is_max, index, _ in self._slots_of(plan) if plan is not None else ():
+            if kk == k and gi in norms:
+                shard_weights = plan.groups[gi].shard_weights  # type: ignore[union-attr]
+                self._put(sums, maxima, shard_weights, norms[gi], p, is_max, index)
+        return sums, maxima
+
+    @staticmethod
+    def _put(
+        sums: torch.Tensor,
+        maxima: torch.Tensor,
+        shard_weights: torch.Tensor | None,
+        norms: torch.Tensor,
+        p: float,
+        is_max: bool,
+        index: int,
+    ) -> None:
+        if is_max:
+            maxima[index] = norms.amax() if norms.numel() else norms.new_zeros(())
+        else:
+            powers = norms.pow(p)
+            if shard_weights is not None:
+                powers = powers * shard_weights
+            sums[index] = powers.sum()
+
+    def round_groups(self, plan: Plan, k: int) -> list[tuple[int, float]]:
+        """``(group index, p)`` of the plan's groups with a slot in round ``k``."""
+        return [(gi, p) for gi, kk, p, _, _, _ in self._slots_of(plan) if kk == k]
+
+    def _slots_of(self, plan: Plan) -> list[Entry]:
+        """The plan's `Entry` s, one per spanning member of each group (cached)."""
         cached = self._plan_slots
         if cached is not None and cached[0] is plan:
             return cached[1]
-        place = {key: j for j, (key, _) in enumerate(self.slots)}
+        place = {(key, k): j for j, (key, k, _) in enumerate(self.slots)}
         out = []
         for gi, group in enumerate(plan.groups):
             key = _slot_key(group.rule, plan.tags[group.layer_ids[0]])
-            p = group.stages[0].rule.norm_type
-            if p is None or key not in place:
-                continue
-            if key in self._max_of:
-                out.append((gi, p, True, self._max_of[key], place[key]))
-            else:
-                out.append((gi, p, False, self._sum_of[key], place[key]))
+            for k, stage in enumerate(group.stages):
+                p = stage.rule.norm_type
+                if p is None or (key, k) not in place:
+                    continue
+                if (key, k) in self._max_of:
+                    out.append((gi, k, p, True, self._max_of[key, k], place[key, k]))
+                else:
+                    out.append((gi, k, p, False, self._sum_of[key, k], place[key, k]))
         self._plan_slots = (plan, out)
         return out
 
-    def totals(self, plan: Plan, sum_rows: torch.Tensor, max_rows: torch.Tensor) -> StageTotals:
-        """The totals over every stage, from the reduced rows (see `StageTotals`).
+    def totals(
+        self,
+        plan: Plan | None,
+        sum_rows: torch.Tensor,
+        max_rows: torch.Tensor,
+        k: int = 0,
+        base: bool = True,
+    ) -> StageTotals:
+        """The totals over every stage of round ``k``'s slots, from the reduced rows (see
+        `StageTotals`); with ``base``, also the report's sum and the non-finite flags.
 
         Formed from the reduced rows alone, in one order, so that every rank of
         every stage gets the same bits (and the state of a global rule is the
@@ -243,12 +310,14 @@ class Pipeline:
         top = max_rows.amax(dim=0) if max_rows.numel() else max_rows.new_zeros(0)
         norms: dict[int, dict[float, torch.Tensor]] = {}
         bad: dict[int, torch.Tensor] = {}
-        for gi, p, is_max, index, j in self._slots_of(plan):
-            norms[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
-            if self.flags:
-                bad[gi] = summed[self.bad_at + 1 + j] > 0
-        anywhere = summed[self.bad_at] > 0 if self.flags else None
-        return StageTotals(norms, summed[0], anywhere, bad)
+        for gi, kk, p, is_max, index, j in self._slots_of(plan) if plan is not None else ():
+            if kk == k:
+                norms[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
+            if self.flags and base:
+                flag = summed[self.bad_at + 1 + j] > 0
+                bad[gi] = flag if gi not in bad else bad[gi] | flag
+        anywhere = summed[self.bad_at] > 0 if self.flags and base else None
+        return StageTotals(norms, summed[0] if base else None, anywhere, bad)
 
 
 @dataclass(eq=False)
@@ -256,8 +325,9 @@ class StageTotals:
     """What a step learns from every stage.
 
     Attributes:
-        norms: per group index ``{p: norm of its gradients on every stage}``.
-        squares: the sum of squares of every stage's measured gradients (the report's).
+        norms: per group index ``{p: norm of its gradients on every stage}`` (of one round).
+        squares: the sum of squares of every stage's measured gradients (the report's),
+            when the collective carried it.
         anywhere: 0-d bool, a tensor on some stage was not finite (``nonfinite``
             ``"zero"``/``"skip"``; ``None`` otherwise).
         bad: per spanning group index, 0-d bool: one of its tensors, on some
@@ -266,23 +336,9 @@ class StageTotals:
     """
 
     norms: dict[int, dict[float, torch.Tensor]]
-    squares: torch.Tensor
+    squares: torch.Tensor | None
     anywhere: torch.Tensor | None = None
     bad: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class StageLayout:
-    """What the ranks of a sharded step learned of each other's blocks, kept by the
-    `Pipeline` across this rank's rebuilt engines (a changed layer rebuilds them).
-
-    Attributes:
-        stage_of: per rank of the transport's group, its pipeline rank.
-        blocks: per pipeline rank, its block's length.
-    """
-
-    stage_of: list[int] | None = None
-    blocks: list[int] | None = None
 
 
 def pipeline_of(pp_mesh: Any) -> Pipeline:

@@ -37,9 +37,9 @@ __all__ = [
     "bad_before",
     "bad_tensors",
     "dp_ranks",
-    "keep_group_state",
     "prepare_stages",
     "prepare_step",
+    "stage_round",
 ]
 
 UNKNOWN: Any = object()  # the sharded model's collective, before the first step sizes it
@@ -172,12 +172,65 @@ def prepare_stages(
         bad = bad_before(pipe, plan, grads, parts)
         sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params), bad)
     except Exception:  # still take part, so that no rank waits for this one
-        transport.run(None, *pipe.partials(None, None, *acc_of(engine.params)))
+        zeros = pipe.partials(None, None, *acc_of(engine.params))
+        if pipe.now:
+            transport.run(None, *zeros)
+        _rounds_without(engine, zeros)
         raise
-    transport.run(None, sums, maxima)
+    transport.reduced = transport.pending = None
+    if pipe.now:
+        transport.run(None, sums, maxima)
+    else:  # the first later round's collective carries them
+        transport.pending = (sums, maxima)
     if not grads:
+        _rounds_without(engine, pipe.partials(None, None, *acc_of(engine.params)))
         return NormReport.empty(plan)
     return plan, grads, across_stages(engine, plan, finish(plan, parts))
+
+
+def _rounds_without(engine: Any, zeros: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Take part in the later rounds' collectives of a step this rank does not run."""
+    transport = engine._transport
+    for _ in engine.pipeline.later_rounds:
+        transport.rows(*(transport.pending or zeros))
+        transport.pending = None
+
+
+def stage_round(
+    engine: Any,
+    plan: Plan,
+    k: int,
+    grads: list[torch.Tensor],
+    measured: Measurement,
+    divisor: torch.Tensor | None,
+) -> None:
+    """Before round ``k > 0`` on pipeline stages: the norms of the groups whose ``k``-th
+    member spans layers, measured again (the earlier rounds changed the gradients),
+    and their totals over every stage, in one collective for all of them.
+
+    A stage without such a group (or that ran fewer rounds) sends zeros, so that
+    every rank takes part. The collective also carries the step's sums when none
+    ran before round 0 (`gradclip.core.pipeline.Pipeline.now`).
+    """
+    pipe, transport = engine.pipeline, engine._transport
+    assert pipe is not None and transport is not None
+    norms: dict[int, torch.Tensor] = {}
+    for gi, p in pipe.round_groups(plan, k):
+        stage = plan.groups[gi].stages[k]
+        assert stage.norm_runs is not None
+        n = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
+        norms[gi] = measured.later_norms[k, gi] = n if divisor is None else n / divisor
+    base = transport.pending
+    transport.pending = None
+    zeros = pipe.partials(None, None, plan.acc_dtype, plan.device)
+    transport.rows(*pipe.round_partials(plan, k, norms, base or zeros))
+    assert transport.reduced is not None
+    totals = pipe.totals(plan, *transport.reduced, k=k, base=base is not None)
+    measured.later_totals.update({(k, gi): t for gi, t in totals.norms.items()})
+    if base is not None:
+        engine._stage_squares = totals.squares
+        if totals.anywhere is not None:
+            measured.stage_bad = (totals.anywhere, totals.bad)
 
 
 def bad_before(
@@ -212,21 +265,6 @@ def bad_tensors(plan: Plan, layers: torch.Tensor) -> torch.Tensor:
     if plan.any_measured:
         out.index_copy_(0, plan.measured_positions_t, layers.index_select(0, plan.measured_layer_t))
     return out
-
-
-def keep_group_state(
-    plan: Plan, finite: torch.Tensor, bad: dict[int, torch.Tensor]
-) -> torch.Tensor:
-    """``finite`` with the layers of each spanning group that had a non-finite tensor on
-    some stage (``bad``) marked not finite: its group state then stays as it was on
-    every stage, as the unsplit model keeps it (per-layer state is judged here)."""
-    for gi, flag in bad.items():
-        group = plan.groups[gi]
-        if group.stages[0].rule.per_layer_state:
-            continue
-        ids = group.layer_ids_t
-        finite = finite.index_copy(0, ids, finite.index_select(0, ids) & ~flag)
-    return finite
 
 
 def across_stages(engine: Any, plan: Plan, measured: Measurement) -> Measurement:

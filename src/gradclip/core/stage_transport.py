@@ -26,19 +26,43 @@ rank raises the same error instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from gradclip.core.pipeline import Pipeline
-
-__all__ = ["RELAYOUT", "REPAIR", "StageLayoutError", "StageTransport"]
+__all__ = ["RELAYOUT", "REPAIR", "StageLayout", "StageLayoutError", "StageTransport"]
 
 RELAYOUT = 0  # alarm: a stage's block changed length, the step runs again in the new layout
 REPAIR = 1  # alarm: a tensor was not finite under nonfinite="zero": the rows are sent again
+
+
+@dataclass(eq=False)
+class StageLayout:
+    """What the ranks of a sharded step learned of each other's blocks, kept by the
+    `Pipeline` across this rank's rebuilt engines (a changed layer rebuilds them).
+
+    Attributes:
+        stage_of: per rank of the transport's group, its pipeline rank.
+        blocks: per pipeline rank, its block's length.
+    """
+
+    stage_of: list[int] | None = None
+    blocks: list[int] | None = None
+
+
+class Stages(Protocol):
+    """What the transport reads of a `gradclip.core.pipeline.Pipeline`."""
+
+    rank: int
+    size: int
+    nonfinite: str
+    layout: StageLayout
+
+    @property
+    def bad_at(self) -> int: ...
 
 
 class StageLayoutError(RuntimeError):
@@ -55,14 +79,17 @@ class StageTransport:
         ranks: their number; rank: this rank's index in it.
         sharded: the gradients are sharded: stages send blocks of their own lengths.
         reduced: after a step, the reduced ``(sums rows, maxima rows)``.
+        pending: see `gradclip.core.pipeline.Pipeline.now`.
     """
 
-    pipeline: Pipeline
+    pipeline: Stages
     group: ProcessGroup | None
     ranks: int
     rank: int
     sharded: bool = False
     reduced: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: a step's sums and maxima waiting for its first later round's collective
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
     _header: torch.Tensor | None = None
 
     def _learn(self, length: int) -> list[int]:
