@@ -35,7 +35,13 @@ NONFINITE_RULES = {
     "skip": ("global-2", "zclip-global", "ClipL2PerLayer"),
 }
 # a chain whose global member waits for round 1: the counts ride in that collective
-NONFINITE_CHAINS = [("zero", "layer-then-global"), ("zero", "global-then-zclip")]
+# ("error": the chain's later collective must not wait for a rank that raised: every
+# stage raises together)
+NONFINITE_CHAINS = [
+    ("zero", "layer-then-global"),
+    ("zero", "global-then-zclip"),
+    ("error", "layer-then-global"),
+]
 COUNTED_STEPS = (0, 3)  # a first and a steady step (3: after a non-finite one)
 READ_STEP = 4
 
@@ -131,9 +137,13 @@ def _split_model(ranks: Any, mesh: Any, dp: str) -> Any:
 
 
 def _apply(normalizer: gradclip.GradientNormalizer, policy: str) -> bool:
+    """Whether the step was skipped ("skip") or raised ("error")."""
     if policy == "skip":
         return normalizer.apply_skipping()
-    normalizer.apply()
+    try:
+        normalizer.apply()
+    except gradclip.NonFiniteGradientError:
+        return policy == "error"
     return False
 
 

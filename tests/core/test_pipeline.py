@@ -124,10 +124,13 @@ def test_nonfinite_zero_and_skip_on_stages_match_the_unsplit_model(
         assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
         # every stage skips exactly the steps the unsplit model skips
         assert all(mine == ref for mine, ref in result["skipped"]), (rank, result["skipped"])
-        if policy == "nonfinite-skip":
+        if policy in ("nonfinite-skip", "nonfinite-error"):  # "error": raised on every rank
             assert [s for s, (mine, _) in enumerate(result["skipped"]) if mine] == [2, 5, 7, 9]
         first, steady = result["collectives"]
-        assert steady <= 1, (case, result["collectives"])
+        chain = pipeline_edges.CHAINS.get(name)
+        # "error" decides before round 0, which changes the gradients: one more
+        allowed = 1 if chain is None else chain[2] + (policy == "nonfinite-error")
+        assert steady <= allowed, (case, result["collectives"])
         if dp == "ddp" and policy == "nonfinite-zero" and name in pipeline_ranks.PER_LAYER:
             assert first == steady == 0
         # no host read beyond the unsplit model's, but a sharded step's agreement read

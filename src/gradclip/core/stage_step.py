@@ -173,6 +173,7 @@ def prepare_stages(
         sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params), bad)
     except Exception:  # still take part, so that no rank waits for this one
         zeros = pipe.partials(None, None, *acc_of(engine.params))
+        transport.pending = None
         if pipe.now:
             transport.run(None, *zeros)
         _rounds_without(engine, zeros)
