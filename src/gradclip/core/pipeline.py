@@ -30,6 +30,12 @@ gradients (DDP) an ``all_reduce`` over the pipeline group; on sharded ones
 vector, each stage's block at its own offset, and the whole vector is reduced
 over the ranks of every stage together (see `StageTransport`). A configuration
 without such a rule sends nothing more than it would on one stage.
+
+With ``nonfinite="zero"`` or ``"skip"`` the rows also count each stage's
+non-finite tensors, so that every stage skips, or leaves the zeroed layers out
+of its totals, as the unsplit model does. A `chain` member after the first that
+spans layers reads the norms the earlier members left: its slot travels in a
+collective of its own before its round (`Pipeline.later_rounds`).
 """
 
 from __future__ import annotations
