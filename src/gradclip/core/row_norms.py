@@ -113,15 +113,17 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass(eq=False)
 class RowNorms:
-    """The large tensors of one CPU (dtype) run and where their rows go.
+    """The tensors of one CPU (dtype) run and where their rows go.
 
     Args:
         dtype: the run's dtype.
         numels: the size of each tensor of the run.
         width: values per row (`row_width`).
 
-    ``small``/``large`` are run-local indices; the other tensors of the run are
-    measured with one ``_foreach_norm`` as before.
+    ``small``/``large`` are run-local indices. Every tensor owns a segment of the
+    row buffer, in run order: a large tensor its row norms, a small one a single
+    slot for its whole norm (measured with one ``_foreach_norm`` for all of them),
+    so that one segmented sum gives every tensor's norm in order.
     """
 
     dtype: torch.dtype
@@ -131,29 +133,31 @@ class RowNorms:
     def __post_init__(self) -> None:
         self.large = [i for i, n in enumerate(self.numels) if n >= LARGE_VALUES]
         self.small = [i for i, n in enumerate(self.numels) if n < LARGE_VALUES]
-        counts = [_row_count(self.dtype, self.width, self.numels[i]) for i in self.large]
-        self.starts = [sum(counts[:k]) for k in range(len(counts))]
-        self.counts = counts
+        counts = [
+            _row_count(self.dtype, self.width, n) if n >= LARGE_VALUES else 1 for n in self.numels
+        ]
+        starts = [0, *itertools.accumulate(counts)]
         wide = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self.rows = torch.zeros(sum(counts), dtype=wide)
-        # where each large tensor's rows start and end in the row buffer
-        self.offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.long)
-        self.small_t = torch.tensor(self.small, dtype=torch.long)
-        self.large_t = torch.tensor(self.large, dtype=torch.long)
+        self.rows = torch.zeros(starts[-1], dtype=wide)
+        # the rows' p-th powers, summed in float64 whatever the dtype
+        self.powered = torch.zeros(starts[-1], dtype=torch.float64)
+        self.offsets = torch.tensor(starts, dtype=torch.long)
         self.scratch = torch.zeros(HALF_CHUNK if self.dtype in _HALF else 0, dtype=torch.float32)
         # made once: each large tensor's slice of the row buffer, and its exact row length
-        self.outs = [self.rows[s : s + c] for s, c in zip(self.starts, counts, strict=True)]
+        self.outs = [self.rows[starts[i] : starts[i + 1]] for i in self.large]
+        self.slots = [self.rows[starts[i]] for i in self.small]
         self.exact = [
             0 if self.dtype in _HALF else _exact_width(self.numels[i], self.width)
             for i in self.large
         ]
 
     def norms(
-        self, tensors: list[torch.Tensor], p: float, small: torch.Tensor | None
+        self, tensors: list[torch.Tensor], p: float, small: list[torch.Tensor] | None
     ) -> torch.Tensor:
-        """``(len(tensors),)`` float32 (float64) p-norms, ``small`` those of the small tensors.
+        """``(len(tensors),)`` float64 p-norms, ``small`` those of the small tensors (0-d).
 
-        ``p`` is finite and positive.
+        ``p`` is finite and positive. The row norms are raised to ``p`` and
+        summed in float64; the caller casts the result.
         """
         for i, out, width in zip(self.large, self.outs, self.exact, strict=True):
             tensor = tensors[i]
@@ -161,16 +165,14 @@ class RowNorms:
                 torch.linalg.vector_norm(tensor.view(-1, width), p, dim=1, out=out)
             else:
                 self._rows(tensor, p, out, width or self.width)
-        wide = self.rows.to(torch.float64)
-        powered = wide.square() if p == 2.0 else wide.pow(p)
+        if small is not None:
+            torch._foreach_copy_(self.slots, small)
+        # widened before the power: a norm a float32 sum could hold, its square may not
+        wide = self.powered.copy_(self.rows)
+        powered = wide.square_() if p == 2.0 else wide.pow_(p)
         # one sum per tensor (segment_reduce: ~5x faster than index_add_ on the CPU)
         sums = torch.segment_reduce(powered, "sum", offsets=self.offsets)
-        large = (sums.sqrt() if p == 2.0 else sums.pow(1.0 / p)).to(self.rows.dtype)
-        if small is None:
-            return large
-        out = torch.empty(len(self.numels), dtype=self.rows.dtype)
-        out.index_copy_(0, self.small_t, small.to(self.rows.dtype))
-        return out.index_copy_(0, self.large_t, large)
+        return sums.sqrt_() if p == 2.0 else sums.pow_(1.0 / p)
 
     def _rows(self, tensor: torch.Tensor, p: float, out: torch.Tensor, width: int) -> None:
         """Write the p-norms of ``tensor``'s rows of ``width`` values into ``out``."""
