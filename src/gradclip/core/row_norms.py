@@ -49,8 +49,8 @@ ROW_VALUES = {
     torch.bfloat16: 1024,  # widened to float32 first: the same rows as float32
     torch.float16: 1024,
 }
-#: Values of a half-precision tensor widened to float32 at once (256 KiB of scratch).
-HALF_CHUNK = 1 << 16
+#: Values of a half-precision tensor widened to float32 at once (4 MiB of scratch).
+HALF_CHUNK = 1 << 20
 _HALF = (torch.bfloat16, torch.float16)
 
 
