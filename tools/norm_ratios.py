@@ -11,9 +11,10 @@ in CPU time (``time.thread_time``: robust on a shared machine), interleaved:
 * ``torch``: ``torch._foreach_norm`` accumulating in float32 (what
   ``clip_grad_norm_`` uses).
 
-``hot`` times repeat on data already in the caches; ``cold`` times first evict
-them (a write over 256 MiB), as a training step finds gradients that backward
-wrote long before. Then the relative error of both norms against float64, for
+``hot`` times repeat on data already in the caches; ``cold`` times take each
+call's tensor from a rotation of copies larger than the caches together (at
+least 192 MiB), as a training step finds gradients that backward wrote long
+before, while the code stays warm. Then the relative error of both norms against float64, for
 the uniform data and for constant data (every value 0.1: every rounding error
 of a sum has the same sign, the worst case).
 """
@@ -31,19 +32,23 @@ import torch
 from gradclip.core.kernels import Runs
 
 CPU = torch.device("cpu")
-EVICT = torch.empty(64 << 20)  # 256 MiB: more than any cache
+COLD_BYTES = 192 << 20  # more than any cache of the machine
 
 
-def _medians(methods: dict[str, Callable[[], object]], reps: int, cold: bool) -> dict[str, float]:
+def _medians(
+    methods: dict[str, Callable[[torch.Tensor], object]],
+    data: dict[str, list[torch.Tensor]],
+    reps: int,
+) -> dict[str, float]:
+    """Median CPU ms of each method, interleaved, each call on the next of its ``data``."""
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for method in methods.values():
-        method()
-    for _ in range(reps):  # interleaved
+    for name, method in methods.items():
+        method(data[name][0])
+    for k in range(reps):
         for name, method in methods.items():
-            if cold:
-                EVICT.fill_(1.0)
+            copies = data[name]
             start = time.thread_time()
-            method()
+            method(copies[(k + 1) % len(copies)])
             times[name].append((time.thread_time() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -74,13 +79,20 @@ def main(reps: int, sizes: list[int], dtypes: list[torch.dtype]) -> None:
             x = torch.empty(n).uniform_(-1.0, 1.0).to(dtype)
             flat = torch.empty(-(-n * x.element_size() // 4)).uniform_(-1.0, 1.0)
             runs = Runs([0], [(CPU, dtype)], [False], numels=[n])
-            methods = {
-                "read": flat.sum,
-                "gradclip": lambda: runs.norms([x], 2.0, CPU, torch.float32),  # noqa: B023
-                "torch": lambda: torch._foreach_norm([x], 2.0, dtype=torch.float32),  # noqa: B023
+            methods: dict[str, Callable[[torch.Tensor], object]] = {
+                "read": torch.sum,
+                "gradclip": lambda t: runs.norms([t], 2.0, CPU, torch.float32),  # noqa: B023
+                "torch": lambda t: torch._foreach_norm([t], 2.0, dtype=torch.float32),
             }
-            hot = _medians(methods, reps, cold=False)
-            cold = _medians(methods, reps, cold=True)
+            hot = _medians(methods, {"read": [flat], "gradclip": [x], "torch": [x]}, reps)
+            # each method its own copies, none read by another method just before
+            many = -(-COLD_BYTES // (n * x.element_size()))
+            copies = {
+                name: [t] if many == 1 else [t.clone() for _ in range(many)]
+                for name, t in (("read", flat), ("gradclip", x), ("torch", x))
+            }
+            cold = _medians(methods, copies, reps)
+            del copies
             uniform = _errors(x, runs)
             constant = _errors(x.fill_(0.1), runs)
             name = str(dtype).removeprefix("torch.")
@@ -91,7 +103,7 @@ def main(reps: int, sizes: list[int], dtypes: list[torch.dtype]) -> None:
                 f" | {uniform[0]:.0e} / {constant[0]:.0e} | {uniform[1]:.0e} / {constant[1]:.0e} |",
                 flush=True,
             )
-            del x, flat, runs
+            del x, flat
 
 
 if __name__ == "__main__":

@@ -322,8 +322,8 @@ class Runs:
                 layout = run.rows.get(width)
                 if layout is None:  # another order: its rows, made on the first step
                     layout = run.rows[width] = RowNorms(run.dtype, run.numels, width)
-                measured = layout.norms(run.pick(tensors), norm_type, small)
-                parts.append(measured.to(device, dtype, non_blocking=True))
+                measured = layout.norms(run.pick(tensors), norm_type, small, dtype)
+                parts.append(measured.to(device, non_blocking=True))
                 continue
             chunk = run.pick(tensors)
             if run.empty and norm_type == math.inf:

@@ -152,12 +152,17 @@ class RowNorms:
         ]
 
     def norms(
-        self, tensors: list[torch.Tensor], p: float, small: list[torch.Tensor] | None
+        self,
+        tensors: list[torch.Tensor],
+        p: float,
+        small: list[torch.Tensor] | None,
+        dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
-        """``(len(tensors),)`` float64 p-norms, ``small`` those of the small tensors (0-d).
+        """``(len(tensors),)`` p-norms in ``dtype``, ``small`` those of the small tensors (0-d).
 
-        ``p`` is finite and positive. The row norms are raised to ``p`` and
-        summed in float64; the caller casts the result.
+        ``p`` is finite and positive. The rows' p-th powers are taken in their
+        own precision (a relative error of 2^-24 in float32, and no overflow:
+        each is about the row's own finite accumulator), and summed in float64.
         """
         for i, out, width in zip(self.large, self.outs, self.exact, strict=True):
             tensor = tensors[i]
@@ -167,12 +172,14 @@ class RowNorms:
                 self._rows(tensor, p, out, width or self.width)
         if small is not None:
             torch._foreach_copy_(self.slots, small)
-        # widened before the power: a norm a float32 sum could hold, its square may not
-        wide = self.powered.copy_(self.rows)
-        powered = wide.square_() if p == 2.0 else wide.pow_(p)
+        if p == 2.0:
+            torch.mul(self.rows, self.rows, out=self.powered)
+        else:
+            torch.pow(self.rows, p, out=self.powered)
         # one sum per tensor (segment_reduce: ~5x faster than index_add_ on the CPU)
-        sums = torch.segment_reduce(powered, "sum", offsets=self.offsets)
-        return sums.sqrt_() if p == 2.0 else sums.pow_(1.0 / p)
+        sums = torch.segment_reduce(self.powered, "sum", offsets=self.offsets)
+        out = torch.empty(len(self.numels), dtype=dtype)  # new each step: reports keep it
+        return torch.sqrt(sums, out=out) if p == 2.0 else torch.pow(sums, 1.0 / p, out=out)
 
     def _rows(self, tensor: torch.Tensor, p: float, out: torch.Tensor, width: int) -> None:
         """Write the p-norms of ``tensor``'s rows of ``width`` values into ``out``."""
