@@ -168,7 +168,7 @@ class RowNorms:
         self,
         tensors: list[torch.Tensor],
         p: float,
-        small: list[torch.Tensor] | None,
+        small: tuple[torch.Tensor, ...] | list[torch.Tensor] | None,
         dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
         """``(len(tensors),)`` p-norms in ``dtype``, ``small`` those of the small tensors (0-d).
