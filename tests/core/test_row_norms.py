@@ -177,3 +177,16 @@ def test_cuda_norms_are_within_1e_6_of_float64(dtype: torch.dtype) -> None:
     for t, value in zip(tensors, got, strict=True):
         want = _exact(t, 2.0)
         assert abs(value - want) <= 1e-6 * want, (dtype, t.numel())
+
+
+def test_each_step_returns_new_norms_that_later_steps_leave_alone() -> None:
+    # reports keep the norms tensor of their step: it must not be a reused buffer
+    tensors = [torch.ones(100_000), torch.ones(10)]
+    runs = Runs(range(2), [(CPU, torch.float32)] * 2, [False, False], numels=[100_000, 10])
+    first = runs.norms(tensors, 2.0, CPU, torch.float32)
+    kept = first.clone()
+    for t in tensors:
+        t.mul_(3.0)
+    second = runs.norms(tensors, 2.0, CPU, torch.float32)
+    assert torch.equal(first, kept)
+    assert second.tolist() == pytest.approx([3 * x for x in kept.tolist()], rel=1e-6)
