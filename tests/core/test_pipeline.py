@@ -11,6 +11,13 @@ over all 4 ranks). Every rank's gradients match the single-process run within
 1e-5 relative over 20 steps; a steady step runs at most one collective, and
 none on replicated gradients when every rule decides layer by layer. A DCP
 checkpoint of the stages, loaded in fresh processes, resumes bit for bit.
+
+Eight gloo processes, one more launch (`pipeline_mesh_ranks`): two stages whose
+parameters live on genuine 2-D sub-meshes of their four ranks (HSDP; FSDP2 with
+tensor parallel; experts over an EP mesh of 2 next to FSDP2 over 4), every dim
+of size 2 so that every replica and slice weight is exercised, for every rule
+above, against the unsplit model; a DCP round trip and a refused disagreement
+on the HSDP stages.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pipeline_mesh_ranks
 import pipeline_ranks
 import pytest
 import torch
@@ -28,6 +36,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TIMEOUT_S = 240
+MESH_TIMEOUT_S = 360  # eight processes on two cores: about 80 s, far more on a loaded machine
 
 RUN_CASES = [
     f"{dp}:{name}"
@@ -108,3 +117,46 @@ def test_the_pipeline_bench_counts_one_collective_and_none_for_ddp_per_layer(
     assert rows["fsdp2:gradclip ClipL2PerLayer"][0] == 1
     assert rows["ddp:gradclip ClipGlobalNorm"][0] == 1
     assert rows["ddp:gradclip ClipL2PerLayer"] == [0, 0]
+
+
+MESH_CASES = [
+    f"{layout}:{name}"
+    for layout in pipeline_mesh_ranks.LAYOUTS
+    for name in pipeline_mesh_ranks.RULES
+]
+MESH_CHECKS = ["hsdp:checkpoint", "hsdp:disagreement", "hsdp:gradient-mismatch"]
+
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    try:
+        return pipeline_mesh_ranks.launch(Path(tmp_path_factory.mktemp("mesh")), MESH_TIMEOUT_S)
+    except TimeoutError as err:
+        pytest.fail(str(err))
+
+
+@pytest.mark.parametrize("case", MESH_CASES)
+def test_stages_on_2d_sub_meshes_match_the_unsplit_model_in_one_collective(
+    mesh_results: list[dict[str, Any]], case: str
+) -> None:
+    for rank, out in enumerate(mesh_results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        assert result["total_error"] <= pipeline_ranks.RTOL, (rank, result["total_error"])
+        assert result["collectives"] and result["collectives"][0] <= 1, (rank, result)
+
+
+@pytest.mark.parametrize("case", MESH_CHECKS)
+def test_2d_sub_mesh_stages_checkpoint_and_check_agreement(
+    mesh_results: list[dict[str, Any]], case: str
+) -> None:
+    for rank, out in enumerate(mesh_results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+
+
+def test_every_rank_of_the_2d_launch_ran_every_case(mesh_results: list[dict[str, Any]]) -> None:
+    assert len(mesh_results) == pipeline_mesh_ranks.WORLD
+    for out in mesh_results:
+        assert sorted(out) == sorted(MESH_CASES + MESH_CHECKS)

@@ -339,22 +339,28 @@ def _case_partial_refused(rank: int, out: dict[str, Any]) -> None:
     )
     out["dtensor:partial-refused-untouched"] = {"ok": True}
 
-    # AGC on a weight whose rows are split across ranks and differ between them
-    # (FSDP's Shard(0) with tensor parallelism's Shard(1)): refused, untouched.
+    # AGC on a weight split on dim 0 and dim 1 (FSDP's Shard(0) with tensor
+    # parallelism's Shard(1)): the ranks hold different rows (3 and 2 of 5), each
+    # row's norms are summed at its global place; the same as on one process.
     mesh2 = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
-    w = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh2, [Shard(0), Shard(1)]))
-    w.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh2, [Shard(0), Shard(1)])
-    bias = nn.Parameter(distribute_tensor(torch.ones(4), mesh2, [Shard(0), Shard(0)]))
-    bias.grad = distribute_tensor(torch.full((4,), 2.0), mesh2, [Shard(0), Shard(0)])
-    try:
-        gradclip.normalize_([[bias], [w]], gradclip.AdaptiveGradClip(0.01))
-    except NotImplementedError as err:
-        assert "'1.0'" in str(err) and "(0, 1)" in str(err), str(err)
-    else:
-        raise AssertionError("AGC ran on rows split across ranks")
-    assert torch.equal(w.grad.to_local(), torch.full_like(w.grad.to_local(), 2.0))
-    assert torch.equal(bias.grad.to_local(), torch.full_like(bias.grad.to_local(), 2.0))
-    out["dtensor:agc-split-rows-refused-untouched"] = {"ok": True}
+    gen = torch.Generator().manual_seed(5)
+    scales = torch.tensor([[0.01], [1.0], [0.02], [3.0], [0.5]])
+    w_full, g_full = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen) * scales
+    b_full, gb_full = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    w = nn.Parameter(distribute_tensor(w_full, mesh2, [Shard(0), Shard(1)]))
+    w.grad = distribute_tensor(g_full, mesh2, [Shard(0), Shard(1)])
+    bias = nn.Parameter(distribute_tensor(b_full, mesh2, [Shard(0), Shard(0)]))
+    bias.grad = distribute_tensor(gb_full, mesh2, [Shard(0), Shard(0)])
+    ref_w, ref_b = nn.Parameter(w_full.clone()), nn.Parameter(b_full.clone())
+    ref_w.grad, ref_b.grad = g_full.clone(), gb_full.clone()
+    agc = gradclip.AdaptiveGradClip(0.1)
+    gradclip.normalize_([[bias], [w]], agc)
+    gradclip.normalize_([[ref_b], [ref_w]], agc)
+    kept = (ref_w.grad == g_full).all(dim=1)
+    assert 0 < int(kept.sum()) < 5, kept  # the reference clips some rows, keeps others
+    assert torch.allclose(w.grad.full_tensor(), ref_w.grad, rtol=1e-6, atol=0)
+    assert torch.allclose(bias.grad.full_tensor(), ref_b.grad, rtol=1e-6, atol=0)
+    out["dtensor:agc-split-rows-match-one-process"] = {"ok": True}
 
     # chain() whose rules read norms would measure each rank's shard alone: refused
     # before the step's collective, so nothing changes and the ranks stay in step.
@@ -651,7 +657,7 @@ CASE_NAMES = [f"fsdp2:{m}" for m in MODES] + [
     "hsdp:replicate-counted-once",
     "dtensor:mixed-placements",
     "dtensor:partial-refused-untouched",
-    "dtensor:agc-split-rows-refused-untouched",
+    "dtensor:agc-split-rows-match-one-process",
     "dtensor:chain-refused-untouched",
     "ddp:all-modes-identical-on-ranks",
     "fsdp2:ClipGlobalNorm",

@@ -117,21 +117,23 @@ class Configuration:
 def dtensor_group(params: Sequence[torch.Tensor]) -> RankGroup | None:
     """The ranks over which ``DTensor`` parameters are split or replicated, or ``None``.
 
-    The group of the first ``DTensor`` 's mesh, as the step's collective uses it
-    (the default group for a mesh of every rank, the mesh's group for a 1-D
-    sub-mesh); ``None`` without ``DTensor`` s, or on a mesh the step refuses
-    anyway (it then raises its own error on every rank).
+    The group the step's collective reduces over (`gradclip.core.mesh_group`:
+    the default group for a mesh of every rank, the mesh's group for a sub-mesh,
+    the largest mesh's for expert parallel); ``None`` without ``DTensor`` s, or on
+    meshes the step refuses anyway (it then raises its own error on every rank).
     """
-    from gradclip.core.sharding import _reduction_group
+    from gradclip.core.mesh_group import reduction_group
 
+    meshes: list[Any] = []
     for p in params:
-        if is_dtensor(p):
-            try:
-                group, _ = _reduction_group(p.device_mesh)  # type: ignore[attr-defined]
-            except NotImplementedError:
-                return None
-            return RankGroup(group)
-    return None
+        if is_dtensor(p) and p.device_mesh not in meshes:  # type: ignore[attr-defined]
+            meshes.append(p.device_mesh)  # type: ignore[attr-defined]
+    if not meshes:
+        return None
+    try:
+        return RankGroup(reduction_group(meshes).group)
+    except NotImplementedError:
+        return None
 
 
 def ddp_group(module: object) -> RankGroup | None:

@@ -317,11 +317,14 @@ class StageTransport:
 
 def transport_for(pipeline: Pipeline, sharded_world: int | None) -> StageTransport:
     """The transport of a step: over the pipeline group (replicated gradients), or over
-    the default group when the stages' data-parallel groups together make up the world.
+    the default group when the stages' meshes (of any number of dims) together make
+    up the world.
 
     Raises:
-        NotImplementedError: sharded gradients whose data-parallel group times the
-            stages is not every rank (tensor parallel inside a stage).
+        NotImplementedError: sharded gradients whose reduction group (a stage's
+            mesh: data parallel, HSDP, data x tensor parallel) times the stages is not
+            every rank (a stage with ranks outside its mesh, e.g. DDP replicas of
+            a tensor-parallel mesh).
     """
     import torch.distributed as dist
 
@@ -332,7 +335,8 @@ def transport_for(pipeline: Pipeline, sharded_world: int | None) -> StageTranspo
         raise NotImplementedError(
             f"sharded gradients reduced over {sharded_world} ranks on each of "
             f"{pipeline.size} pipeline stages, but the job has {world} ranks: gradclip "
-            "reduces stages and data parallel together over every rank, which needs "
-            "stages x data-parallel ranks = world size (no tensor-parallel dimension)"
+            "reduces the stages' meshes together over every rank, which needs "
+            "stages x ranks of a stage's mesh = world size: put every sharded parameter "
+            "of a stage on one mesh of all its ranks (e.g. (replicate, shard) or (dp, tp))"
         )
     return StageTransport(pipeline, None, world, dist.get_rank(), sharded=True)

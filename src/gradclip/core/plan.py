@@ -265,6 +265,11 @@ class Plan:
                     device=dev,
                     dtype=self.acc_dtype,
                     split_dims=tuple(group.split_dims or ()),
+                    split_rows=(
+                        ()
+                        if self.sharding is None or not self.sharding.split_rows
+                        else tuple(self.sharding.split_rows[p] for p in positions)
+                    ),
                 )
                 # filled now, not inside a (possibly compiled) step
                 for name in stage_rule.per_layer_fields:

@@ -42,9 +42,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import torch
+
+if TYPE_CHECKING:
+    from gradclip.core.split_rows import SplitRows
 
 __all__ = [
     "Composite",
@@ -121,6 +124,9 @@ class GroupLayout:
         devices: the device of each gradient.
         split_dims: when sharded, per tensor, the dims of the full tensor split
             across ranks (``()`` when this rank holds it whole); else empty.
+        split_rows: when sharded, per tensor split on dim 0 and another dim, the
+            rows of the full tensor this rank holds
+            (`gradclip.core.split_rows.SplitRows`), ``None`` for the others; else empty.
         tensor_layer: ``(T,)`` int64 on ``device``: index in ``layer_names`` of
             each tensor's layer.
         layer_of_tensor: the same, as Python ints.
@@ -142,6 +148,7 @@ class GroupLayout:
     device: torch.device
     dtype: torch.dtype
     split_dims: tuple[tuple[int, ...], ...] = ()
+    split_rows: tuple[SplitRows | None, ...] = ()
     _memo: dict[Hashable, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def layer_values(self, name: str) -> torch.Tensor:

@@ -64,12 +64,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradclip.core.mesh_group import reduction_group
 from gradclip.core.rule import CrossRank
+from gradclip.core.split_rows import SplitRows, split_rows_of
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -153,6 +155,8 @@ class Sharding:
             its accumulation dtype; ``None`` when every piece is held by one rank.
         num_sharded: how many of the tensors are ``DTensor`` s.
         split_dims: per tensor, the dims split across ranks (see `gradclip.core.rule.Shards`).
+        split_rows: per tensor split on dim 0 and another dim, the rows this rank
+            holds (`gradclip.core.split_rows`); ``None`` for the others.
         rank: this rank's index in ``group``.
         device: where the norms live (the plan's device).
         dtype: their accumulation dtype.
@@ -166,6 +170,7 @@ class Sharding:
     rank: int
     device: torch.device
     dtype: torch.dtype
+    split_rows: list[SplitRows | None] = field(default_factory=list)
 
     def group_shards(self, positions: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """``(weights, split_dims)`` of the tensors at ``positions`` (once per plan)."""
@@ -344,23 +349,6 @@ def _replicas(mesh: Any, placements: Sequence[Any], name: str) -> int:
     return replicas
 
 
-def _reduction_group(mesh: Any) -> tuple[ProcessGroup | None, int]:
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    if mesh.size() == world:
-        return None, world  # the mesh holds every rank: the default group is the mesh
-    if mesh.ndim == 1:
-        return mesh.get_group(0), mesh.size()
-    raise NotImplementedError(
-        f"gradients are DTensors on a {mesh.ndim}-D device mesh of {mesh.size()} ranks, a "
-        f"subset of the {world} ranks of the default group; gradclip reduces over the whole "
-        "mesh with one collective and supports a 1-D sub-mesh or a mesh of every rank. Normalize "
-        "each mesh's parameters with their own GradientNormalizer built on a 1-D mesh, or open "
-        "an issue with your setup."
-    )
-
-
 def sharding_of(
     names: Sequence[str],
     grads: Sequence[torch.Tensor | None],
@@ -386,14 +374,17 @@ def sharding_of(
 
     Raises:
         ValueError: a ``DTensor`` gradient with a ``Partial`` placement.
-        NotImplementedError: a multi-dimensional mesh that is a strict subset of
-            the default group, or meshes that are not slices of one world mesh.
+        NotImplementedError: meshes that neither nest nor are slices of one world
+            mesh (see `gradclip.core.mesh_group.reduction_group`).
 
-    Gradients on several meshes (expert parallel: the experts on an EP mesh, the
-    rest on the data-parallel one) are reduced over every rank of the job. Each
-    mesh is then taken to be a slice of one world mesh, with the slices along
-    its other dims holding the same gradients (replicated there, as data
-    parallel leaves them): a piece is weighted ``1 / (replicas · world / |mesh|)``.
+    The reduction runs over the ranks of the gradients' mesh (a sub-mesh of any
+    number of dims gets one process group of its ranks, made once). Gradients on
+    several meshes (expert parallel: the experts on an EP mesh, the rest on the
+    data-parallel one) are reduced over the largest mesh when the others lie
+    inside it, else over every rank of the job; a mesh of ``k`` ranks is then one
+    of ``n / k`` slices of the ``n`` ranks reduced over, the slices holding the
+    same gradients (replicated there, as data parallel leaves them): a piece is
+    weighted ``1 / (replicas · n / k)``.
     """
     cls = _dtensor_type()
     if cls is None or not any(isinstance(g, cls) for g in grads):
@@ -414,34 +405,20 @@ def sharding_of(
         replicas.append(_replicas(grad_mesh, dgrad.placements, name))
     import torch.distributed as dist
 
-    if len(meshes) == 1:
-        group, group_size = _reduction_group(meshes[0])
-        counts = [group_size if r is None else r for r in replicas]
-    else:  # expert parallel: some parameters on another mesh
-        group, group_size = None, dist.get_world_size()
-        counts = [
-            group_size if r is None else r * _copies(meshes[m], group_size, names[i])  # type: ignore[index]
-            for i, (r, m) in enumerate(zip(replicas, mesh_of))
-        ]
+    reduction = reduction_group(meshes, [names[mesh_of.index(m)] for m in range(len(meshes))])
+    group, group_size = reduction.group, reduction.size
+    counts = [
+        group_size if r is None else r * reduction.copies[m]  # type: ignore[index]
+        for r, m in zip(replicas, mesh_of)
+    ]
     weights = None
     if any(c != 1 for c in counts):
         weights = torch.tensor([1.0 / c for c in counts], dtype=dtype, device=device)
     num_sharded = sum(1 for r in replicas if r is not None)
     split_dims = [_split_dims(g) if isinstance(g, cls) else () for g in grads]
+    rows = [split_rows_of(g, d, device) if d else None for g, d in zip(grads, split_dims)]
     rank = dist.get_rank(group)
-    return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype)
-
-
-def _copies(mesh: Any, world: int, name: str) -> int:
-    """How many copies of ``mesh`` the world holds (expert parallel: one per slice of the
-    world mesh along its other dims), each holding the same gradients."""
-    if world % mesh.size():
-        raise NotImplementedError(
-            f"{name!r} is on a device mesh of {mesh.size()} ranks, which does not divide the "
-            f"{world} ranks of the job: with parameters on several meshes (expert parallel) "
-            "gradclip reduces over every rank and needs each mesh to be a slice of one world mesh"
-        )
-    return int(world // mesh.size())
+    return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype, rows)
 
 
 def _split_dims(grad: Any) -> tuple[int, ...]:

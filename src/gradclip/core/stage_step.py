@@ -16,6 +16,7 @@ import torch
 
 from gradclip.core.collective import ShardedModel, sharded_model
 from gradclip.core.measure import Measurement, finish, measure, measure_local
+from gradclip.core.mesh_group import reduction_group
 from gradclip.core.pipeline import Pipeline, transport_for
 from gradclip.core.plan import Plan, accumulation_dtype_of
 from gradclip.core.report import NormReport
@@ -148,15 +149,11 @@ def acc_of(params: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.device]:
 
 
 def dp_ranks(params: Sequence[torch.Tensor]) -> int:
-    """How many ranks the sharded parameters are spread over (their mesh's size)."""
+    """How many ranks the step of the sharded parameters reduces over (one stage's ranks:
+    their mesh's, or the largest mesh's with expert parallel, see
+    `gradclip.core.mesh_group`)."""
     meshes: list[Any] = []
     for p in params:
         if is_dtensor(p) and p.device_mesh not in meshes:  # type: ignore[attr-defined]
             meshes.append(p.device_mesh)  # type: ignore[attr-defined]
-    if len(meshes) > 1:
-        raise NotImplementedError(
-            "pipeline stages whose parameters live on several device meshes (expert "
-            "parallel) are not supported: the stages' one collective needs one "
-            "data-parallel mesh per stage"
-        )
-    return int(meshes[0].size())
+    return reduction_group(meshes).size

@@ -15,7 +15,10 @@ row of a ``Shard(0)`` weight, any ``Replicate`` piece) is clipped locally; a
 unit split across ranks (a sharded bias or gain, whose unit is the whole
 tensor; a row of a weight sharded on another dim) has its squared gradient and
 weight norms summed over ranks in the step's single collective, two floats
-per such unit.
+per such unit. A weight sharded on dim 0 *and* another dim (FSDP2 over
+row-wise tensor parallel) has different rows on different ranks: each rank
+writes its rows' sums at their places in the full tensor
+(`gradclip.core.split_rows`), two floats per row of the full tensor.
 
 References:
     Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
@@ -71,13 +74,24 @@ class _Run:
     unit_tensor: torch.Tensor  # (U,) group-local tensor index of each unit
     split: torch.Tensor | None  # (N,) units split across ranks (need a reduction)
     split_owner: torch.Tensor | None  # (N,) group-local tensor index of each
+    # (N,) each one's place in the reduced block (its global row for weights split
+    # on dims 0 and 1, whose ranks hold different rows); None: place k for unit k
+    split_slot: torch.Tensor | None = None
+    split_size: int = 0  # the block's length: the same on every rank
 
 
-def _split_units(layout: GroupLayout, position: int, offset: int) -> list[int]:
-    """Units of tensor ``position`` (numbered from ``offset``) that ranks hold in pieces."""
+def _split_units(
+    layout: GroupLayout, position: int, offset: int, head: int
+) -> tuple[list[int], list[int], int]:
+    """Units of tensor ``position`` (numbered from ``offset``) that ranks hold in pieces,
+    their places in the reduced block (from ``head``), and the block's growth."""
     if not layout.split_dims:
-        return []
+        return [], [], 0
     shape, dims = layout.shapes[position], layout.split_dims[position]
+    rows = layout.split_rows[position] if layout.split_rows else None
+    if rows is not None:  # split on dim 0 too: each rank's rows sit at their global places
+        local = list(range(offset, offset + _units(shape)))
+        return local, [head + int(r) for r in rows.index.tolist()], rows.rows
     if len(shape) >= 2 and 0 in dims and len(dims) > 1:
         raise NotImplementedError(
             f"AdaptiveGradClip: the gradient of {layout.param_names[position]!r} is sharded on "
@@ -86,8 +100,9 @@ def _split_units(layout: GroupLayout, position: int, offset: int) -> list[int]:
             "collective. Override this layer with another rule."
         )
     if (len(shape) < 2 and dims) or any(d >= 1 for d in dims):
-        return list(range(offset, offset + _units(shape)))
-    return []
+        n = _units(shape)
+        return list(range(offset, offset + n)), list(range(head, head + n)), n
+    return [], [], 0
 
 
 def _unit_lengths(shapes: list[torch.Size]) -> list[int]:
@@ -118,13 +133,15 @@ def _plan_run(layout: GroupLayout, start: int, stop: int) -> _Run:
     order = [i for idx in chunks for i in idx] + large
     counts = [_units(shapes[i]) for i in order]
     coefficients = torch.ones(sum(counts), dtype=accumulation_dtype(dtype), device=device)
-    views, split, owners, offset = [], [], [], 0
+    views, split, owners, slots, offset, size = [], [], [], [], 0, 0
     for i, n in zip(order, counts):
         views.append(coefficients[offset : offset + n].view(_coef_shape(shapes[i])))
-        units = _split_units(layout, start + i, offset)
+        units, places, grown = _split_units(layout, start + i, offset, size)
         split += units
+        slots += places
         owners += [start + i] * len(units)
         offset += n
+        size += grown
     owner_of_unit = [start + i for i, n in zip(order, counts) for _ in range(n)]
 
     def long(values: list[int], where: torch.device) -> torch.Tensor:
@@ -140,8 +157,10 @@ def _plan_run(layout: GroupLayout, start: int, stop: int) -> _Run:
         views,
         long([layout.layer_of_tensor[p] for p in owner_of_unit], layout.device),
         long(owner_of_unit, layout.device),
-        long(split, device) if split else None,
-        long(owners, layout.device) if split else None,
+        long(split, device) if size else None,
+        long(owners, layout.device) if size else None,
+        long(slots, layout.device) if slots != list(range(size)) else None,
+        size,
     )
 
 
@@ -241,8 +260,10 @@ class AdaptiveGradClip(InPlaceRule):
             if run.split is not None and run.split_owner is not None:
                 weights = m.shards.weights.index_select(0, run.split_owner)
                 for norms, parts in ((grad_norms, grad_parts), (weight_norms, weight_parts)):
-                    part = norms.index_select(0, run.split).to(weights)
-                    parts.append(part.square_().mul_(weights))
+                    part = norms.index_select(0, run.split).to(weights).square_().mul_(weights)
+                    if run.split_slot is not None:  # rows at their global places
+                        part = part.new_zeros(run.split_size).index_copy_(0, run.split_slot, part)
+                    parts.append(part)
         return CrossRank(sums=torch.cat(grad_parts + weight_parts), local=local)
 
     def transform_(self, m: Measured, state: State) -> tuple[torch.Tensor | None, State]:
@@ -261,9 +282,11 @@ class AdaptiveGradClip(InPlaceRule):
                 grad_norms = _unit_norms(grads, run)
                 weight_norms = _unit_norms(m.params[run.start : run.stop], run)
             if sums is not None and run.split is not None:
-                n = run.split.numel()
+                n = run.split_size
                 g2, w2 = sums[offset : offset + n], sums[half + offset : half + offset + n]
                 offset += n
+                if run.split_slot is not None:  # this rank's rows, from their global places
+                    g2, w2 = g2.index_select(0, run.split_slot), w2.index_select(0, run.split_slot)
                 grad_norms = grad_norms.index_copy(0, run.split, g2.sqrt().to(grad_norms))
                 weight_norms = weight_norms.index_copy(0, run.split, w2.sqrt().to(weight_norms))
             if m.shards is not None and m.shards.zeroed is not None:
