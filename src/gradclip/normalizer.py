@@ -323,7 +323,7 @@ class GradientNormalizer(Recording, Copyable):
         ``last_report.nonfinite_layers()``.
         """
         self.apply()
-        return bool(self._engine.last_nonfinite)
+        return self._engine.skipped
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -157,9 +157,14 @@ def _mismatch(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def run_case(
-    mesh: Any, dp: str, name: str, rule: Any, overrides: dict[str, Any] | None = None
+    mesh: Any,
+    dp: str,
+    name: str,
+    rule: Any,
+    overrides: dict[str, Any] | None = None,
+    steps: int = STEPS,
 ) -> dict[str, Any]:
-    """Twenty steps of the split model against the unsplit one; what this rank saw."""
+    """``steps`` steps of the split model against the unsplit one; what this rank saw."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -174,7 +179,7 @@ def run_case(
         fully_shard(model, mesh=dp_mesh)
     normalizer = _normalizer(model, rule, overrides=overrides, pp_mesh=pp_mesh)
     worst, counts, totals, host_reads = 0.0, [], [], -1
-    for step in range(STEPS):
+    for step in range(steps):
         grads = full_grads(step, reference)
         if dp == "ddp":
             grads = _averaged(grads)
@@ -491,6 +496,10 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
             cases.append(
                 (f"interleaved:{name}", lambda n=name: case_interleaved(mesh, n, RULES[n]()))
             )
+        if phase == "main":
+            import pipeline_edges
+
+            cases += pipeline_edges.edge_cases(sys.modules[__name__], mesh)
         only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
         for case, call in cases:
             if only and not case.startswith(only):

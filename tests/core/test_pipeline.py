@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pipeline_edges
 import pipeline_mesh_ranks
 import pipeline_ranks
 import pytest
@@ -101,9 +102,69 @@ def test_a_steady_step_reads_nothing_to_the_host_but_the_agreement_flag(
         assert 0 <= out[case]["host_reads"] <= allowed, (case, out[case]["host_reads"])
 
 
+EDGES = pipeline_edges.nonfinite_cases() + pipeline_edges.RELAYOUT_CASES
+EDGES += pipeline_edges.CHAIN_CASES
+
+
+@pytest.mark.parametrize("case", pipeline_edges.CHAIN_CASES)
+def test_a_later_chain_member_spans_every_stage_in_as_few_collectives_as_it_needs(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    # one collective per round whose members span layers; none before round 0 when
+    # the first members decide layer by layer (their sums ride in the later one)
+    needed = pipeline_edges.CHAINS[case.split(":")[2]][2]
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        assert result["collectives"] == [needed, needed], (case, result["collectives"])
+        assert result["host_reads"] == 0, (case, result["host_reads"])
+
+
+@pytest.mark.parametrize("case", pipeline_edges.nonfinite_cases())
+def test_nonfinite_zero_and_skip_on_stages_match_the_unsplit_model(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    # NaN/inf in one stage (one dp rank's shard under FSDP2) at steps 2, 5, 7, 9
+    policy, dp, name = case.split(":")
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        # every stage skips exactly the steps the unsplit model skips
+        assert all(mine == ref for mine, ref in result["skipped"]), (rank, result["skipped"])
+        if policy in ("nonfinite-skip", "nonfinite-error"):  # "error": raised on every rank
+            assert [s for s, (mine, _) in enumerate(result["skipped"]) if mine] == [2, 5, 7, 9]
+        first, steady = result["collectives"]
+        chain = pipeline_edges.CHAINS.get(name)
+        # "error" decides before round 0, which changes the gradients: one more
+        allowed = 1 if chain is None else chain[2] + (policy == "nonfinite-error")
+        assert steady <= allowed, (case, result["collectives"])
+        if dp == "ddp" and policy == "nonfinite-zero" and name in pipeline_ranks.PER_LAYER:
+            assert first == steady == 0
+        # no host read beyond the unsplit model's, but a sharded step's agreement read
+        mine, ref = result["host_reads"]
+        assert 0 <= mine <= ref + (dp == "fsdp2"), (case, result["host_reads"])
+
+
+@pytest.mark.parametrize("case", pipeline_edges.RELAYOUT_CASES)
+def test_a_layer_change_on_one_stage_neither_hangs_nor_differs(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    for rank, out in enumerate(results):
+        result = out.get(case, {"ok": False, "msg": "did not run"})
+        assert result["ok"], f"rank {rank}:\n{result.get('msg')}"
+        assert result["worst"] <= pipeline_ranks.RTOL, (rank, result["worst"])
+        change, steady = result["collectives"]
+        assert steady <= 1, (case, result["collectives"])
+        if case == "relayout:fsdp2":  # the step runs again in the new layout, once
+            # (stage 0 also compares its new configuration with its dp replica)
+            assert change == (3 if rank < 2 else 2), (rank, result["collectives"])
+
+
 def test_every_rank_ran_every_case(results: list[dict[str, Any]]) -> None:
     for out in results:
-        assert sorted(out) == sorted(RUN_CASES + CHECKPOINT + BENCH)
+        assert sorted(out) == sorted(RUN_CASES + CHECKPOINT + BENCH + EDGES)
 
 
 def test_the_pipeline_bench_counts_one_collective_and_none_for_ddp_per_layer(

@@ -42,17 +42,39 @@ def test_only_rules_that_span_layers_get_a_slot() -> None:
         gradclip.AdaptiveGradClip(),
     ]
     slots = spanning_slots([(rule, None) for rule in rules])
-    assert sorted(p for _, p in slots) == [2.0, 2.0, float("inf")]
+    assert sorted(p for _, _, p in slots) == [2.0, 2.0, float("inf")]
+    assert {k for _, k, _ in slots} == {0}
     pipe = Pipeline(None, 0, 2, slots)
     assert pipe.num_sums == 3 and pipe.num_maxima == 1  # the report's total, two L2 totals
 
 
-def test_a_chain_that_spans_layers_after_its_first_rule_is_refused() -> None:
-    with pytest.raises(ValueError, match="first rule"):
-        spanning_slots(
-            [(gradclip.chain(("ClipL2PerLayer", 1.0), gradclip.ClipGlobalNorm(1.0)), None)]
-        )
-    assert spanning_slots([(gradclip.chain(gradclip.ClipGlobalNorm(1.0), "ClipL2PerLayer"), "k")])
+def test_a_chain_member_that_spans_layers_gets_a_slot_in_its_round() -> None:
+    later = gradclip.chain(("ClipL2PerLayer", 1.0), gradclip.ClipGlobalNorm(1.0, norm_type=3))
+    slots = spanning_slots([(later, None)])
+    assert [(k, p) for _, k, p in slots] == [(1, 3.0)]
+    pipe = Pipeline(None, 0, 2, slots)
+    # nothing before round 0: the step's sums wait for round 1's collective
+    assert pipe.later_rounds == (1,) and pipe.active and not pipe.now
+    first = spanning_slots([(gradclip.chain(gradclip.ClipGlobalNorm(1.0), "ClipL2PerLayer"), "k")])
+    assert [k for _, k, _ in first] == [0] and Pipeline(None, 0, 2, first).now
+    both = gradclip.chain(gradclip.ClipGlobalNorm(1.0), gradclip.ZClip(), gradclip.AutoClip())
+    assert Pipeline(None, 0, 2, spanning_slots([(both, None)])).later_rounds == (1, 2)
+
+
+def test_nonfinite_policies_on_stages_add_their_counts_to_the_sums() -> None:
+    slots = spanning_slots([(gradclip.ClipGlobalNorm(1.0), None)])
+    assert Pipeline(None, 0, 2, slots).num_sums == 2  # the report's total, the slot
+    zero = Pipeline(None, 0, 2, slots, nonfinite="zero")
+    # + every non-finite tensor, + the slot's; "zero" alone does not need round 0's
+    assert zero.flags and zero.num_sums == 4 and zero.bad_at == 2
+    skip = Pipeline(None, 0, 2, (), nonfinite="skip")
+    assert skip.active and skip.now and skip.num_sums == 2  # any stage skips them all
+    later = spanning_slots(
+        [(gradclip.chain(("ClipL2PerLayer", 1.0), gradclip.ClipGlobalNorm(1.0)), None)]
+    )
+    # "error" before a later round's collective: every stage raises together
+    assert Pipeline(None, 0, 2, later, nonfinite="error").now
+    assert not Pipeline(None, 0, 2, (), nonfinite="error").active
 
 
 def test_a_rule_reading_the_total_without_declaring_it_is_refused_on_stages() -> None:
@@ -72,9 +94,10 @@ def test_bad_stage_arguments_are_refused_with_the_fix() -> None:
         check_stages(None, [torch.ones(2)])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="init_process_group"):
         pipeline_of(object())
-    with pytest.raises(ValueError, match="pipeline stages"):
+    # "zero" and "skip" are accepted on stages: only the mesh is refused here
+    with pytest.raises(ValueError, match="init_process_group"):
         setup_stages(nn.Linear(2, 2), None, object(), "zero")
-    with pytest.raises(ValueError, match="pipeline stages"):
+    with pytest.raises(ValueError, match="init_process_group"):
         gradclip.GradientNormalizer(nn.Linear(2, 2), "ClipL2PerLayer", nonfinite="skip", pp_mesh=1)
 
 

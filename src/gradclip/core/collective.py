@@ -192,8 +192,8 @@ class StepCollective:
         fingerprint: torch.Tensor,
         failed: bool,
         body: torch.Tensor | None,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        reduce: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    ) -> tuple[torch.Tensor, list[bool]]:
         """Run the step's collective; return the reduced body, or raise on every rank.
 
         Args:
@@ -202,9 +202,15 @@ class StepCollective:
                 after the collective; the others raise `RankMismatchError`).
             body: this rank's packed quantities
                 (`gradclip.core.sharding.Sharding.pack`), or ``None`` for zeros.
-            reduce: ``vector -> its sum over this group``, run instead of the
-                ``all_reduce`` over ``group`` when the vector travels inside a larger
-                one (pipeline stages, `gradclip.core.pipeline.StageTransport`).
+            reduce: ``vector -> (its sum over this group, alarms)``, run instead of
+                the ``all_reduce`` over ``group`` when the vector travels inside a
+                larger one (pipeline stages, `gradclip.core.stage_transport`).
+                ``alarms`` (a bool vector, or ``None``) are read to the host with
+                the verdict, in the same one read; when the first is set, the
+                vector was not laid out alike on every rank and no verdict is given.
+
+        Returns:
+            The reduced body, and the alarms as read (empty without).
 
         Raises:
             RankMismatchError: ranks disagree on the gradients, or another rank failed.
@@ -215,19 +221,27 @@ class StepCollective:
             body = torch.zeros(self.capacity.size(self.world), dtype=self.dtype, device=self.device)
         flag = torch.full((1,), float(failed), dtype=self.dtype, device=self.device)
         vector = torch.cat([fingerprint, flag, body])
+        alarms: torch.Tensor | None = None
         if reduce is None:
             dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)
         else:
-            vector = reduce(vector)
+            vector, alarms = reduce(vector)
         n = fingerprint.numel()
-        if failed:
-            return vector[n + 1 :]  # the caller raises this rank's own error
+        if failed:  # the caller raises this rank's own error
+            return vector[n + 1 :], [] if alarms is None else [bool(a) for a in alarms.tolist()]
         mismatch, s1, s2 = self.verdict(vector[:n])
         failures = vector[n]
         # the one host read of the step (free on the CPU), the same on every rank
-        if bool(mismatch.any() | (failures != 0)):
+        trouble = mismatch.any() | (failures != 0)
+        read = (
+            [bool(trouble.item())]
+            if alarms is None
+            else torch.cat([trouble.reshape(1), alarms]).tolist()
+        )
+        raised, raised_alarms = bool(read[0]), [bool(a) for a in read[1:]]
+        if raised and not (raised_alarms and raised_alarms[0]):
             self._raise(mismatch, s1, s2, int(failures.item()))
-        return vector[n + 1 :]
+        return vector[n + 1 :], raised_alarms
 
     def verdict(self, summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From the fingerprints summed over ranks: per parameter, whether ranks differ.

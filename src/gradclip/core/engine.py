@@ -50,7 +50,7 @@ from gradclip.core.report import NormReport
 from gradclip.core.rounds import run_round, select
 from gradclip.core.rule import Rule, group_of, stages_of
 from gradclip.core.sharding import RankGroup, is_dtensor
-from gradclip.core.stage_step import UNKNOWN, prepare_step
+from gradclip.core.stage_step import UNKNOWN, prepare_step, stage_round
 from gradclip.core.state import StateStore, state_rows, state_slot
 from gradclip.core.validation import check_gradient
 
@@ -138,6 +138,8 @@ class Engine:
         self._checked: Signature | None = None  # the last signature whose gradients passed
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
+        #: the last step was skipped ("skip": a layer here, or on another stage, not finite)
+        self.skipped = False
         #: after a step with ``divisor`` or ``fold``: what the fused optimizer must
         #: divide the gradients by (its ``grad_scale``); ``None`` otherwise
         self.divisor: torch.Tensor | None = None
@@ -321,7 +323,7 @@ class Engine:
         return report
 
     def _step(self, fused: FusedArgs | None) -> NormReport:
-        self.divisor, self.bad_step = None, None
+        self.divisor, self.bad_step, self.skipped = None, None, False
         prepared = self._prepare()
         if isinstance(prepared, NormReport):  # no gradient at all
             self.divisor = None if fused is None else fused.divisor
@@ -338,16 +340,23 @@ class Engine:
             judged = judge_unsquared(plan, grads, judged)
         bad: torch.Tensor | None = None
         zeroed: torch.Tensor | None = None
+        # on pipeline stages: whether a tensor on any stage was not finite
+        elsewhere = measured.stage_bad[0] if measured.stage_bad is not None else None
         if self.nonfinite == "skip" and fused.skip_on_device:
             self.bad_step = bad_layers(plan, judged).any()
+            if elsewhere is not None:
+                self.bad_step = self.bad_step | elsewhere
             skip = self.bad_step if skip is None else self.bad_step | skip
         elif self.nonfinite in ("error", "skip"):
             bad = bad_layers(plan, judged)
-            self.last_nonfinite = read_bad_layers(plan, bad)  # the one host read
-            if self.last_nonfinite:  # "error" raises, "skip" leaves everything as it is
+            # the one host read (with the other stages' verdict, on pipeline stages)
+            self.last_nonfinite, self.skipped = read_bad_layers(plan, bad, elsewhere)
+            if self.skipped:  # "error" raises, "skip" leaves everything as it is
                 report = NormReport.unchanged(plan, *reported)
                 if self.nonfinite == "error":  # with the step's norms, for a recording
-                    raise NonFiniteGradientError(self.last_nonfinite, report)
+                    raise NonFiniteGradientError(
+                        self.last_nonfinite or ["(a layer of another pipeline stage)"], report
+                    )
                 return report
         elif self.nonfinite == "zero":
             bad = bad_layers(plan, judged)
@@ -361,6 +370,8 @@ class Engine:
                     for gi, norms in measured.p_norms.items()
                 },
                 measured.reduced,
+                measured.stage_totals,  # formed without the zeroed layers (stage_step)
+                measured.stage_bad,
             )
         finite = torch.isfinite(judged) if plan.has_state else None
         if finite is not None and skip is not None:
@@ -369,11 +380,15 @@ class Engine:
         unknown: list[list[int]] = []  # layers whose rule cannot tell if it changed them
         stats: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         seen: dict[int, set[str]] = {}  # stats keys per group, to tell chain members apart
-        for k in range(len(plan.rounds)):
-            carried = run_round(
-                self.store, plan, k, grads, measured, zeroed, finite, changed, unknown, stats,
-                seen, carried, fold,
-            )  # fmt: skip
+        later = self.pipeline.later_rounds if self.pipeline is not None else ()
+        for k in range(max(len(plan.rounds), max(later, default=-1) + 1)):
+            if k in later:  # a chain member spans layers: the stages' norms now
+                stage_round(self, plan, k, grads, measured, carried)
+            if k < len(plan.rounds):
+                carried = run_round(
+                    self.store, plan, k, grads, measured, zeroed, finite, changed, unknown,
+                    stats, seen, carried, fold,
+                )  # fmt: skip
         self.divisor = carried
         if zeroed is not None and bad is not None:
             changed |= bad.to(torch.int32)

@@ -45,6 +45,13 @@ class Measurement:
     reduced: dict[int, CrossRank]  # group index -> its rule's reduced cross-rank quantities
     # pipeline stages: group index -> {p: norm of its gradients on every stage}
     stage_totals: dict[int, dict[float, torch.Tensor]] | None = None
+    # pipeline stages, nonfinite "zero"/"skip": (a tensor on some stage was not
+    # finite, {spanning group index: one of its tensors on some stage was not})
+    stage_bad: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+    # chain members after the first that span layers: (round, group index) -> the
+    # norms measured again before the round, and {p: their total on every stage}
+    later_norms: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    later_totals: dict[tuple[int, int], dict[float, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

@@ -17,7 +17,8 @@ policy         effect
 ``skip``       for `GradientNormalizer.attach`: a step with a non-finite
                layer leaves the gradients and every rule's state untouched and the
                optimizer step is skipped, as ``torch.amp.GradScaler`` does. Reads
-               the same ``(L,)`` vector to the host once per step.
+               the same ``(L,)`` vector to the host once per step. On pipeline
+               stages a non-finite layer on any stage skips every stage's step.
 =============  ==================================================================
 
 A layer is judged by the norm its rule uses: the L2 norm, or the p-norm of a
@@ -93,9 +94,21 @@ def bad_layers(plan: Plan, judged: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(judged) & plan.layer_measured_t
 
 
-def read_bad_layers(plan: Plan, bad: torch.Tensor) -> list[str]:
-    """Names of the layers flagged in ``bad``: one ``(L,)`` read to the host."""
-    return [name for name, flag in zip(plan.layer_names, bad.tolist()) if flag]
+def read_bad_layers(
+    plan: Plan, bad: torch.Tensor, elsewhere: torch.Tensor | None = None
+) -> tuple[list[str], bool]:
+    """Names of the layers flagged in ``bad``, and whether any layer was not finite:
+    one ``(L,)`` read to the host.
+
+    ``elsewhere``: 0-d bool, a layer of another pipeline stage was not finite
+    (read in the same transfer).
+    """
+    if elsewhere is None:
+        names = [name for name, flag in zip(plan.layer_names, bad.tolist()) if flag]
+        return names, bool(names)
+    *flags, other = torch.cat([bad, elsewhere.reshape(1).to(bad.device)]).tolist()
+    names = [name for name, flag in zip(plan.layer_names, flags) if flag]
+    return names, bool(names) or bool(other)
 
 
 def zero_layers_(plan: Plan, grads: list[torch.Tensor], bad: torch.Tensor) -> torch.Tensor:

@@ -30,18 +30,25 @@ gradients (DDP) an ``all_reduce`` over the pipeline group; on sharded ones
 vector, each stage's block at its own offset, and the whole vector is reduced
 over the ranks of every stage together (see `StageTransport`). A configuration
 without such a rule sends nothing more than it would on one stage.
+
+With ``nonfinite="zero"`` or ``"skip"`` the rows also count each stage's
+non-finite tensors, so that every stage skips, or leaves the zeroed layers out
+of its totals, as the unsplit model does. A `chain` member after the first that
+spans layers reads the norms the earlier members left: its slot travels in a
+collective of its own before its round (`Pipeline.later_rounds`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradclip.core.rule import Rule, group_of, stages_of
+from gradclip.core.stage_transport import StageLayout, StageTransport
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "EVERY_STAGE",
     "Pipeline",
+    "StageLayout",
+    "StageTotals",
     "StageTransport",
     "pipeline_of",
     "spanning_slots",
@@ -67,90 +76,140 @@ def _slot_key(rule: Rule, tag: str | None) -> str:
     return repr(group_of(rule, tag))
 
 
-def spanning_slots(rules: Iterable[tuple[Rule, str | None]]) -> tuple[tuple[str, float], ...]:
-    """``(group key, p)`` of every ``(rule, override key)`` of the configuration that
-    spans layers, sorted (the default rule's key is ``None``).
+Slot = tuple[str, int, float]  # (group key, round, p)
+
+
+def spanning_slots(rules: Iterable[tuple[Rule, str | None]]) -> tuple[Slot, ...]:
+    """``(group key, round, p)`` of every member of every ``(rule, override key)`` of the
+    configuration that spans layers, sorted (the default rule's key is ``None``; the
+    round is the member's place in a `chain`, 0 for a single rule).
 
     Raises:
-        ValueError: a chain member after the first spans layers (its norms are
-            measured again after the first member ran, which would take a second
-            collective), or a rule that spans layers reads no norm.
+        ValueError: a rule that spans layers reads no norm.
     """
-    slots: set[tuple[str, float]] = set()
+    slots: set[Slot] = set()
     for rule, tag in rules:
-        members = stages_of(rule)
-        for later in members[1:]:
-            if later.spans_layers:
-                raise ValueError(
-                    f"{rule.describe()}: on pipeline stages a chain may read the total norm of "
-                    f"its layers only in its first rule, not in {later.describe()} (the total "
-                    "after the first rule ran would need a second collective); put the rule "
-                    "that spans layers first"
-                )
-        first = members[0]
-        if first.spans_layers:
-            if first.norm_type is None:
-                raise ValueError(f"{first.describe()} spans layers but reads no norm (norm_type)")
-            slots.add((_slot_key(rule, tag), float(first.norm_type)))
+        for k, member in enumerate(stages_of(rule)):
+            if not member.spans_layers:
+                continue
+            if member.norm_type is None:
+                raise ValueError(f"{member.describe()} spans layers but reads no norm (norm_type)")
+            slots.add((_slot_key(rule, tag), k, float(member.norm_type)))
     return tuple(sorted(slots))
+
+
+# per plan: (group index, round, p, is a maximum, its column, its place j in `slots`)
+Entry = tuple[int, int, float, bool, int, int]
 
 
 @dataclass(eq=False)
 class Pipeline:
     """This rank's place among the pipeline stages, and the slots the step exchanges.
 
+    A chain member after the first that spans layers (round ``k > 0``) reads the
+    norms left by the rounds before it, on every stage: its slot travels in a
+    collective of its own, run before its round (`later_rounds`). When no rule
+    needs the stages before round 0 (`now` is false), the step's own columns
+    (the report's sum, the non-finite counts) wait for that collective, which is
+    then the step's only one.
+
     Attributes:
         group: the pipeline process group (``None``: the default group).
         rank: this rank's index in it (its row).
         size: its number of ranks.
-        slots: ``(group key, p)`` of the configuration's rules that span layers.
+        slots: ``(group key, round, p)`` of the configuration's members that span layers.
+        nonfinite: the normalizer's policy (``"zero"``, ``"skip"``: see `flags`).
+        layout: what the ranks learned of each other's blocks (`StageLayout`).
     """
 
     group: ProcessGroup | None
     rank: int
     size: int
-    slots: tuple[tuple[str, float], ...] = ()
-    _sum_of: dict[str, int] = field(default_factory=dict, repr=False)
-    _max_of: dict[str, int] = field(default_factory=dict, repr=False)
-    _plan_slots: tuple[Plan, list[tuple[int, float, bool, int]]] | None = field(
-        default=None, repr=False
-    )
+    slots: tuple[Slot, ...] = ()
+    nonfinite: str = "propagate"
+    layout: StageLayout = field(default_factory=lambda: StageLayout())
+    _sum_of: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)
+    _max_of: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)
+    _plan_slots: tuple[Plan, list[Entry]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         sums = maxima = 0
-        for key, p in self.slots:
+        for key, k, p in self.slots:
             if math.isinf(p):
-                self._max_of[key] = maxima
+                self._max_of[key, k] = maxima
                 maxima += 1
             else:
                 sums += 1  # slot 0 is the report's total
-                self._sum_of[key] = sums
+                self._sum_of[key, k] = sums
 
-    def with_slots(self, slots: tuple[tuple[str, float], ...]) -> Pipeline:
-        """This pipeline exchanging ``slots``."""
-        return Pipeline(self.group, self.rank, self.size, slots)
+    def with_slots(self, slots: tuple[Slot, ...]) -> Pipeline:
+        """This pipeline exchanging ``slots`` (the same policy, and the layout learned)."""
+        return Pipeline(self.group, self.rank, self.size, slots, self.nonfinite, self.layout)
+
+    @property
+    def later_rounds(self) -> tuple[int, ...]:
+        """The rounds after the first with a member that spans layers: one collective each."""
+        return tuple(sorted({k for _, k, _ in self.slots if k > 0}))
 
     @property
     def active(self) -> bool:
         """Whether a step exchanges anything between stages."""
-        return bool(self.slots)
+        return bool(self.slots) or self.now
+
+    @property
+    def now(self) -> bool:
+        """Whether the stages exchange before round 0: a first rule spans layers, or a
+        non-finite layer on any stage decides every stage's step (``"skip"``, and
+        ``"error"`` when a later collective would wait for a rank that raised)."""
+        return (
+            self.nonfinite == "skip" or self._error_decides or any(k == 0 for _, k, _ in self.slots)
+        )
+
+    @property
+    def _error_decides(self) -> bool:
+        return self.nonfinite == "error" and bool(self.later_rounds)
+
+    @property
+    def flags(self) -> bool:
+        """Whether the sums carry the counts of non-finite tensors."""
+        return self.nonfinite in ("zero", "skip") or self._error_decides
+
+    @property
+    def bad_at(self) -> int:
+        """The column counting every non-finite tensor (slot ``j``'s: ``bad_at + 1 + j``)."""
+        return 1 + len(self._sum_of)
 
     @property
     def num_sums(self) -> int:
-        return 1 + len(self._sum_of)
+        return self.bad_at + (1 + len(self.slots) if self.flags else 0)
 
     @property
     def num_maxima(self) -> int:
         return len(self._max_of)
 
     def partials(
-        self, plan: Plan | None, parts: LocalParts | None, dtype: torch.dtype, device: torch.device
+        self,
+        plan: Plan | None,
+        parts: LocalParts | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        bad: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(S,)`` sums and ``(M,)`` maxima (zeros without gradients)."""
+        """This rank's ``(S,)`` sums and ``(M,)`` maxima before round 0 (zeros without
+        gradients): the report's sum, the first rules' slots, the non-finite counts.
+
+        ``bad``: ``(T,)`` bool, the plan's tensors that count as non-finite
+        (``nonfinite="zero"``/``"skip"``): they add 0 to the spanning rules' sums
+        and maxima, as the zeroed layers of the unsplit model do, and are counted
+        in the flag columns (every tensor's, and each slot's). The report's sum
+        keeps them, as the unsplit model's report does.
+        """
         sums = torch.zeros(self.num_sums, dtype=dtype, device=device)
         maxima = torch.zeros(self.num_maxima, dtype=dtype, device=device)
         if plan is None or parts is None:
             return sums, maxima
+        if bad is not None and self.flags:
+            sums[self.bad_at] = bad.sum()
         weights = plan.sharding.weights if plan.sharding is not None else None
         full: torch.Tensor | None = None  # (T,) local L2 norms, 0 where not measured
         if parts.norms is not None:
@@ -162,44 +221,92 @@ class Pipeline:
             if not plan.all_measured:
                 full = parts.norms.new_zeros(plan.num_tensors)
                 full.index_copy_(0, plan.measured_positions_t, parts.norms)
-        for gi, p, is_max, index in self._slots_of(plan):
+        for gi, k, p, is_max, index, j in self._slots_of(plan):
             group = plan.groups[gi]
+            own = None
+            if bad is not None:
+                own = bad if group.covers_all else bad.index_select(0, group.positions_t)
+                if self.flags:
+                    sums[self.bad_at + 1 + j] = own.sum()
+            if k > 0:  # measured again before its round
+                continue
             norms = parts.p_norms.get(gi)
             if norms is None:  # the step's L2 norms of the group's tensors
                 assert full is not None
                 norms = full if group.covers_all else full.index_select(0, group.positions_t)
-            if is_max:
-                maxima[index] = norms.amax() if norms.numel() else norms.new_zeros(())
-            else:
-                powers = norms.pow(p)
-                if group.shard_weights is not None:
-                    powers = powers * group.shard_weights
-                sums[index] = powers.sum()
+            if own is not None:
+                norms = norms.masked_fill(own, 0.0)
+            self._put(sums, maxima, group.shard_weights, norms, p, is_max, index)
         return sums, maxima
 
-    def _slots_of(self, plan: Plan) -> list[tuple[int, float, bool, int]]:
-        """``(group index, p, is a maximum, slot)`` of the plan's spanning groups (cached)."""
+    def round_partials(
+        self,
+        plan: Plan | None,
+        k: int,
+        norms: dict[int, torch.Tensor],
+        base: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``base`` (`partials`' or zeros) with round ``k``'s slots: each group's
+        ``norms``, measured again before the round."""
+        sums, maxima = base[0].clone(), base[1].clone()
+        for gi, kk, p, is_max, index, _ in self._slots_of(plan) if plan is not None else ():
+            if kk == k and gi in norms:
+                shard_weights = plan.groups[gi].shard_weights  # type: ignore[union-attr]
+                self._put(sums, maxima, shard_weights, norms[gi], p, is_max, index)
+        return sums, maxima
+
+    @staticmethod
+    def _put(
+        sums: torch.Tensor,
+        maxima: torch.Tensor,
+        shard_weights: torch.Tensor | None,
+        norms: torch.Tensor,
+        p: float,
+        is_max: bool,
+        index: int,
+    ) -> None:
+        if is_max:
+            maxima[index] = norms.amax() if norms.numel() else norms.new_zeros(())
+        else:
+            powers = norms.pow(p)
+            if shard_weights is not None:
+                powers = powers * shard_weights
+            sums[index] = powers.sum()
+
+    def round_groups(self, plan: Plan, k: int) -> list[tuple[int, float]]:
+        """``(group index, p)`` of the plan's groups with a slot in round ``k``."""
+        return [(gi, p) for gi, kk, p, _, _, _ in self._slots_of(plan) if kk == k]
+
+    def _slots_of(self, plan: Plan) -> list[Entry]:
+        """The plan's `Entry` s, one per spanning member of each group (cached)."""
         cached = self._plan_slots
         if cached is not None and cached[0] is plan:
             return cached[1]
+        place = {(key, k): j for j, (key, k, _) in enumerate(self.slots)}
         out = []
         for gi, group in enumerate(plan.groups):
             key = _slot_key(group.rule, plan.tags[group.layer_ids[0]])
-            p = group.stages[0].rule.norm_type
-            if p is None or (key not in self._sum_of and key not in self._max_of):
-                continue
-            if key in self._max_of:
-                out.append((gi, p, True, self._max_of[key]))
-            else:
-                out.append((gi, p, False, self._sum_of[key]))
+            for k, stage in enumerate(group.stages):
+                p = stage.rule.norm_type
+                if p is None or (key, k) not in place:
+                    continue
+                if (key, k) in self._max_of:
+                    out.append((gi, k, p, True, self._max_of[key, k], place[key, k]))
+                else:
+                    out.append((gi, k, p, False, self._sum_of[key, k], place[key, k]))
         self._plan_slots = (plan, out)
         return out
 
     def totals(
-        self, plan: Plan, sum_rows: torch.Tensor, max_rows: torch.Tensor
-    ) -> tuple[dict[int, dict[float, torch.Tensor]], torch.Tensor]:
-        """Per group index ``{p: norm of its gradients on every stage}``, and the sum of
-        squares of every stage's measured gradients (the report's), from the rows.
+        self,
+        plan: Plan | None,
+        sum_rows: torch.Tensor,
+        max_rows: torch.Tensor,
+        k: int = 0,
+        base: bool = True,
+    ) -> StageTotals:
+        """The totals over every stage of round ``k``'s slots, from the reduced rows (see
+        `StageTotals`); with ``base``, also the report's sum and the non-finite flags.
 
         Formed from the reduced rows alone, in one order, so that every rank of
         every stage gets the same bits (and the state of a global rule is the
@@ -207,10 +314,37 @@ class Pipeline:
         """
         summed = sum_rows.sum(dim=0)
         top = max_rows.amax(dim=0) if max_rows.numel() else max_rows.new_zeros(0)
-        out: dict[int, dict[float, torch.Tensor]] = {}
-        for gi, p, is_max, index in self._slots_of(plan):
-            out[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
-        return out, summed[0]
+        norms: dict[int, dict[float, torch.Tensor]] = {}
+        bad: dict[int, torch.Tensor] = {}
+        for gi, kk, p, is_max, index, j in self._slots_of(plan) if plan is not None else ():
+            if kk == k:
+                norms[gi] = {p: top[index] if is_max else summed[index].pow(1.0 / p)}
+            if self.flags and base:
+                flag = summed[self.bad_at + 1 + j] > 0
+                bad[gi] = flag if gi not in bad else bad[gi] | flag
+        anywhere = summed[self.bad_at] > 0 if self.flags and base else None
+        return StageTotals(norms, summed[0] if base else None, anywhere, bad)
+
+
+@dataclass(eq=False)
+class StageTotals:
+    """What a step learns from every stage.
+
+    Attributes:
+        norms: per group index ``{p: norm of its gradients on every stage}`` (of one round).
+        squares: the sum of squares of every stage's measured gradients (the report's),
+            when the collective carried it.
+        anywhere: 0-d bool, a tensor on some stage was not finite (``nonfinite``
+            ``"zero"``/``"skip"``; ``None`` otherwise).
+        bad: per spanning group index, 0-d bool: one of its tensors, on some
+            stage, was not finite (its group state then stays as it was, as on
+            the unsplit model).
+    """
+
+    norms: dict[int, dict[float, torch.Tensor]]
+    squares: torch.Tensor | None
+    anywhere: torch.Tensor | None = None
+    bad: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def pipeline_of(pp_mesh: Any) -> Pipeline:
@@ -240,79 +374,6 @@ def pipeline_of(pp_mesh: Any) -> Pipeline:
             f"pp_mesh must be a 1-D DeviceMesh or a ProcessGroup, got {type(pp_mesh).__name__}"
         )
     return Pipeline(group, dist.get_rank(group), dist.get_world_size(group))
-
-
-@dataclass(eq=False)
-class StageTransport:
-    """The step's ``all_reduce`` on pipeline stages: stage blocks, then the shared slots.
-
-    ``[block of stage 0 | … | block of stage N-1 | (stages, S) sums | (ranks, M) maxima]``:
-    this rank writes its stage's block (the data-parallel vector of a sharded
-    step, or nothing) at the stage's offset, so that after the sum over the
-    ranks of every stage each block holds its own stage's data-parallel sum,
-    exactly as a reduction over that stage's data-parallel group would.
-
-    Attributes:
-        pipeline: the stages and slots.
-        group: the ranks reduced over (``None``: the default group).
-        ranks: their number; rank: this rank's index in it.
-        sharded: the gradients are sharded: stages send blocks of their own lengths.
-        blocks: every stage's block length, by pipeline rank (learned once).
-    """
-
-    pipeline: Pipeline
-    group: ProcessGroup | None
-    ranks: int
-    rank: int
-    sharded: bool = False
-    blocks: list[int] | None = None
-    reduced: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _learn_blocks(self, length: int) -> list[int]:
-        if self.blocks is None:
-            if self.pipeline.size == 1:
-                self.blocks = [length]
-            else:  # once per engine: the other stages' lengths
-                import torch.distributed as dist
-
-                gathered: list[Any] = [None] * self.pipeline.size
-                dist.all_gather_object(gathered, length, group=self.pipeline.group)
-                self.blocks = [int(n) for n in gathered]
-        if self.blocks[self.pipeline.rank] != length:
-            raise RuntimeError("a sharded step's vector changed length on a pipeline stage")
-        return self.blocks
-
-    def run(
-        self, block: torch.Tensor | None, sums: torch.Tensor, maxima: torch.Tensor
-    ) -> torch.Tensor | None:
-        """All-reduce once; keep the slots' rows (`reduced`) and return this stage's block."""
-        import torch.distributed as dist
-
-        pipe = self.pipeline
-        length = 0 if block is None else block.numel()
-        blocks = self._learn_blocks(length) if self.sharded else [0] * pipe.size
-        head = sum(blocks)
-        s, m = sums.numel(), maxima.numel()
-        size = head + pipe.size * s + self.ranks * m
-        vector = torch.zeros(size, dtype=sums.dtype, device=sums.device)
-        offset = sum(blocks[: pipe.rank])
-        if block is not None:
-            vector[offset : offset + length] = block
-        sum_rows = vector[head : head + pipe.size * s].view(pipe.size, s)
-        sum_rows[pipe.rank] = sums
-        max_rows = vector[head + pipe.size * s :].view(self.ranks, m)
-        max_rows[self.rank] = maxima
-        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=self.group)  # the step's one
-        self.reduced = (sum_rows, max_rows)
-        return None if block is None else vector[offset : offset + length]
-
-    def reducer(self, sums: torch.Tensor, maxima: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-        """``vector -> reduced vector`` for `gradclip.core.collective.StepCollective.exchange`."""
-
-        def reduce(vector: torch.Tensor) -> Any:
-            return self.run(vector, sums, maxima)
-
-        return reduce
 
 
 def transport_for(pipeline: Pipeline, sharded_world: int | None) -> StageTransport:

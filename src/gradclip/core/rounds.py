@@ -80,7 +80,8 @@ def run_round(
             add_at_(changed, group.layer_ids_t, flags.to(torch.int32))
         if stage.slot is not None:
             assert stage.row_index is not None
-            keep = _keep_rows(stage, group, m, finite)
+            elsewhere = measured.stage_bad[1].get(group.index) if measured.stage_bad else None
+            keep = _keep_rows(stage, group, m, finite, elsewhere)
             new_state = store.store(
                 stage.slot, stage.row_index, stage.whole_rows, state, new_state, keep
             )
@@ -125,10 +126,12 @@ def measured_for(
     p = stage.rule.norm_type
     if p is not None:
         if k > 0:
-            assert stage.norm_runs is not None
-            norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
-            if divisor is not None:
-                norms = norms / divisor
+            norms = measured.later_norms.get((k, index))  # measured for the stages already
+            if norms is None:
+                assert stage.norm_runs is not None
+                norms = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
+                if divisor is not None:
+                    norms = norms / divisor
         elif index in measured.p_norms:
             norms = measured.p_norms[index]
         else:  # the step's L2 norms, tensors' and layers' both measured already
@@ -161,11 +164,13 @@ def measured_for(
 
 
 def _stage_totals(measured: Measurement, index: int, k: int) -> dict[float, torch.Tensor] | None:
-    # on pipeline stages, only round 0 has the totals over the stages (chains are
-    # checked to read the total in their first rule only)
+    # on pipeline stages: round 0's totals came with the step's collective, a later
+    # round's with its own (`gradclip.core.stage_step.stage_round`)
     if measured.stage_totals is None:
         return None
-    return measured.stage_totals.get(index, {}) if k == 0 else {}
+    if k == 0:
+        return measured.stage_totals.get(index, {})
+    return measured.later_totals.get((k, index), {})
 
 
 def _host_steps(store: StateStore, stage: Stage) -> int:
@@ -181,9 +186,17 @@ def select(values: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def _keep_rows(
-    stage: Stage, group: Group, m: Measured, finite: torch.Tensor | None
+    stage: Stage,
+    group: Group,
+    m: Measured,
+    finite: torch.Tensor | None,
+    elsewhere: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """``(R,)`` bool: state rows to leave as they were (their norm was not finite)."""
+    """``(R,)`` bool: state rows to leave as they were (their norm was not finite).
+
+    ``elsewhere``: 0-d bool, on pipeline stages a tensor of the group on some stage
+    was not finite: a group row then stays as it was on every stage.
+    """
     if finite is None:
         return None
     ok = finite if group.covers_all else finite.index_select(0, group.layer_ids_t)
@@ -194,4 +207,6 @@ def _keep_rows(
             ok = ok & torch.isfinite(total)
     if not stage.rule.per_layer_state:
         ok = ok.all().reshape(1)
+        if elsewhere is not None:
+            ok = ok & ~elsewhere
     return ~ok

@@ -14,15 +14,34 @@ from typing import Any
 
 import torch
 
-from gradclip.core.collective import ShardedModel, sharded_model
-from gradclip.core.measure import Measurement, finish, measure, measure_local
+from gradclip.core.collective import ShardedModel, StepCollective, sharded_model
+from gradclip.core.measure import (
+    LocalParts,
+    Measurement,
+    finish,
+    judged_layer_norms,
+    measure,
+    measure_local,
+)
 from gradclip.core.mesh_group import reduction_group
+from gradclip.core.nonfinite import bad_layers, judge_unsquared
 from gradclip.core.pipeline import Pipeline, transport_for
 from gradclip.core.plan import Plan, accumulation_dtype_of
 from gradclip.core.report import NormReport
 from gradclip.core.sharding import is_dtensor, local_tensors
+from gradclip.core.stage_transport import RELAYOUT, REPAIR, StageLayoutError, StageTransport
 
-__all__ = ["UNKNOWN", "acc_of", "across_stages", "dp_ranks", "prepare_stages", "prepare_step"]
+__all__ = [
+    "UNKNOWN",
+    "acc_of",
+    "across_stages",
+    "bad_before",
+    "bad_tensors",
+    "dp_ranks",
+    "prepare_stages",
+    "prepare_step",
+    "stage_round",
+]
 
 UNKNOWN: Any = object()  # the sharded model's collective, before the first step sizes it
 
@@ -79,7 +98,8 @@ def prepare_step(engine: Any) -> tuple[Plan, list[torch.Tensor], Measurement] | 
         grads = local_tensors(plan.select(grads_by_param))
         parts = measure_local(plan, grads)
         if pipe is not None:
-            sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params))
+            bad = bad_before(pipe, plan, grads, parts)
+            sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params), bad)
         if plan.sharding is not None:
             body = plan.sharding.pack(parts.norms, parts.extras, collective.capacity)
         fingerprint = collective.cached(plan)
@@ -93,19 +113,46 @@ def prepare_step(engine: Any) -> tuple[Plan, list[torch.Tensor], Measurement] | 
         if transport is not None and pipe is not None:
             zeros = pipe.partials(None, None, *acc_of(engine.params))
             reduce = transport.reducer(*zeros)
-        collective.exchange(collective.fingerprint(dtypes), True, None, reduce)
+        _exchange(collective, transport, collective.fingerprint(dtypes), True, None, reduce)
         raise error
     reduce = None
     if transport is not None and sums is not None and maxima is not None:
         reduce = transport.reducer(sums, maxima)
-    reduced = collective.exchange(fingerprint, False, body, reduce)
+    reduced, alarms = _exchange(collective, transport, fingerprint, False, body, reduce)
     plan.changes_group = sharded.changes  # type: ignore[union-attr]
     if not grads:
         return NormReport.empty(plan)
     if plan.sharding is None:  # no DTensor gradient on any rank: nothing to reduce
-        return plan, grads, across_stages(engine, plan, finish(plan, parts))
-    values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
-    return plan, grads, across_stages(engine, plan, finish(plan, parts, values))
+        measured = finish(plan, parts)
+    else:
+        values = plan.sharding.unpack(reduced, parts.norms, parts.extras, collective.capacity)
+        measured = finish(plan, parts, values)
+    if alarms[REPAIR:] and alarms[REPAIR] and transport is not None and pipe is not None:
+        # a tensor was not finite somewhere under nonfinite="zero": now that this
+        # stage's norms are whole, send the sums of its finite layers again
+        exact = bad_tensors(plan, bad_layers(plan, judged_layer_norms(plan, measured)))
+        transport.rows(*pipe.partials(plan, parts, *acc_of(engine.params), exact))
+    return plan, grads, across_stages(engine, plan, measured)
+
+
+def _exchange(
+    collective: StepCollective,
+    transport: StageTransport | None,
+    fingerprint: torch.Tensor,
+    failed: bool,
+    body: torch.Tensor | None,
+    reduce: Any,
+) -> tuple[torch.Tensor, list[bool]]:
+    """`StepCollective.exchange`, run again in the new layout after a stage's changed
+    (`gradclip.core.stage_transport`: every rank sees it in the same read)."""
+    reduced, alarms = collective.exchange(fingerprint, failed, body, reduce)
+    if alarms and alarms[RELAYOUT]:
+        assert transport is not None
+        transport.settle()
+        reduced, alarms = collective.exchange(fingerprint, failed, body, reduce)
+        if alarms and alarms[RELAYOUT]:  # every rank sees it alike: none waits
+            raise StageLayoutError("the pipeline stages' layout changed twice within one step")
+    return reduced, alarms
 
 
 def prepare_stages(
@@ -123,14 +170,103 @@ def prepare_stages(
         if plan.sharding is not None:
             grads = local_tensors(grads)
         parts = measure_local(plan, grads)
-        sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params))
+        bad = bad_before(pipe, plan, grads, parts)
+        sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params), bad)
     except Exception:  # still take part, so that no rank waits for this one
-        transport.run(None, *pipe.partials(None, None, *acc_of(engine.params)))
+        zeros = pipe.partials(None, None, *acc_of(engine.params))
+        transport.pending = None
+        if pipe.now:
+            transport.run(None, *zeros)
+        _rounds_without(engine, zeros)
         raise
-    transport.run(None, sums, maxima)
+    transport.reduced = transport.pending = None
+    if pipe.now:
+        transport.run(None, sums, maxima)
+    else:  # the first later round's collective carries them
+        transport.pending = (sums, maxima)
     if not grads:
+        _rounds_without(engine, pipe.partials(None, None, *acc_of(engine.params)))
         return NormReport.empty(plan)
     return plan, grads, across_stages(engine, plan, finish(plan, parts))
+
+
+def _rounds_without(engine: Any, zeros: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Take part in the later rounds' collectives of a step this rank does not run."""
+    transport = engine._transport
+    for _ in engine.pipeline.later_rounds:
+        transport.rows(*(transport.pending or zeros))
+        transport.pending = None
+
+
+def stage_round(
+    engine: Any,
+    plan: Plan,
+    k: int,
+    grads: list[torch.Tensor],
+    measured: Measurement,
+    divisor: torch.Tensor | None,
+) -> None:
+    """Before round ``k > 0`` on pipeline stages: the norms of the groups whose ``k``-th
+    member spans layers, measured again (the earlier rounds changed the gradients),
+    and their totals over every stage, in one collective for all of them.
+
+    A stage without such a group (or that ran fewer rounds) sends zeros, so that
+    every rank takes part. The collective also carries the step's sums when none
+    ran before round 0 (`gradclip.core.pipeline.Pipeline.now`).
+    """
+    pipe, transport = engine.pipeline, engine._transport
+    assert pipe is not None and transport is not None
+    norms: dict[int, torch.Tensor] = {}
+    for gi, p in pipe.round_groups(plan, k):
+        stage = plan.groups[gi].stages[k]
+        assert stage.norm_runs is not None
+        n = stage.norm_runs.norms(grads, p, plan.device, plan.acc_dtype)
+        norms[gi] = measured.later_norms[k, gi] = n if divisor is None else n / divisor
+    base = transport.pending
+    transport.pending = None
+    zeros = pipe.partials(None, None, plan.acc_dtype, plan.device)
+    transport.rows(*pipe.round_partials(plan, k, norms, base or zeros))
+    assert transport.reduced is not None
+    totals = pipe.totals(plan, *transport.reduced, k=k, base=base is not None)
+    measured.later_totals.update({(k, gi): t for gi, t in totals.norms.items()})
+    if base is not None:
+        engine._stage_squares = totals.squares
+        if totals.anywhere is not None:
+            measured.stage_bad = (totals.anywhere, totals.bad)
+
+
+def bad_before(
+    pipe: Pipeline, plan: Plan, grads: list[torch.Tensor], parts: LocalParts
+) -> torch.Tensor | None:
+    """``(T,)`` bool, the tensors that count as not finite before the collective
+    (``nonfinite="zero"``/``"skip"`` on stages; ``None`` otherwise).
+
+    Whole tensors (replicated, DDP): every tensor of a layer judged not finite, as
+    the step will judge it. Sharded: the tensors whose piece on this rank is not
+    finite (then so is the whole), the count that tells every stage; under
+    ``"zero"`` the sums are sent again once this stage's norms are whole.
+    """
+    if not pipe.flags or not plan.num_tensors:
+        return None
+    if plan.sharding is None:
+        measured = finish(plan, parts)
+        judged = judge_unsquared(plan, grads, judged_layer_norms(plan, measured))
+        return bad_tensors(plan, bad_layers(plan, judged))
+    bad = torch.zeros(plan.num_tensors, dtype=torch.bool, device=plan.device)
+    if parts.norms is not None:
+        bad.index_copy_(0, plan.measured_positions_t, ~torch.isfinite(parts.norms))
+    for gi, norms in parts.p_norms.items():
+        positions = plan.groups[gi].positions_t
+        bad.index_copy_(0, positions, bad.index_select(0, positions) | ~torch.isfinite(norms))
+    return bad
+
+
+def bad_tensors(plan: Plan, layers: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` bool: the measured tensors of the ``(L,)`` flagged layers."""
+    out = torch.zeros(plan.num_tensors, dtype=torch.bool, device=plan.device)
+    if plan.any_measured:
+        out.index_copy_(0, plan.measured_positions_t, layers.index_select(0, plan.measured_layer_t))
+    return out
 
 
 def across_stages(engine: Any, plan: Plan, measured: Measurement) -> Measurement:
@@ -138,7 +274,10 @@ def across_stages(engine: Any, plan: Plan, measured: Measurement) -> Measurement
     transport, pipe = engine._transport, engine.pipeline
     if transport is None or pipe is None or transport.reduced is None:
         return measured
-    measured.stage_totals, engine._stage_squares = pipe.totals(plan, *transport.reduced)
+    totals = pipe.totals(plan, *transport.reduced)
+    measured.stage_totals, engine._stage_squares = totals.norms, totals.squares
+    if totals.anywhere is not None:
+        measured.stage_bad = (totals.anywhere, totals.bad)
     return measured
 
 

@@ -144,17 +144,17 @@ def setup_stages(
 ) -> tuple[list[Any] | None, Any, Pipeline | None]:
     """``(stage modules, the model to hold, pipeline)`` of a normalizer's arguments.
 
+    ``nonfinite`` ``"zero"`` and ``"skip"`` make every stage's step tell the others
+    about its non-finite tensors (see `gradclip.core.pipeline.Pipeline.flags`).
+
     Raises:
-        ValueError: ``nonfinite`` decides per rank (``"zero"``, ``"skip"``), which
-            the other stages would not know; or see `check_stages`, `pipeline_of`.
+        see `check_stages`, `pipeline_of`.
     """
     chunks = check_stages(model, stages)
-    if pp_mesh is not None and nonfinite in ("zero", "skip"):
-        raise ValueError(
-            f"nonfinite={nonfinite!r} decides per rank, and on pipeline stages the "
-            "other stages would not know: use 'propagate' or 'error' with pp_mesh"
-        )
-    pipeline = None if pp_mesh is None else pipeline_of(pp_mesh)
+    pipeline = None
+    if pp_mesh is not None:
+        found = pipeline_of(pp_mesh)
+        pipeline = Pipeline(found.group, found.rank, found.size, nonfinite=nonfinite)
     return chunks, (chunks[0] if chunks is not None else model), pipeline
 
 
