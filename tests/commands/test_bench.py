@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
 from gradclip.commands import bench
-from gradclip.commands.bench_timing import Launches, count_launches, time_methods
+from gradclip.commands.bench_timing import Launches, count_launches, cpu_time, time_methods
 
 CPU = torch.device("cpu")
 
@@ -77,3 +79,23 @@ def test_the_bench_keeps_the_profilers_own_lines_off_stderr() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert done.stderr == "kept\n"
+
+
+def test_cpu_time_counts_one_threads_work_not_the_wall_clock() -> None:
+    threads = torch.get_num_threads()
+    x = torch.ones(1 << 16)
+    methods = {"sleep": lambda: time.sleep(0.05), "work": lambda: [x.sum() for _ in range(200)]}
+    with cpu_time(CPU):
+        assert torch.get_num_threads() == 1
+        timings = time_methods(methods, CPU, reps=2)
+    assert torch.get_num_threads() == threads  # restored
+    assert timings["sleep"].wall_ms < 25  # a sleep costs no CPU time; the wall clock says 50
+    assert timings["work"].wall_ms > 0
+    assert time_methods(methods, CPU, reps=1)["sleep"].wall_ms >= 50  # the wall clock again
+
+
+def test_cpu_time_refuses_a_gpu_before_changing_anything() -> None:
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="--device cpu"), cpu_time(torch.device("cuda")):
+        pass
+    assert torch.get_num_threads() == threads

@@ -114,6 +114,21 @@ def test_small_and_large_tensors_of_one_run_keep_their_order() -> None:
         assert got.tolist() == pytest.approx(want, rel=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# 2.0514135... is the worst of 10^5 constants for rows of 1024 values (1.05e-6 off),
+# 5.0228786... the worst for rows of 768 (8.2e-7)
+@pytest.mark.parametrize("value", [0.1, 0.7, 2.0514135360717773, 5.022878646850586])
+def test_constant_data_the_worst_case_is_within_1e_6_of_float64(
+    dtype: torch.dtype, value: float
+) -> None:
+    # every square equal: every rounding of every row's sum goes the same way
+    for n in (LARGE_VALUES, 1 << 20, 1_000_000, 3 * HALF_CHUNK + 5):
+        t = torch.full((n,), value, dtype=dtype)
+        want = math.sqrt(n) * abs(float(t[0].double()))
+        got = float(_runs_norms([t], 2.0)[0])
+        assert abs(got - want) <= 1e-6 * want, (dtype, value, n, got / want - 1)
+
+
 def test_1e8_float32_values_are_within_1e_6_of_float64() -> None:
     # one size at 1e8 (400 MB), all positive: torch's own norm is off by ~1e-2 here
     n = 10**8
@@ -162,3 +177,16 @@ def test_cuda_norms_are_within_1e_6_of_float64(dtype: torch.dtype) -> None:
     for t, value in zip(tensors, got, strict=True):
         want = _exact(t, 2.0)
         assert abs(value - want) <= 1e-6 * want, (dtype, t.numel())
+
+
+def test_each_step_returns_new_norms_that_later_steps_leave_alone() -> None:
+    # reports keep the norms tensor of their step: it must not be a reused buffer
+    tensors = [torch.ones(100_000), torch.ones(10)]
+    runs = Runs(range(2), [(CPU, torch.float32)] * 2, [False, False], numels=[100_000, 10])
+    first = runs.norms(tensors, 2.0, CPU, torch.float32)
+    kept = first.clone()
+    for t in tensors:
+        t.mul_(3.0)
+    second = runs.norms(tensors, 2.0, CPU, torch.float32)
+    assert torch.equal(first, kept)
+    assert second.tolist() == pytest.approx([3 * x for x in kept.tolist()], rel=1e-6)

@@ -23,7 +23,6 @@ scenario's reference, measured in the same run:
   ``clip_grad_value_(foreach=True)``; on CUDA also the per-layer rule with the
   ``_foreach_mul_`` multiply (``GRADCLIP_KERNELS=foreach``) beside the Triton one.
 * ``record`` — recording's cost: against ``measure_all=True`` (`bench_record`).
-
 * ``train_step`` — a whole fused AdamW step on GPT-2-small shaped gradients:
   clipping folded into the optimizer, unfolded, and the AMP recipe without
   ``unscale_``, against torch's (`gradclip.commands.bench_step`).
@@ -32,10 +31,10 @@ Every scenario also times the *hardware floor*: a read pass and a read/write
 pass over one flat buffer of the gradients' bytes (`bench_floor`), in the same
 run; each row shows its time over that floor.
 
-Besides the wall time of a call, each row has its host time, on CUDA its GPU
-time (CUDA events), and what one call launches (`bench_timing`). Extra memory
-is measured as the peak of bytes allocated during one call (CUDA:
-``max_memory_allocated``; CPU: the profiler's allocation events).
+Besides the wall time of a call (``--cpu-time``: one thread's CPU time), each row
+has its host time, on CUDA its GPU time, and what one call launches
+(`bench_timing`). Extra memory is the peak of bytes allocated during one call
+(CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events).
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ from gradclip.commands.bench_rows import Row, format_table
 from gradclip.commands.bench_step import train_step_rows
 from gradclip.commands.bench_timing import (
     count_launches,
+    cpu_time,
     peak_extra_bytes,
     time_methods,
 )
@@ -388,6 +388,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU: time 1 thread by its CPU time, not the wall clock (for a busy machine)",
+    )
+    parser.add_argument(
         "--distributed",
         action="store_true",
         help="also time apply() on 2 gloo ranks against clip_grad_norm_ (FSDP2 shards), and "
@@ -422,11 +427,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print()
     rows = []
-    for row in run_benchmarks(
-        scenarios, device=device, reps=reps, gpt2_blocks=2 if args.quick else 12
-    ):
-        rows.append(row)
-        print(f"  {row.scenario:<12} {row.method:<45} {row.median_ms:9.3f} ms", flush=True)
+    with cpu_time(where) if getattr(args, "cpu_time", False) else contextlib.nullcontext():
+        for row in run_benchmarks(
+            scenarios, device=device, reps=reps, gpt2_blocks=2 if args.quick else 12
+        ):
+            rows.append(row)
+            print(f"  {row.scenario:<12} {row.method:<45} {row.median_ms:9.3f} ms", flush=True)
     print()
     print(format_table(rows))
     if args.distributed:

@@ -13,6 +13,14 @@ One further call runs under ``torch.profiler`` to count what a step launches:
 on CUDA the device kernels (memsets and memcpys counted apart, host→device
 copies among them), on the CPU the top-level aten ops (each one pass of the
 CPU over its operands, the CPU's equivalent of a launch).
+
+Inside `cpu_time` (``python -m gradclip bench --cpu-time``) CPU methods run on
+one thread and are timed by that thread's CPU time (``time.thread_time``)
+instead of the wall clock: on a machine shared with other jobs, a wall-clock
+median swings with whatever else runs (a thread pool's barrier waits for the
+thread the scheduler parked), while the CPU time of one thread counts only the
+work it did, so ratios measured in one run hold. Memory bandwidth is still
+shared.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ __all__ = [
     "Launches",
     "Timing",
     "count_launches",
+    "cpu_time",
     "peak_extra_bytes",
     "quiet_profiler",
     "sync",
@@ -61,6 +70,43 @@ class Launches:
     kernel_ms: float | None  # CUDA: the kernels' summed durations
 
 
+class _Clock:
+    """The clock `time_methods` reads: the wall clock, or one thread's CPU time in `cpu_time`."""
+
+    now: Callable[[], float] = time.perf_counter
+
+
+@contextlib.contextmanager
+def cpu_time(device: torch.device | None = None) -> Iterator[None]:
+    """Inside the block, time CPU methods on one thread by its CPU time (see the module).
+
+    Args:
+        device: where the methods run; the block says so on stdout when given.
+
+    Raises:
+        ValueError: ``device`` is not the CPU.
+
+    Examples:
+        >>> import time
+        >>> with cpu_time():
+        ...     timing = time_methods({"sleep": lambda: time.sleep(0.02)}, torch.device("cpu"), 1)
+        >>> timing["sleep"].wall_ms < 10   # sleeping takes no CPU time
+        True
+    """
+    if device is not None:
+        if device.type != "cpu":
+            raise ValueError(f"--cpu-time times the CPU, not {device}: pass --device cpu")
+        print("timing: CPU time of 1 thread (time.thread_time), not the wall clock")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _Clock.now = time.thread_time
+    try:
+        yield
+    finally:
+        _Clock.now = time.perf_counter
+        torch.set_num_threads(threads)
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
@@ -74,9 +120,13 @@ def time_methods(
 
     Interleaving makes a slow moment of the machine hurt every method alike.
     Each method runs twice first (plans, caches, the allocator, compilation of
-    Triton kernels).
+    Triton kernels). Inside `cpu_time`, wall and host time are one thread's CPU
+    time.
     """
     cuda = device.type == "cuda"
+    if cuda and _Clock.now is not time.perf_counter:
+        raise ValueError("CPU time (--cpu-time) times CPU methods only; drop it for --device cuda")
+    now = _Clock.now
     wall: dict[str, list[float]] = {name: [] for name in methods}
     host: dict[str, list[float]] = {name: [] for name in methods}
     gpu: dict[str, list[float]] = {name: [] for name in methods}
@@ -90,13 +140,13 @@ def time_methods(
                 start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                 end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                 start.record()
-            t0 = time.perf_counter()
+            t0 = now()
             method()
-            t1 = time.perf_counter()
+            t1 = now()
             if cuda:
                 end.record()
             sync(device)
-            t2 = time.perf_counter()
+            t2 = now()
             wall[name].append((t2 - t0) * 1e3)
             host[name].append((t1 - t0) * 1e3)
             if cuda:

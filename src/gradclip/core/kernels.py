@@ -314,14 +314,16 @@ class Runs:
         for run in self.runs:
             if run.rows is not None and by_rows:
                 small = None
-                if run.pick_small is not None:
-                    small = foreach_norms(run.pick_small(tensors), norm_type)
+                if run.pick_small is not None:  # one launch for them all, copied into their slots
+                    small = torch._foreach_norm(
+                        run.pick_small(tensors), norm_type, dtype=accumulation_dtype(run.dtype)
+                    )
                 width = row_width(run.dtype, norm_type)
                 layout = run.rows.get(width)
                 if layout is None:  # another order: its rows, made on the first step
                     layout = run.rows[width] = RowNorms(run.dtype, run.numels, width)
-                measured = layout.norms(run.pick(tensors), norm_type, small)
-                parts.append(measured.to(device, dtype, non_blocking=True))
+                measured = layout.norms(run.pick(tensors), norm_type, small, dtype)
+                parts.append(measured.to(device, non_blocking=True))
                 continue
             chunk = run.pick(tensors)
             if run.empty and norm_type == math.inf:

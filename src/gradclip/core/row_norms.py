@@ -1,4 +1,4 @@
-"""Norms of large CPU tensors by rows: float64-exact combination, at the cost of one read.
+"""Norms of large CPU tensors by rows: float64-exact combination, at about the cost of one read.
 
 PyTorch's CPU norm kernels (``vector_norm``, ``_foreach_norm``) sum a whole
 tensor into a few float32 accumulators, so their relative error grows with the
@@ -11,18 +11,24 @@ vectorized one). So a tensor of ``n >= LARGE_VALUES`` values is measured as
     ‖g‖_p = ( Σ_rows ‖row‖_p^p )^(1/p),   rows of C values, combined in float64,
 
 with ``C = row_width(dtype, p)`` values per row; a last partial row is measured
-on its own. The relative error is then that of one row (~1e-7 in the worst case
-of all-positive values), whatever ``n`` is. Sums of ``|x|^p`` other than
-squares lose more per row (1024 values over many binades: 2e-6 for ``p = 1``),
-so their rows are four times shorter.
+on its own. The relative error is then that of one row, whatever ``n`` is. Its
+worst case is constant data, where every rounding of a row's sum goes the same
+way: PyTorch's row kernel adds ``C / 16`` squares one after the other in each
+of 16 float32 lanes, which over 10^5 constants reaches 1.05e-6 for rows of 1024
+values and 8.2e-7 for rows of 768, the width used (uniform data: ~1e-8). Each
+row also costs a fixed ~12 ns (the kernel's sum across lanes and its square
+root), so rows are no shorter than that bound needs. Sums of ``|x|^p`` other
+than squares lose more per row (1024 values over many binades: 2e-6 for
+``p = 1``), so their rows are four times shorter.
 
 Half-precision rows are not reduced in place: PyTorch's CPU reductions that
-widen bfloat16/float16 to float32 on the fly take ~50x a read, and a row norm
-returned in half precision is rounded to 2^-9. They are widened instead chunk by
-chunk (``HALF_CHUNK`` values) into one float32 scratch buffer that stays in
-cache, then reduced like float32. That costs one op pair per chunk: the number
-of launches grows with the bytes of half-precision tensors, never with the
-number of layers.
+widen bfloat16/float16 to float32 on the fly take ~30x a read, and its fast
+bfloat16 row norm rounds each row's norm to bfloat16 (2^-9). They are widened
+instead chunk by chunk (``HALF_CHUNK`` values) into one float32 scratch buffer
+that stays in cache, then reduced like float32: a widening copy and a float32
+norm, each about as long as a read, so half precision costs ~3 reads. That is
+one op pair per chunk: the number of launches grows with the bytes of
+half-precision tensors, never with the number of layers.
 
 On CUDA, and under ``torch.compile``, none of this is used: their reductions are
 trees (accurate), and there the number of launches matters.
@@ -42,15 +48,16 @@ __all__ = ["HALF_CHUNK", "LARGE_VALUES", "ROW_VALUES", "RowNorms", "by_rows", "r
 #: From this many values a CPU tensor is measured by rows.
 LARGE_VALUES = 1 << 12
 #: Values per row of an L2 norm: short enough that a row's float32 sum of squares
-#: stays at ~1e-7 relative error.
+#: stays within 1e-6 relative error even for constant data (8.2e-7).
 ROW_VALUES = {
-    torch.float32: 1024,
+    torch.float32: 768,
     torch.float64: 4096,
-    torch.bfloat16: 1024,  # widened to float32 first: the same rows as float32
-    torch.float16: 1024,
+    torch.bfloat16: 768,  # widened to float32 first: the same rows as float32
+    torch.float16: 768,
 }
-#: Values of a half-precision tensor widened to float32 at once (256 KiB of scratch).
-HALF_CHUNK = 1 << 16
+#: Values of a half-precision tensor widened to float32 at once (4 MiB of scratch),
+#: rounded down to whole rows.
+HALF_CHUNK = 1 << 20
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -71,7 +78,7 @@ def row_width(dtype: torch.dtype, p: float) -> int:
 
     Examples:
         >>> row_width(torch.float32, 2.0), row_width(torch.float32, 1.0)
-        (1024, 256)
+        (768, 192)
     """
     width = ROW_VALUES[dtype]
     return width if p == 2.0 or dtype == torch.float64 else width // 4
@@ -80,9 +87,14 @@ def row_width(dtype: torch.dtype, p: float) -> int:
 def _row_count(dtype: torch.dtype, width: int, numel: int) -> int:
     """Rows a tensor fills in the row buffer (a partial row counts as one)."""
     if dtype in _HALF:
-        full, rest = divmod(numel, HALF_CHUNK)
-        return full * (HALF_CHUNK // width) + math.ceil(rest / width)
+        full, rest = divmod(numel, _chunk(width))
+        return full * (_chunk(width) // width) + math.ceil(rest / width)
     return math.ceil(numel / (_exact_width(numel, width) or width))
+
+
+def _chunk(width: int) -> int:
+    """Values of a half-precision tensor widened at once: whole rows of ``width``."""
+    return HALF_CHUNK // width * width
 
 
 def _exact_width(numel: int, width: int) -> int:
@@ -113,15 +125,17 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass(eq=False)
 class RowNorms:
-    """The large tensors of one CPU (dtype) run and where their rows go.
+    """The tensors of one CPU (dtype) run and where their rows go.
 
     Args:
         dtype: the run's dtype.
         numels: the size of each tensor of the run.
         width: values per row (`row_width`).
 
-    ``small``/``large`` are run-local indices; the other tensors of the run are
-    measured with one ``_foreach_norm`` as before.
+    ``small``/``large`` are run-local indices. Every tensor owns a segment of the
+    row buffer, in run order: a large tensor its row norms, a small one a single
+    slot for its whole norm (measured with one ``_foreach_norm`` for all of them),
+    so that one segmented sum gives every tensor's norm in order.
     """
 
     dtype: torch.dtype
@@ -131,29 +145,37 @@ class RowNorms:
     def __post_init__(self) -> None:
         self.large = [i for i, n in enumerate(self.numels) if n >= LARGE_VALUES]
         self.small = [i for i, n in enumerate(self.numels) if n < LARGE_VALUES]
-        counts = [_row_count(self.dtype, self.width, self.numels[i]) for i in self.large]
-        self.starts = [sum(counts[:k]) for k in range(len(counts))]
-        self.counts = counts
+        counts = [
+            _row_count(self.dtype, self.width, n) if n >= LARGE_VALUES else 1 for n in self.numels
+        ]
+        starts = [0, *itertools.accumulate(counts)]
         wide = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self.rows = torch.zeros(sum(counts), dtype=wide)
-        # where each large tensor's rows start and end in the row buffer
-        self.offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.long)
-        self.small_t = torch.tensor(self.small, dtype=torch.long)
-        self.large_t = torch.tensor(self.large, dtype=torch.long)
-        self.scratch = torch.zeros(HALF_CHUNK if self.dtype in _HALF else 0, dtype=torch.float32)
+        self.rows = torch.zeros(starts[-1], dtype=wide)
+        # the rows' p-th powers, summed in float64 whatever the dtype
+        self.powered = torch.zeros(starts[-1], dtype=torch.float64)
+        self.offsets = torch.tensor(starts, dtype=torch.long)
+        half = self.dtype in _HALF
+        self.scratch = torch.zeros(_chunk(self.width) if half else 0, dtype=torch.float32)
         # made once: each large tensor's slice of the row buffer, and its exact row length
-        self.outs = [self.rows[s : s + c] for s, c in zip(self.starts, counts, strict=True)]
+        self.outs = [self.rows[starts[i] : starts[i + 1]] for i in self.large]
+        self.slots = [self.rows[starts[i]] for i in self.small]
         self.exact = [
             0 if self.dtype in _HALF else _exact_width(self.numels[i], self.width)
             for i in self.large
         ]
 
     def norms(
-        self, tensors: list[torch.Tensor], p: float, small: torch.Tensor | None
+        self,
+        tensors: list[torch.Tensor],
+        p: float,
+        small: tuple[torch.Tensor, ...] | list[torch.Tensor] | None,
+        dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
-        """``(len(tensors),)`` float32 (float64) p-norms, ``small`` those of the small tensors.
+        """``(len(tensors),)`` p-norms in ``dtype``, ``small`` those of the small tensors (0-d).
 
-        ``p`` is finite and positive.
+        ``p`` is finite and positive. The rows' p-th powers are taken in their
+        own precision (a relative error of 2^-24 in float32, and no overflow:
+        each is about the row's own finite accumulator), and summed in float64.
         """
         for i, out, width in zip(self.large, self.outs, self.exact, strict=True):
             tensor = tensors[i]
@@ -161,16 +183,16 @@ class RowNorms:
                 torch.linalg.vector_norm(tensor.view(-1, width), p, dim=1, out=out)
             else:
                 self._rows(tensor, p, out, width or self.width)
-        wide = self.rows.to(torch.float64)
-        powered = wide.square() if p == 2.0 else wide.pow(p)
+        if small is not None:
+            torch._foreach_copy_(self.slots, small)
+        if p == 2.0:
+            torch.mul(self.rows, self.rows, out=self.powered)
+        else:
+            torch.pow(self.rows, p, out=self.powered)
         # one sum per tensor (segment_reduce: ~5x faster than index_add_ on the CPU)
-        sums = torch.segment_reduce(powered, "sum", offsets=self.offsets)
-        large = (sums.sqrt() if p == 2.0 else sums.pow(1.0 / p)).to(self.rows.dtype)
-        if small is None:
-            return large
-        out = torch.empty(len(self.numels), dtype=self.rows.dtype)
-        out.index_copy_(0, self.small_t, small.to(self.rows.dtype))
-        return out.index_copy_(0, self.large_t, large)
+        sums = torch.segment_reduce(self.powered, "sum", offsets=self.offsets)
+        out = torch.empty(len(self.numels), dtype=dtype)  # new each step: reports keep it
+        return torch.sqrt(sums, out=out) if p == 2.0 else torch.pow(sums, 1.0 / p, out=out)
 
     def _rows(self, tensor: torch.Tensor, p: float, out: torch.Tensor, width: int) -> None:
         """Write the p-norms of ``tensor``'s rows of ``width`` values into ``out``."""
@@ -191,7 +213,7 @@ class RowNorms:
                 torch.linalg.vector_norm(flat[full * width :], p, out=out[full])
             return
         at = 0
-        for chunk in torch.split(flat, HALF_CHUNK):
+        for chunk in torch.split(flat, self.scratch.numel()):
             n = chunk.numel()
             rows = -(-n // width)
             scratch = self.scratch[: rows * width]
