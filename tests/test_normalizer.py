@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -139,6 +140,64 @@ def test_parameters_swapped_behind_the_hooks_are_found() -> None:
     assert float(
         torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm()
     ) == pytest.approx(1.0)
+
+
+class _Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): nn.Linear(4, 4) for i in range(3)})
+        self.stack = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.head: nn.Module = nn.Linear(4, 1)
+
+
+@pytest.mark.parametrize(
+    ("remove", "gone"),
+    [
+        (lambda m: m.blocks.pop("1"), "blocks.1"),
+        (lambda m: m.blocks.__delitem__("2"), "blocks.2"),
+        (lambda m: m.stack.__delitem__(0), "stack.2"),  # a ModuleList renumbers the rest
+        (lambda m: delattr(m, "head"), "head"),
+    ],
+    ids=["ModuleDict.pop", "del ModuleDict[k]", "del ModuleList[i]", "del model.head"],
+)
+def test_a_deleted_submodule_leaves_the_layers_and_its_stale_gradient_alone(
+    remove: Any, gone: str
+) -> None:
+    # deletions call no registration hook: a global rule would keep counting the
+    # removed layer's last gradient, and keep scaling it
+    model = _Blocks()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(1.0))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert gone in normalizer.apply().layer_names
+    removed = [p for p in model.parameters()]
+    remove(model)
+    kept = {id(p) for p in model.parameters()}
+    stale = [p for p in removed if id(p) not in kept]
+    before = [p.grad.clone() for p in stale]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    report = normalizer.apply()
+    assert gone not in report.layer_names
+    owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(False))]
+    assert report.layer_names == owners
+    assert all(torch.equal(p.grad, b) for p, b in zip(stale, before))
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert float(total) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_module_deleted_from_a_custom_grouping_is_seen() -> None:
+    stack = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+    normalizer = gradclip.GradientNormalizer({"stack": stack}, gradclip.ClipGlobalNorm(1.0))
+    for p in stack.parameters():
+        p.grad = torch.ones_like(p)
+    normalizer.apply()
+    del stack[2]
+    for p in stack.parameters():
+        p.grad = torch.ones_like(p)
+    normalizer.apply()
+    total = torch.cat([p.grad.flatten() for p in stack.parameters()]).norm()
+    assert float(total) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_normalize_cache_does_not_keep_the_model_alive() -> None:

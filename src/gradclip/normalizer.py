@@ -20,6 +20,7 @@ from gradclip.config import parse_config
 from gradclip.copying import Copyable
 from gradclip.core.agreement import check_process_group, ddp_group
 from gradclip.core.checkpoint import covers_of, fresh_rows, save_state
+from gradclip.core.children import ModelStructure
 from gradclip.core.engine import Engine
 from gradclip.core.identity import LoadResult
 from gradclip.core.layers import (
@@ -28,7 +29,6 @@ from gradclip.core.layers import (
     build_layers,
     reusable,
     same_layers,
-    structure_version,
     watch_module_structure,
 )
 from gradclip.core.nonfinite import check_nonfinite
@@ -141,7 +141,7 @@ class GradientNormalizer(Recording, Copyable):
         self._model_ref: weakref.ref[nn.Module] | None = None
         self._target = None if isinstance(model, nn.Module) else reusable(model)
         watch_module_structure()  # model.head = ..., also inside a custom grouping
-        self._version = structure_version()
+        self._structure = ModelStructure(stages if stages is not None else model)
         self._lock = threading.Lock()
         self._attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = (
             weakref.WeakKeyDictionary()
@@ -206,10 +206,10 @@ class GradientNormalizer(Recording, Copyable):
         model = self._target if self._target is not None else self._module()
         if model is None:
             return False
-        stale = force or self._version != structure_version() or self._engine.swapped()
+        stale = force or self._structure.changed() or self._engine.swapped()
         if not stale:
             return False
-        self._version = structure_version()
+        self._structure = ModelStructure(self._stages if self._stages is not None else model)
         layers = stage_layers(self._stages) if self._stages is not None else build_layers(model)
         same = same_layers(layers, self._engine.layers)
         if not same:
