@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -287,7 +286,6 @@ def case_gradient_mismatch() -> dict[str, Any]:
 
 
 def _worker(rank: int, init_method: str, outdir: str) -> None:
-    import torch.distributed as dist
 
     from gradclip.commands.bench_distributed import gloo_rank
 
@@ -307,16 +305,7 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
         cases.append(("hsdp:checkpoint", lambda: case_checkpoint(outdir)))
         cases.append(("hsdp:disagreement", case_disagreement))
         cases.append(("hsdp:gradient-mismatch", case_gradient_mismatch))
-        only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
-        for case, call in cases:
-            if only and not case.startswith(only):
-                continue
-            try:
-                results[case] = {"ok": True, **call()}
-            except Exception:
-                results[case] = {"ok": False, "msg": traceback.format_exc()}
-            with contextlib.suppress(Exception):
-                dist.barrier()
+        pr.run_cases(cases, results, meet_after_each=True)
 
 
 def launch(outdir: Path, timeout_s: float) -> list[dict[str, Any]]:

@@ -459,7 +459,6 @@ def _written(outdir: str, phase: str, rank: int, results: dict[str, Any]) -> Ite
 
 
 def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from gradclip.commands.bench_distributed import gloo_rank
@@ -500,16 +499,32 @@ def _worker(rank: int, init_method: str, outdir: str, phase: str) -> None:
             import pipeline_edges
 
             cases += pipeline_edges.edge_cases(sys.modules[__name__], mesh)
-        only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
-        for case, call in cases:
-            if only and not case.startswith(only):
-                continue
-            try:
-                results[case] = {"ok": True, **call()}
-            except Exception:
-                results[case] = {"ok": False, "msg": traceback.format_exc()}
-                with contextlib.suppress(Exception):
-                    dist.barrier()
+        run_cases(cases, results, meet_after_each=False)
+
+
+def run_cases(
+    cases: list[tuple[str, Callable[[], dict[str, Any]]]],
+    results: dict[str, Any],
+    meet_after_each: bool,
+) -> None:
+    """Run each case into ``results[case]`` (``ok`` and its figures, or the traceback);
+    the ranks meet after a failed case (``meet_after_each``: after every case), so that
+    one rank's failure does not leave the others inside the next case's collectives."""
+    import torch.distributed as dist
+
+    only = os.environ.get("GRADCLIP_PIPELINE_CASES")  # a prefix, when debugging
+    for case, call in cases:
+        if only and not case.startswith(only):
+            continue
+        ok = True
+        try:
+            results[case] = {"ok": True, **call()}
+        except Exception:
+            ok = False
+            results[case] = {"ok": False, "msg": traceback.format_exc()}
+        if meet_after_each or not ok:
+            with contextlib.suppress(Exception):
+                dist.barrier()
 
 
 def launch(outdir: Path, timeout_s: float) -> list[dict[str, Any]]:
