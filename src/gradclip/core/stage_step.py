@@ -78,12 +78,7 @@ def prepare_step(engine: Any) -> tuple[Plan, list[torch.Tensor], Measurement] | 
     if pipe is not None and collective is None:
         return prepare_stages(engine, pipe, sharded)
     if collective is None:  # plain tensors, or a configuration that reduces nothing
-        grads_by_param, signature = engine.gather()
-        plan = engine.plan(signature, grads_by_param)
-        plan.changes_group = None if sharded is None else sharded.changes
-        grads = plan.select(grads_by_param)
-        if plan.sharding is not None:
-            grads = local_tensors(grads)
+        plan, grads = planned(engine, sharded)
         if not grads:
             return NormReport.empty(plan)
         return plan, grads, measure(plan, grads)
@@ -155,6 +150,15 @@ def _exchange(
     return reduced, alarms
 
 
+def planned(engine: Any, sharded: ShardedModel | None) -> tuple[Plan, list[torch.Tensor]]:
+    """The step's plan and the gradients it selects (their local pieces, when sharded)."""
+    grads_by_param, signature = engine.gather()
+    plan = engine.plan(signature, grads_by_param)
+    plan.changes_group = None if sharded is None else sharded.changes
+    grads = plan.select(grads_by_param)
+    return plan, local_tensors(grads) if plan.sharding is not None else grads
+
+
 def prepare_stages(
     engine: Any, pipe: Pipeline, sharded: ShardedModel | None
 ) -> tuple[Plan, list[torch.Tensor], Measurement] | NormReport:
@@ -163,12 +167,7 @@ def prepare_stages(
     transport = engine._transport
     assert transport is not None
     try:
-        grads_by_param, signature = engine.gather()
-        plan = engine.plan(signature, grads_by_param)
-        plan.changes_group = None if sharded is None else sharded.changes
-        grads = plan.select(grads_by_param)
-        if plan.sharding is not None:
-            grads = local_tensors(grads)
+        plan, grads = planned(engine, sharded)
         parts = measure_local(plan, grads)
         bad = bad_before(pipe, plan, grads, parts)
         sums, maxima = pipe.partials(plan, parts, *acc_of(engine.params), bad)
