@@ -288,6 +288,14 @@ def case_expert_parallel(name: str, rule: Any) -> dict[str, Any]:
     for dense in (model.embed, model.router, model.head):
         fully_shard(dense, mesh=world)
     normalizer = _normalizer(model, rule)
+    return _against_reference(model, normalizer, reference, ref_norm)
+
+
+def _against_reference(
+    model: nn.Module, normalizer: Any, reference: nn.Module, ref_norm: Any
+) -> dict[str, Any]:
+    """``STEPS`` steps of ``normalizer`` on ``model`` (the same gradients on every rank)
+    beside ``ref_norm`` on the unsplit ``reference``; collectives counted at steps 0 and 2."""
     worst, counts = 0.0, []
     for step in range(STEPS):
         grads = full_grads(step, reference)
@@ -335,21 +343,7 @@ def case_tensor_parallel(name: str, rule: Any) -> dict[str, Any]:
     for block in model.layers.values():
         parallelize_module(block, mesh["tp"], plan)
     normalizer = _normalizer(model, rule, pp_mesh=mesh["pp"])
-    worst, counts = 0.0, []
-    for step in range(STEPS):
-        grads = full_grads(step, reference)
-        for n, p in reference.named_parameters():
-            p.grad = grads[n].clone()
-        ref_norm.apply()
-        _set(model, grads, None)
-        counter = CollectiveCounter() if step in (0, 2) else contextlib.nullcontext()
-        with counter:
-            normalizer.apply()
-        if isinstance(counter, CollectiveCounter):
-            counts.append(len(counter.ops))
-        for n, p in model.named_parameters():
-            worst = max(worst, _mismatch(_full(p.grad), reference.get_parameter(n).grad))
-    return {"worst": worst, "collectives": counts, "total_error": 0.0}
+    return _against_reference(model, normalizer, reference, ref_norm)
 
 
 def case_bench(mesh: Any) -> dict[str, Any]:
