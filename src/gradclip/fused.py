@@ -57,6 +57,9 @@ __all__ = [
     "attach_fused",
     "fusable",
     "init_momentum",
+    "kernel_scale",
+    "momentum_if_skipping",
+    "skip_flag",
 ]
 
 _MISSING: Any = object()
@@ -93,6 +96,32 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format
                 )
+
+
+def momentum_if_skipping(optimizer: torch.optim.Optimizer) -> None:
+    """`init_momentum` before a step whose ``found_inf`` is set: it may be skipped."""
+    if optimizer.__dict__.get("found_inf") is not None:
+        init_momentum(optimizer)
+
+
+def skip_flag(found: torch.Tensor | None, bad: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``found_inf`` of a step: the scaler's, gradclip's non-finite flag, or their maximum.
+
+    Examples:
+        >>> skip_flag(torch.tensor(0.0), torch.tensor(True))
+        tensor(1.)
+        >>> skip_flag(None, None) is None
+        True
+    """
+    if bad is None:
+        return found
+    flag = bad.to(torch.float32)
+    return flag if found is None else torch.maximum(found.to(flag.device), flag)
+
+
+def kernel_scale(divisor: torch.Tensor | None) -> torch.Tensor | None:
+    """``divisor`` as the fused kernels read ``grad_scale``: float32 (``None``: no division)."""
+    return None if divisor is None else divisor.to(torch.float32)
 
 
 class ParamCover:
@@ -232,12 +261,9 @@ def attach_fused(
         )
         assert ran is not None
         grad_scale, bad, _ = ran
-        skip = None if found is _MISSING or found is None else found
-        if bad is not None:
-            flag = bad.to(torch.float32)
-            skip = flag if skip is None else torch.maximum(skip.to(flag.device), flag)
-        if grad_scale is not None:  # the fused kernels read a float32 scale
-            opt.grad_scale = grad_scale.to(torch.float32)  # type: ignore[attr-defined]
+        skip = skip_flag(None if found is _MISSING else found, bad)
+        if grad_scale is not None:
+            opt.grad_scale = kernel_scale(grad_scale)  # type: ignore[attr-defined]
         else:  # unscaled already (put back after the step)
             opt.__dict__.pop("grad_scale", None)
         if skip is not None:
@@ -259,8 +285,7 @@ def attach_fused(
             return original(*args, **kwargs)
         if prepared[0]:  # the scaler set grad_scale and found_inf from gradclip's
             prepared[0] = False
-            if opt.__dict__.get("found_inf") is not None:
-                init_momentum(opt)
+            momentum_if_skipping(opt)
             entered[0] = True
             try:
                 return original(*args, **kwargs)
@@ -298,8 +323,7 @@ def attach_fused(
         unguard(opt, args, kwargs)  # a guarded step that raised left them set
         if prepared[0]:
             prepared[0] = False
-            if opt.__dict__.get("found_inf") is not None:
-                init_momentum(opt)
+            momentum_if_skipping(opt)
             return
         saved[:] = [opt.__dict__.get(name, _MISSING) for name in names]
         hand_over(opt, *saved)
@@ -315,12 +339,12 @@ def attach_fused(
         if ran is None:
             return None
         grad_scale, bad, found = ran
-        assert found is not None
+        flag = skip_flag(found, bad)
+        assert flag is not None
         if bad is not None:
-            found = torch.maximum(found, bad.to(found))
-            handle.count(found)
+            handle.count(flag)
         prepared[0] = True
-        return None if grad_scale is None else grad_scale.to(torch.float32), found
+        return kernel_scale(grad_scale), flag
 
     def finish() -> None:
         prepared[0] = False

@@ -15,7 +15,14 @@ import torch
 
 from gradclip.core.engine import Engine
 from gradclip.core.report import NormReport
-from gradclip.fused import FusedStep, attach_fused, fusable, init_momentum
+from gradclip.fused import (
+    FusedStep,
+    attach_fused,
+    fusable,
+    kernel_scale,
+    momentum_if_skipping,
+    skip_flag,
+)
 from gradclip.fused_scaler import attach_scaler, check_scaler
 from gradclip.hooks import AttachHandle
 
@@ -81,14 +88,10 @@ def fused_once(
     engine = _run_locked(normalizer, fused_step, scale, found, False, step)
     assert engine is not None and normalizer.last_report is not None
     # None: unscaled already (the scaler deletes the attribute after the step)
-    divisor = None if engine.divisor is None else engine.divisor.to(torch.float32)
-    optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+    optimizer.grad_scale = kernel_scale(engine.divisor)  # type: ignore[attr-defined]
     if engine.bad_step is not None:
-        flag = engine.bad_step.to(torch.float32)
-        found = flag if found is None else torch.maximum(found.to(flag.device), flag)
-        optimizer.found_inf = found  # type: ignore[attr-defined]
-    if found is not None:
-        init_momentum(optimizer)
+        optimizer.found_inf = skip_flag(found, engine.bad_step)  # type: ignore[attr-defined]
+    momentum_if_skipping(optimizer)
     return normalizer.last_report
 
 
@@ -123,14 +126,11 @@ class ScalerCheckOnce:
             engine = _run_locked(normalizer, fused_step, scale, None, True, step)
             if engine is None:
                 return None
-            found = engine.found_inf
+            found = skip_flag(engine.found_inf, engine.bad_step)
             assert found is not None and normalizer.last_report is not None
-            if engine.bad_step is not None:
-                found = torch.maximum(found, engine.bad_step.to(found))
             on_report(normalizer.last_report)
             self.taken = True
-            divisor = None if engine.divisor is None else engine.divisor.to(torch.float32)
-            return divisor, found
+            return kernel_scale(engine.divisor), found
 
         self._off = attach_scaler(scaler, optimizer, prepare, self.remove)
 
@@ -141,8 +141,7 @@ class ScalerCheckOnce:
     @staticmethod
     def before_step(optimizer: torch.optim.Optimizer) -> None:
         """In the step the scaler prepared: what a step skipped through ``found_inf`` needs."""
-        if optimizer.__dict__.get("found_inf") is not None:
-            init_momentum(optimizer)
+        momentum_if_skipping(optimizer)
 
 
 def fused_hook(
