@@ -39,6 +39,7 @@ way (`fusable` says why).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 _MISSING: Any = object()
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def fusable(optimizer: torch.optim.Optimizer) -> str | None:
@@ -74,9 +76,15 @@ def fusable(optimizer: torch.optim.Optimizer) -> str | None:
         True
         >>> fusable(torch.optim.AdamW([w]))
         'its step is not fused (fused=True)'
+        >>> fusable(torch.optim.AdamW([{"params": [w], "fused": False}], fused=True))
+        'a parameter group has fused=False'
     """
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return "its step is not fused (fused=True)"
+    default = optimizer.defaults.get("fused")
+    if not all(group.get("fused", default) for group in optimizer.param_groups):
+        # torch's unfused update asserts that grad_scale and found_inf are None
+        return "a parameter group has fused=False"
     if isinstance(optimizer, torch.optim.SGD):
         for group in optimizer.param_groups:
             if group.get("momentum", 0) and group.get("dampening", 0):
@@ -167,8 +175,24 @@ class FusedStep:
         found: torch.Tensor | None,
         find_inf: bool = False,
     ) -> NormReport:
-        fold = self.fold and self._cover(engine).same(self.optimizer)
-        return engine.step(FusedArgs(scale, found, fold, self.skip_on_device, find_inf))
+        """Run ``engine``'s step for the optimizer's coming step.
+
+        Raises:
+            RuntimeError: the optimizer's step can no longer take ``grad_scale``
+                (a parameter group added since ``attach`` is not fused); nothing
+                is modified.
+        """
+        why = fusable(self.optimizer)
+        if why is not None:
+            raise RuntimeError(
+                f"gradclip was attached to this optimizer as a fused one, but now {why}: "
+                "call remove() on the handle attach returned and attach again"
+            )
+        exclusive = self.checks_all(engine)
+        fold = self.fold and exclusive
+        return engine.step(
+            FusedArgs(scale, found, fold, self.skip_on_device, find_inf, exclusive=exclusive)
+        )
 
     def _cover(self, engine: Engine) -> ParamCover:
         cover = self._covers.get(id(engine))
@@ -178,13 +202,19 @@ class FusedStep:
         return cover
 
     def checks_all(self, engine: Engine) -> bool:
-        """Whether the engine reads every gradient the optimizer updates (``GradScaler``'s check).
+        """Whether the engine reads every gradient the optimizer updates.
 
         The optimizer must update exactly the engine's parameters, and no frozen
-        one (which the engine leaves out) may have a gradient.
+        one (which the engine leaves out) may have a gradient. Only then may its
+        ``grad_scale`` carry a coefficient (it divides every gradient the
+        optimizer updates), and may the engine take ``GradScaler``'s check.
         """
-        return self._cover(engine).same(self.optimizer) and all(
-            p.requires_grad or p.grad is None for p in engine.params
+        if not self._cover(engine).same(self.optimizer):
+            return False
+        params = engine.params
+        # C-level pass for the usual case: every parameter trainable
+        return all(map(_REQUIRES_GRAD, params)) or all(
+            p.requires_grad or p.grad is None for p in params
         )
 
 

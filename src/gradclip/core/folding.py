@@ -116,6 +116,10 @@ class FusedArgs:
             without one, e.g. ``apply()``); a uniform coefficient is then carried
             through the rounds and applied at the end, by the kernel (``fold``) or
             by `finish`.
+        exclusive: the optimizer updates the step's gradients only (no other
+            parameter, no frozen one with a gradient). Otherwise its ``grad_scale``
+            must stay ``divisor``, which its other gradients still carry: a uniform
+            coefficient is then multiplied in, as a per-layer one is.
     """
 
     divisor: torch.Tensor | None = None
@@ -124,6 +128,7 @@ class FusedArgs:
     skip_on_device: bool = False
     find_inf: bool = False
     optimizer_step: bool = True
+    exclusive: bool = True
 
     def begin(
         self, plan: Plan, measured: Measurement
@@ -144,7 +149,10 @@ class FusedArgs:
                     "scaler.step(optimizer)"
                 )
             measured = true_norms(measured, self.divisor)
-        uniform = self.optimizer_step and foldable(plan)
+        # Divided here by S / c, the step's gradients would leave S to the others
+        uniform = (
+            self.optimizer_step and (self.exclusive or self.divisor is None) and foldable(plan)
+        )
         carried = self.divisor
         if uniform and carried is None:
             carried = torch.ones((), dtype=plan.acc_dtype, device=plan.device)

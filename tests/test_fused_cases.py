@@ -1,0 +1,179 @@
+"""Fused optimizers on the cases users meet: what ``grad_scale`` may carry, and when.
+
+Each case is compared with the same step without folding: ``scaler.unscale_``
+where a ``GradScaler`` is used, ``normalizer.apply()``, then the same fused
+optimizer's step. Parameters the normalizer does not normalize must come out
+identical; the normalized ones within one unit in the last place (the folded
+kernel divides by ``1 / c`` where ``apply()`` multiplies by ``c``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from test_fused import _within_ulps
+from torch import nn
+
+import gradclip
+
+MakeOpt = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, MakeOpt] = {
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True),
+}
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9))
+
+
+def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler | None) -> None:
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
+    loss = model(x).square().mean() * 10
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+class _Loop:
+    """A model, its fused optimizer (over ``extra`` too) and a normalizer of the model.
+
+    ``how``: ``"attach"``, ``"attach fold=False"``, ``"attach scaler="`` or
+    ``"reference"`` (``unscale_``, ``apply()``, then the step).
+    """
+
+    def __init__(self, how: str, make_opt: MakeOpt, amp: bool, extra: bool = False) -> None:
+        self.model = _model()
+        self.extra = [nn.Parameter(torch.linspace(-1.0, 1.0, 5))] if extra else []
+        self.opt = make_opt([*self.model.parameters(), *self.extra])
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if amp else None
+        self.normalizer = gradclip.GradientNormalizer(self.model, gradclip.ClipGlobalNorm(0.05))
+        self.how = how
+        if how != "reference":
+            scaler = self.scaler if how == "attach scaler=" else None
+            self.normalizer.attach(self.opt, fold=how != "attach fold=False", scaler=scaler)
+
+    def backward(self, k: int) -> None:
+        self.opt.zero_grad()
+        _backward(self.model, k, self.scaler)
+        for p in self.extra:
+            grad = torch.full_like(p, 2.0)
+            p.grad = grad if self.scaler is None else self.scaler.scale(grad)
+
+    def copy_from(self, other: _Loop) -> None:
+        """Start the next step from ``other``'s state (each step is compared on its own)."""
+        with torch.no_grad():
+            for p, q in zip(self.params(), other.params(), strict=True):
+                p.copy_(q)
+        self.opt.load_state_dict(copy.deepcopy(other.opt.state_dict()))
+        self.normalizer.load_state_dict(other.normalizer.state_dict())
+        if self.scaler is not None and other.scaler is not None:
+            self.scaler.load_state_dict(other.scaler.state_dict())
+
+    def params(self) -> list[nn.Parameter]:
+        return [*self.model.parameters(), *self.extra]
+
+    def step(self) -> None:
+        if self.how == "reference":
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            self.normalizer.apply()
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+
+
+def _same_step(ours: _Loop, ref: _Loop, k: int, before: list[torch.Tensor]) -> None:
+    normalized = {id(p) for p in ours.model.parameters() if p.requires_grad}
+    pairs = zip(ours.params(), ref.params(), before, strict=True)
+    for i, (p, q, b) in enumerate(pairs):
+        if id(p) in normalized:
+            assert _within_ulps(p.detach(), q.detach(), b), (k, i)
+        else:  # left to the optimizer: divided by the scale only
+            assert torch.equal(p, q), (k, i)
+    ref.copy_from(ours)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("how", ["attach", "attach fold=False", "attach scaler="])
+def test_a_parameter_the_normalizer_does_not_cover_is_unscaled_all_the_same(
+    opt_name: str, how: str
+) -> None:
+    # The optimizer also updates a parameter outside the model: its gradient still
+    # carries the GradScaler's S, so grad_scale must stay S for it and the
+    # coefficient be multiplied into the model's gradients.
+    ours = _Loop(how, OPTIMIZERS[opt_name], amp=True, extra=True)
+    ref = _Loop("reference", OPTIMIZERS[opt_name], amp=True, extra=True)
+    for k in range(3):
+        before = [p.detach().clone() for p in ours.params()]
+        for loop in (ours, ref):
+            loop.backward(k)
+            loop.step()
+        _same_step(ours, ref, k, before)
+        assert "grad_scale" not in ours.opt.__dict__
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "GradScaler"])
+@pytest.mark.parametrize("how", ["attach", "attach fold=False", "attach scaler="])
+def test_a_frozen_parameter_that_kept_its_gradient_is_not_divided_by_the_coefficient(
+    opt_name: str, amp: bool, how: str
+) -> None:
+    # Frozen after backward (or zero_grad(set_to_none=False)): the normalizer
+    # leaves it out of its norms, the optimizer still updates it
+    if how == "attach scaler=" and not amp:
+        pytest.skip("scaler= needs a GradScaler")
+    ours = _Loop(how, OPTIMIZERS[opt_name], amp)
+    ref = _Loop("reference", OPTIMIZERS[opt_name], amp)
+    for k in range(3):
+        before = [p.detach().clone() for p in ours.params()]
+        for loop in (ours, ref):
+            loop.backward(k)
+            loop.model[2].bias.requires_grad_(k % 2 == 1)
+            loop.step()
+        _same_step(ours, ref, k, before)
+    report = ours.normalizer.last_report
+    assert report is not None and float(report.total_norm()) < 100  # true norms
+
+
+def test_parameter_groups_that_are_not_all_fused() -> None:
+    # torch's unfused update asserts that grad_scale and found_inf are None
+    model = _model()
+    first, *rest = model.parameters()
+    opt = torch.optim.AdamW(
+        [{"params": [first]}, {"params": rest, "fused": False}], lr=0.01, fused=True
+    )
+    assert gradclip.fused.fusable(opt) == "a parameter group has fused=False"
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05), nonfinite="skip")
+    handle = normalizer.attach(opt)
+    assert not isinstance(handle, gradclip.fused.FusedHandle)  # normalized as by apply()
+    _backward(model, 0, None)
+    opt.step()
+    assert float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()) == (  # type: ignore[union-attr]
+        pytest.approx(0.05, rel=1e-6)
+    )
+    # such a group added after attach: refused before anything changes
+    model = _model()
+    first, *rest = model.parameters()
+    opt = torch.optim.AdamW([first], lr=0.01, fused=True)
+    normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip(warmup_steps=1))
+    handle = normalizer.attach(opt)
+    opt.add_param_group({"params": rest, "fused": False})
+    _backward(model, 0, None)
+    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    params = [p.detach().clone() for p in model.parameters()]
+    state = repr(normalizer.state_dict())
+    with pytest.raises(RuntimeError, match=r"fused=False.*attach again"):
+        opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert repr(normalizer.state_dict()) == state
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+    handle.remove()
+    normalizer.attach(opt)  # as the message says: now the unfused path
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
