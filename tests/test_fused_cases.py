@@ -177,3 +177,47 @@ def test_parameter_groups_that_are_not_all_fused() -> None:
     normalizer.attach(opt)  # as the message says: now the unfused path
     opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_a_closure_is_evaluated_first_and_its_gradients_normalized(
+    opt_name: str, nonfinite: str
+) -> None:
+    # torch's fused steps evaluate the closure, then update with its gradients
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    ours, ref = _model(), _model()
+    opt, opt_ref = (OPTIMIZERS[opt_name](list(m.parameters())) for m in (ours, ref))
+    normalizer = gradclip.GradientNormalizer(ours, "ClipL2PerLayer", 0.05, nonfinite=nonfinite)
+    handle = normalizer.attach(opt)
+    hand = gradclip.GradientNormalizer(ref, "ClipL2PerLayer", 0.05)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = ours(x).square().mean()
+        loss.backward()
+        return loss
+
+    for k in range(3):
+        with torch.no_grad():  # as a training loop under no_grad would call it
+            loss = opt.step(closure) if k else opt.step(closure=closure)
+        opt_ref.zero_grad()
+        expected = ref(x).square().mean()
+        expected.backward()
+        hand.apply()
+        opt_ref.step()
+        assert torch.equal(loss, expected)
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p, q), k
+    assert calls == [True] * 3
+    assert isinstance(handle, gradclip.fused.FusedHandle) and handle.skipped_steps == 0
+    # a step that bypasses the wrapper (a copy of the step taken before attach)
+    # cannot normalize what its closure computes later: refused, nothing changed
+    params = [p.detach().clone() for p in ours.parameters()]
+    with pytest.raises(RuntimeError, match="bypassed"):
+        type(opt).step(opt, closure)
+    assert calls == [True] * 3
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), params, strict=True))
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__

@@ -49,7 +49,7 @@ from gradclip.core.engine import Engine
 from gradclip.core.folding import FusedArgs
 from gradclip.core.report import NormReport
 from gradclip.fused_scaler import attach_scaler
-from gradclip.hooks import AttachHandle, StepWrapper
+from gradclip.hooks import AttachHandle, StepWrapper, closure_of
 
 __all__ = [
     "FusedHandle",
@@ -321,11 +321,14 @@ def attach_fused(
                 return original(*args, **kwargs)
             finally:
                 entered[0] = False
-        if any(callable(a) for a in (*args, *kwargs.values())):  # accelerate passes None
-            raise RuntimeError(
-                "gradclip attached to a fused optimizer normalizes the gradients of the last "
-                "backward pass; fused optimizers take no closure"
-            )
+        closure = closure_of(opt, args, kwargs)  # accelerate passes None
+        loss = None
+        if closure is not None:
+            # What torch's fused steps do first: the update then uses these gradients.
+            # Run here, so that they are normalized before the kernel reads them.
+            with torch.enable_grad():
+                loss = closure()
+            args, kwargs = (), {}
         before = [opt.__dict__.get(name, _MISSING) for name in names]
         try:
             hand_over(opt, *before)
@@ -340,7 +343,7 @@ def attach_fused(
         finally:
             entered[0] = False
         put_back(opt, before)
-        return result
+        return result if closure is None else loss
 
     def guard(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Inside every Optimizer.step, whoever calls it: a step that bypassed the
@@ -355,6 +358,13 @@ def attach_fused(
             prepared[0] = False
             momentum_if_skipping(opt)
             return
+        if closure_of(opt, args, kwargs) is not None:
+            # the step would compute its gradients after the normalizer ran
+            raise RuntimeError(
+                "a closure was passed to a step that bypassed gradclip's wrapper of this fused "
+                "optimizer (a copy of its step taken before attach): call "
+                "optimizer.step(closure) itself, or the closure first and then the step"
+            )
         saved[:] = [opt.__dict__.get(name, _MISSING) for name in names]
         hand_over(opt, *saved)
         guarded[0] = _grads_token(opt)

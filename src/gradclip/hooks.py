@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["AttachHandle", "StepWrapper", "attach_pre_hook", "attach_skipping"]
+__all__ = ["AttachHandle", "StepWrapper", "attach_pre_hook", "attach_skipping", "closure_of"]
 
 
 def _first(args: tuple[Any, ...], optimizer: torch.optim.Optimizer) -> int:
@@ -31,9 +31,10 @@ def _first(args: tuple[Any, ...], optimizer: torch.optim.Optimizer) -> int:
     return 1 if args and args[0] is optimizer else 0
 
 
-def _closure_of(
+def closure_of(
     optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Callable[[], Any] | None:
+    """The closure ``optimizer.step`` was given (by position or keyword), or ``None``."""
     at = _first(args, optimizer)
     closure = kwargs.get("closure", args[at] if len(args) > at else None)
     return closure if callable(closure) else None
@@ -95,7 +96,7 @@ def attach_pre_hook(
         opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         _check_unscaled(opt)
-        closure = _closure_of(opt, args, kwargs)
+        closure = closure_of(opt, args, kwargs)
         if closure is None:
             apply()
             return None
@@ -164,7 +165,7 @@ def attach_skipping(
 
     def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         if wrapped.active:
-            if _closure_of(opt, args, kwargs) is not None:
+            if closure_of(opt, args, kwargs) is not None:
                 raise RuntimeError(
                     "nonfinite='skip' cannot skip a step whose gradients a closure computes "
                     "inside optimizer.step(closure); use nonfinite='zero' (or 'error') with "
