@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -221,3 +222,43 @@ def test_a_closure_is_evaluated_first_and_its_gradients_normalized(
     assert calls == [True] * 3
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), params, strict=True))
     assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+
+
+class _FailsOnDemand(torch.optim.AdamW):
+    """A fused AdamW whose step raises while ``fail`` is set (after gradclip ran)."""
+
+    fail = False
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.fail:
+            raise ValueError("the optimizer's own error")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("how", ["attach", "attach scaler="])
+def test_an_error_in_the_optimizer_step_leaves_the_scaler_and_the_next_steps_right(
+    how: str,
+) -> None:
+    def make(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return _FailsOnDemand(ps, lr=0.01, weight_decay=0.1, fused=True)
+
+    ours = _Loop(how, make, amp=True)
+    assert ours.scaler is not None and isinstance(ours.opt, _FailsOnDemand)
+    ours.backward(0)
+    ours.step()
+    ours.backward(1)
+    scaler_state = repr(ours.scaler.state_dict())
+    ours.opt.fail = True
+    with pytest.raises(ValueError, match="own error"):
+        ours.step()
+    ours.opt.fail = False
+    assert "grad_scale" not in ours.opt.__dict__ and "found_inf" not in ours.opt.__dict__
+    assert repr(ours.scaler.state_dict()) == scaler_state  # scale and growth tracker
+    ref = _Loop("reference", make, amp=True)
+    ref.copy_from(ours)
+    for k in range(2, 5):
+        before = [p.detach().clone() for p in ours.params()]
+        for loop in (ours, ref):
+            loop.backward(k)
+            loop.step()
+        _same_step(ours, ref, k, before)

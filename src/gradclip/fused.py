@@ -12,12 +12,18 @@ wraps such an optimizer's ``step`` so that each step
    one coefficient ``c`` for all the gradients and folding is on, nothing is
    multiplied and ``grad_scale`` becomes ``S / c`` (``1 / c`` without AMP);
    with folding off, gradclip divides the gradients by that same float32
-   divisor itself, so that both give the optimizer the same gradients;
+   divisor itself, so that both give the optimizer the same gradients. Only
+   where the normalizer reads every gradient the optimizer updates: otherwise
+   (another parameter, a frozen one with a gradient) ``c`` is multiplied in and
+   ``grad_scale`` stays ``S``, which those other gradients still carry;
 3. sets ``grad_scale`` and ``found_inf`` (new tensors: the scaler's own are
    never modified) and calls the optimizer's step; with ``nonfinite="skip"``,
    ``found_inf`` is also 1 when a layer was not finite, decided on the device;
 4. puts back what was there before; when the step raises, removes both
    (``GradScaler`` would have removed its own after the step).
+
+A closure is evaluated first, as torch's fused steps do, so that the
+gradients it computes are the ones normalized.
 
 A step pre-hook does the same for a step that bypassed the wrapper
 (accelerate's fp16 path swaps ``optimizer.step`` for the step it saw before
