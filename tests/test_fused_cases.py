@@ -2,9 +2,12 @@
 
 Each case is compared with the same step without folding: ``scaler.unscale_``
 where a ``GradScaler`` is used, ``normalizer.apply()``, then the same fused
-optimizer's step. Parameters the normalizer does not normalize must come out
-identical; the normalized ones within one unit in the last place (the folded
-kernel divides by ``1 / c`` where ``apply()`` multiplies by ``c``).
+optimizer's step, each step from the same state. Parameters the normalizer
+does not normalize must come out identical. The normalized ones may differ by
+the rounding of their gradient (the kernel divides by ``1 / c`` where
+``apply()`` multiplies by ``c``): within one unit in the last place of the
+step's magnitude for SGD, two for AdamW, whose update rounds that difference
+once more (the worst measured, on AVX-512 and with ATEN_CPU_CAPABILITY=default).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ OPTIMIZERS: dict[str, MakeOpt] = {
     "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True),
 }
+ULPS = {torch.optim.SGD: 1, torch.optim.AdamW: 2}  # see the module docstring
 
 
 def _model() -> nn.Sequential:
@@ -93,7 +97,8 @@ def _same_step(ours: _Loop, ref: _Loop, k: int, before: list[torch.Tensor]) -> N
     pairs = zip(ours.params(), ref.params(), before, strict=True)
     for i, (p, q, b) in enumerate(pairs):
         if id(p) in normalized:
-            assert _within_ulps(p.detach(), q.detach(), b), (k, i)
+            ulps = next(n for kind, n in ULPS.items() if isinstance(ours.opt, kind))
+            assert _within_ulps(p.detach(), q.detach(), b, ulps), (k, i)
         else:  # left to the optimizer: divided by the scale only
             assert torch.equal(p, q), (k, i)
     ref.copy_from(ours)
