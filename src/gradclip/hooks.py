@@ -117,14 +117,21 @@ def attach_pre_hook(
     return AttachHandle(remove)
 
 
+#: per owner, its StepWrappers in the order a call runs them (the first on top)
+_CHAINS: weakref.WeakKeyDictionary[Any, list[StepWrapper]] = weakref.WeakKeyDictionary()
+
+
 class StepWrapper:
     """``optimizer.step`` replaced on the instance by ``step(opt, *args, **kwargs)``.
 
     (Also ``GradScaler.step``, `gradclip.fused_scaler`: any object with a ``step``.)
 
     Installed as a bound method, so that LR schedulers created later can wrap it
-    in turn. `remove` puts the original back; if something wrapped the step after
-    us, it cannot, and turns the wrapper into a pass-through instead (`active`).
+    in turn. A second wrapper of the same owner, while the first is still on
+    top, goes below the ones already there: several normalizers then run in the
+    order they were attached, as step pre-hooks do. `remove` takes the wrapper
+    out; if something else wrapped the step after it, it cannot, and turns the
+    wrapper into a pass-through instead (`active`).
     """
 
     def __init__(
@@ -134,21 +141,43 @@ class StepWrapper:
         forget: Callable[[], None],
     ) -> None:
         self.owner = weakref.ref(optimizer)
-        self.original = optimizer.step
+        self.original: Callable[..., Any]
         self.active = True
-        self._had_instance_step = "step" in optimizer.__dict__
         self._forget = forget
         self.wrapper = types.MethodType(step, optimizer)
+        chain = _CHAINS.get(optimizer)
+        if chain and optimizer.__dict__.get("step") is chain[0].wrapper:
+            last = chain[-1]  # runs ours next, then what it ran
+            self.original, last.original = last.original, self.wrapper
+            self._had_instance_step = False  # (only the top one's is read)
+            chain.append(self)
+            return
+        self.original = optimizer.step
+        self._had_instance_step = "step" in optimizer.__dict__
         optimizer.step = self.wrapper  # type: ignore[method-assign]
+        _CHAINS[optimizer] = [self]
 
     def remove(self) -> None:
+        if not self.active:
+            return
         self.active = False
         opt = self.owner()
-        if opt is not None and opt.__dict__.get("step") is self.wrapper:
-            if self._had_instance_step:
+        chain = None if opt is None else _CHAINS.get(opt)
+        at = next((i for i, w in enumerate(chain or []) if w is self), None)
+        if opt is not None and chain is not None and at is not None and at > 0:
+            chain[at - 1].original = self.original  # spliced out
+            del chain[at]
+        elif opt is not None and opt.__dict__.get("step") is self.wrapper:
+            if chain is not None and at == 0 and len(chain) > 1:
+                chain[1]._had_instance_step = self._had_instance_step
+                opt.step = self.original  # the next one of the chain
+                del chain[0]
+            elif self._had_instance_step:
                 opt.step = self.original  # type: ignore[method-assign]
+                _CHAINS.pop(opt, None)
             else:
                 del opt.step
+                _CHAINS.pop(opt, None)
         self._forget()
 
 
