@@ -9,6 +9,8 @@ within one unit in the last place of the step for SGD).
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -120,3 +122,19 @@ def test_a_wrapper_on_top_of_the_attached_ones_keeps_them_in_order() -> None:
         ours.step(k)
         ref.step(k, by_hand=[2])
         _agree(ours, ref, before)
+
+
+def test_attached_optimizers_and_scalers_are_freed_with_their_normalizers() -> None:
+    # the record of wrappers per owner (for the order) must not keep owners alive
+    refs = []
+    for fused, nonfinite in ((True, "propagate"), (False, "skip")):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        normalizers = [gradclip.GradientNormalizer(model, r(), nonfinite=nonfinite) for r in RULES]
+        for n in normalizers:
+            n.attach(opt, scaler=scaler)
+        refs += [weakref.ref(opt), weakref.ref(scaler)]
+        del model, opt, scaler, normalizers, n
+    gc.collect()
+    assert all(r() is None for r in refs)

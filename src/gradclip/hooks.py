@@ -117,8 +117,17 @@ def attach_pre_hook(
     return AttachHandle(remove)
 
 
-#: per owner, its StepWrappers in the order a call runs them (the first on top)
-_CHAINS: weakref.WeakKeyDictionary[Any, list[StepWrapper]] = weakref.WeakKeyDictionary()
+#: per owner, its StepWrappers in the order a call runs them (the first on top);
+#: weak references: the wrappers must not keep their owner alive
+_CHAINS: weakref.WeakKeyDictionary[Any, list[weakref.ref[StepWrapper]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _chain(owner: Any) -> list[StepWrapper]:
+    """The live wrappers of ``owner``'s chain, in call order."""
+    refs = _CHAINS.get(owner, [])
+    return [w for w in (r() for r in refs) if w is not None]
 
 
 class StepWrapper:
@@ -145,39 +154,41 @@ class StepWrapper:
         self.active = True
         self._forget = forget
         self.wrapper = types.MethodType(step, optimizer)
-        chain = _CHAINS.get(optimizer)
+        chain = _chain(optimizer)
         if chain and optimizer.__dict__.get("step") is chain[0].wrapper:
             last = chain[-1]  # runs ours next, then what it ran
             self.original, last.original = last.original, self.wrapper
             self._had_instance_step = False  # (only the top one's is read)
-            chain.append(self)
+            _CHAINS[optimizer] = [weakref.ref(w) for w in (*chain, self)]
             return
         self.original = optimizer.step
         self._had_instance_step = "step" in optimizer.__dict__
         optimizer.step = self.wrapper  # type: ignore[method-assign]
-        _CHAINS[optimizer] = [self]
+        _CHAINS[optimizer] = [weakref.ref(self)]
 
     def remove(self) -> None:
         if not self.active:
             return
         self.active = False
         opt = self.owner()
-        chain = None if opt is None else _CHAINS.get(opt)
-        at = next((i for i, w in enumerate(chain or []) if w is self), None)
-        if opt is not None and chain is not None and at is not None and at > 0:
+        chain = [] if opt is None else _chain(opt)
+        at = next((i for i, w in enumerate(chain) if w is self), None)
+        if opt is not None and at is not None and at > 0:
             chain[at - 1].original = self.original  # spliced out
             del chain[at]
         elif opt is not None and opt.__dict__.get("step") is self.wrapper:
-            if chain is not None and at == 0 and len(chain) > 1:
+            if at == 0 and len(chain) > 1:
                 chain[1]._had_instance_step = self._had_instance_step
                 opt.step = self.original  # the next one of the chain
                 del chain[0]
             elif self._had_instance_step:
                 opt.step = self.original  # type: ignore[method-assign]
-                _CHAINS.pop(opt, None)
+                chain = []
             else:
                 del opt.step
-                _CHAINS.pop(opt, None)
+                chain = []
+        if opt is not None and opt in _CHAINS:
+            _CHAINS[opt] = [weakref.ref(w) for w in chain]
         self._forget()
 
 
