@@ -20,17 +20,10 @@ from gradclip.config import parse_config
 from gradclip.copying import Copyable
 from gradclip.core.agreement import check_process_group, ddp_group
 from gradclip.core.checkpoint import covers_of, fresh_rows, save_state
-from gradclip.core.children import ModelStructure
+from gradclip.core.children import ModelStructure, watch_module_structure
 from gradclip.core.engine import Engine
 from gradclip.core.identity import LoadResult
-from gradclip.core.layers import (
-    Layer,
-    Target,
-    build_layers,
-    reusable,
-    same_layers,
-    watch_module_structure,
-)
+from gradclip.core.layers import Layer, Target, build_layers, reusable, same_layers
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule

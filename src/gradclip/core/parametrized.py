@@ -1,0 +1,93 @@
+"""Parametrized modules: one layer, with the tensors their parametrizations hold.
+
+``torch.nn.utils.parametrize.register_parametrization`` (behind
+``weight_norm``, ``spectral_norm`` and ``orthogonal``) moves a module's
+``weight`` into ``module.parametrizations.weight.original`` (``original0``,
+``original1``, ... when the parametrization's ``right_inverse`` returns several
+tensors) and computes ``weight`` from them in every forward pass. The gradient
+of that module is then the gradient of those tensors and of any parameters the
+parametrization modules own, so the module's layer holds its direct parameters
+and every parameter under its ``parametrizations``, named relative to the
+module as ``named_parameters()`` names them (``parametrizations.weight.original0``).
+
+Each parameter is given with the ``_parameters`` mapping that really holds it,
+so that a parameter replaced there is noticed as for any other layer.
+
+Examples:
+    >>> linear = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 8))
+    >>> [name for name, _, _, _ in layer_parameters(linear)]
+    ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
+
+__all__ = ["LayerParameter", "layer_parameters", "parametrization_hosts"]
+
+# (name within the layer, the mapping that holds it, its key there, the parameter)
+LayerParameter = tuple[str, Mapping[str, Any], str, torch.Tensor]
+
+_PARAMETRIZATIONS = "parametrizations"  # the ModuleDict torch's parametrize registers
+
+
+def layer_parameters(module: nn.Module) -> list[LayerParameter]:
+    """The parameters of ``module``'s own layer: its direct ones, then (if it is
+    parametrized) every one under its ``parametrizations``, in ``named_parameters()`` order.
+
+    A parameter reachable twice is listed once; parameters shared with other
+    modules are left to the caller (the first layer that owns one keeps it).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``(name, owning mapping, key, parameter)`` of each parameter.
+    """
+    found: list[LayerParameter] = [
+        (key, module._parameters, key, param)
+        for key, param in module._parameters.items()
+        if param is not None
+    ]
+    if is_parametrized(module):
+        seen = {id(entry[3]) for entry in found}
+        parametrizations: nn.Module = getattr(module, _PARAMETRIZATIONS)
+        for prefix, submodule in parametrizations.named_modules(prefix=_PARAMETRIZATIONS):
+            for key, param in submodule._parameters.items():
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                found.append((f"{prefix}.{key}", submodule._parameters, key, param))
+    return found
+
+
+def parametrization_hosts(root: nn.Module) -> dict[str, str]:
+    """``{module name: the parametrized module it serves}`` for every module under a
+    parametrized module's ``parametrizations``, under every name ``root`` gives it.
+
+    Such a module (``"0.parametrizations.weight"`` of a ``weight_norm``-ed
+    ``"0"``) was a layer of its own before parametrized modules became one
+    layer; its name still means the layer of the module it serves. For a
+    parametrization that is itself parametrized, the outermost module is the host.
+
+    Examples:
+        >>> model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(
+        ...     torch.nn.Linear(4, 8)))
+        >>> parametrization_hosts(model)  # doctest: +NORMALIZE_WHITESPACE
+        {'0.parametrizations': '0', '0.parametrizations.weight': '0',
+         '0.parametrizations.weight.0': '0'}
+    """
+    hosts: dict[str, str] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        if name in hosts or not is_parametrized(module):
+            continue
+        start = f"{name}.{_PARAMETRIZATIONS}" if name else _PARAMETRIZATIONS
+        served = getattr(module, _PARAMETRIZATIONS)
+        for inner, _ in served.named_modules(prefix=start, remove_duplicate=False):
+            hosts.setdefault(inner, name)
+    return hosts
