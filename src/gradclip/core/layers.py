@@ -146,7 +146,7 @@ def tied_layers(module: nn.Module) -> dict[str, str]:
         if name in layer_names or name in tied:
             continue
         owners = {owner.get(id(entry[3])) for entry in layer_parameters(submodule)}
-        if raw in hosts and not owners:  # a parametrization's module: its host's layer
+        if raw in hosts and len(owners) != 1:  # part of a parametrized module: its layer
             host = _clean_name(hosts[raw])
             owners = {host if host in layer_names else tied.get(host)}
         if len(owners) == 1 and None not in owners:
