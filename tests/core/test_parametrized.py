@@ -389,6 +389,28 @@ def test_state_dict_round_trip_of_a_per_layer_adaptive_rule() -> None:
         assert torch.equal(got.grad, want.grad)
 
 
+def test_a_state_saved_with_the_split_layout_is_refused_and_the_rest_restored() -> None:
+    model = _model("weight_norm")
+    holder = model[0].parametrizations.weight
+    split = {  # the layers a parametrized module used to give
+        "0": {"bias": model[0].bias},
+        "0.parametrizations.weight": {"original0": holder.original0, "original1": holder.original1},
+        "2": model[2],
+    }
+    old = gradclip.GradientNormalizer(split, gradclip.AutoClip(scope="layer"))
+    _backward(model)
+    old.apply()
+    normalizer = gradclip.GradientNormalizer(model, gradclip.AutoClip(scope="layer"))
+    with pytest.raises(ValueError, match="no group here has this row"):
+        normalizer.load_state_dict(old.state_dict())
+    result = normalizer.load_state_dict(old.state_dict(), strict=False)
+    assert [key.rsplit("[", 1)[1] for key in result.missing_keys] == ["'0']"]
+    assert sorted(key.rsplit("[", 1)[1] for key in result.unexpected_keys) == [
+        "'0']",
+        "'0.parametrizations.weight']",
+    ]
+
+
 # -- structure changes ---------------------------------------------------------------------------
 
 

@@ -271,7 +271,8 @@ def build_layers(target: Target) -> list[Layer]:
     Args:
         target: one of
 
-            * an ``nn.Module``: one layer per module that directly owns parameters;
+            * an ``nn.Module``: one layer per module that directly owns parameters
+              (a parametrized module: with those under its ``parametrizations``);
             * a mapping ``{layer_name: params}`` where ``params`` is a module, a
               tensor, a mapping ``{param_name: tensor}`` or a list of tensors;
             * a list of parameter lists: layer ``i`` is named ``"i"``;
