@@ -202,6 +202,21 @@ def test_nested_parametrized_modules_and_a_parametrized_parametrization() -> Non
     assert "0.inner" not in tied
 
 
+def test_a_users_own_child_named_parametrizations_is_a_module_like_any_other() -> None:
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4))
+            self.parametrizations = nn.ModuleDict({"proj": nn.Linear(4, 4)})
+
+    layers = build_layers(nn.Sequential(Mixer()))
+    assert [(layer.name, layer.param_names) for layer in layers] == [
+        ("0", ("gain",)),
+        ("0.parametrizations.proj", ("weight", "bias")),
+    ]
+    assert tied_layers(nn.Sequential(Mixer())) == {}
+
+
 def test_a_tied_original_belongs_to_the_first_module_that_owns_it() -> None:
     first = parametrizations.weight_norm(nn.Linear(4, 8))
     second = nn.Linear(4, 8)
@@ -460,3 +475,32 @@ def test_an_original_replaced_behind_the_hooks_is_followed() -> None:
     layer = normalizer.layers[0]
     assert layer.name == "0" and layer.params[2] is replacement
     assert float(layer_norm([p.grad for p in layer.params])) == pytest.approx(0.05, rel=1e-5)
+
+
+def test_wav2vec2s_weight_normed_positional_convolution_is_one_layer() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(config)
+    name = "encoder.pos_conv_embed.conv"
+    key = f"{name}.parametrizations.weight"
+    normalizer = gradclip.GradientNormalizer(
+        model, "ClipL2PerLayer", 1e-3, {key: "RenormalizeL2PerLayer"}
+    )
+    assert type(normalizer.rules[name]).__name__ == "RenormalizeL2PerLayer"
+    conv = model.get_submodule(name)
+    model(torch.randn(2, 400)).last_hidden_state.pow(2).sum().backward()
+    before = [p.grad.clone() for p in conv.parameters()]
+    report = normalizer.apply()
+    assert float(report.layer_norms[name]) == pytest.approx(layer_norm(before), rel=1e-5)
+    assert layer_norm([p.grad for p in conv.parameters()]) == pytest.approx(1.0, rel=1e-5)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrize import is_parametrized
+from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 
 __all__ = ["LayerParameter", "layer_parameters", "parametrization_hosts"]
 
@@ -34,6 +34,16 @@ __all__ = ["LayerParameter", "layer_parameters", "parametrization_hosts"]
 LayerParameter = tuple[str, Mapping[str, Any], str, torch.Tensor]
 
 _PARAMETRIZATIONS = "parametrizations"  # the ModuleDict torch's parametrize registers
+
+
+def _parametrized(module: nn.Module) -> bool:
+    # torch's own test, narrowed to torch's ParametrizationList entries: a user's
+    # child that happens to be a ModuleDict named `parametrizations` is no part of this
+    # module's layer
+    return is_parametrized(module) and all(
+        isinstance(entry, ParametrizationList)
+        for entry in getattr(module, _PARAMETRIZATIONS).values()
+    )
 
 
 def layer_parameters(module: nn.Module) -> list[LayerParameter]:
@@ -54,7 +64,7 @@ def layer_parameters(module: nn.Module) -> list[LayerParameter]:
         for key, param in module._parameters.items()
         if param is not None
     ]
-    if is_parametrized(module):
+    if _parametrized(module):
         seen = {id(entry[3]) for entry in found}
         parametrizations: nn.Module = getattr(module, _PARAMETRIZATIONS)
         for prefix, submodule in parametrizations.named_modules(prefix=_PARAMETRIZATIONS):
@@ -84,7 +94,7 @@ def parametrization_hosts(root: nn.Module) -> dict[str, str]:
     """
     hosts: dict[str, str] = {}
     for name, module in root.named_modules(remove_duplicate=False):
-        if name in hosts or not is_parametrized(module):
+        if name in hosts or not _parametrized(module):
             continue
         start = f"{name}.{_PARAMETRIZATIONS}" if name else _PARAMETRIZATIONS
         served = getattr(module, _PARAMETRIZATIONS)
