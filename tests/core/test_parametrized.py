@@ -239,6 +239,13 @@ def test_a_tied_original_belongs_to_the_first_module_that_owns_it() -> None:
     _check_owners(layers)
     # its parametrization's name still names the parametrized module's layer
     assert tied_layers(model)["first.parametrizations.weight"] == "first"
+    # the shared tensor is normalized once: its norm is 1, not 1 / its norm
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 3.0)
+    gradclip.normalize_(model, "RenormalizeL2PerParamType")
+    for param in model.parameters():
+        assert param.grad is not None
+        assert float(param.grad.norm()) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_a_parametrized_module_under_a_second_name_is_tied_to_its_layer() -> None:
