@@ -106,12 +106,12 @@ def _layers_of_module(module: nn.Module) -> list[Layer]:
     seen: set[int] = set()
     layers: list[Layer] = []
     for module_name, submodule in unwrap_module(module).named_modules():
-        mine = [entry for entry in layer_parameters(submodule) if id(entry[3]) not in seen]
-        seen.update(id(entry[3]) for entry in mine)
+        mine = [entry for entry in layer_parameters(submodule) if id(entry.param) not in seen]
+        seen.update(id(entry.param) for entry in mine)
         if mine:
-            names = tuple(name for name, _, _, _ in mine)
-            owners = tuple((owner, key) for _, owner, key, _ in mine)
-            params = tuple(param for _, _, _, param in mine)
+            names = tuple(entry.name for entry in mine)
+            owners = tuple((entry.owner, entry.key) for entry in mine)
+            params = tuple(entry.param for entry in mine)
             layers.append(Layer(_clean_name(module_name), names, params, False, owners))
     return layers
 
@@ -145,7 +145,7 @@ def tied_layers(module: nn.Module) -> dict[str, str]:
         name = _clean_name(raw)
         if name in layer_names or name in tied:
             continue
-        owners = {owner.get(id(entry[3])) for entry in layer_parameters(submodule)}
+        owners = {owner.get(id(entry.param)) for entry in layer_parameters(submodule)}
         if raw in hosts and len(owners) != 1:  # part of a parametrized module: its layer
             host = _clean_name(hosts[raw])
             owners = {host if host in layer_names else tied.get(host)}

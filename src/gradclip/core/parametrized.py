@@ -15,14 +15,14 @@ so that a parameter replaced there is noticed as for any other layer.
 
 Examples:
     >>> linear = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 8))
-    >>> [name for name, _, _, _ in layer_parameters(linear)]
+    >>> [entry.name for entry in layer_parameters(linear)]
     ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,8 +30,15 @@ from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 
 __all__ = ["LayerParameter", "layer_parameters", "parametrization_hosts"]
 
-# (name within the layer, the mapping that holds it, its key there, the parameter)
-LayerParameter = tuple[str, Mapping[str, Any], str, torch.Tensor]
+
+class LayerParameter(NamedTuple):
+    """One parameter of a module's layer and where it is held."""
+
+    name: str  # within the layer, as ``named_parameters()`` of the layer's module names it
+    owner: Mapping[str, Any]  # the ``_parameters`` mapping that holds it
+    key: str  # its key there
+    param: torch.Tensor
+
 
 _PARAMETRIZATIONS = "parametrizations"  # the ModuleDict torch's parametrize registers
 
@@ -57,22 +64,22 @@ def layer_parameters(module: nn.Module) -> list[LayerParameter]:
         module: any module.
 
     Returns:
-        ``(name, owning mapping, key, parameter)`` of each parameter.
+        Each parameter with its name and the mapping and key that hold it.
     """
-    found: list[LayerParameter] = [
-        (key, module._parameters, key, param)
+    found = [
+        LayerParameter(key, module._parameters, key, param)
         for key, param in module._parameters.items()
         if param is not None
     ]
     if _parametrized(module):
-        seen = {id(entry[3]) for entry in found}
+        seen = {id(entry.param) for entry in found}
         parametrizations: nn.Module = getattr(module, _PARAMETRIZATIONS)
         for prefix, submodule in parametrizations.named_modules(prefix=_PARAMETRIZATIONS):
             for key, param in submodule._parameters.items():
                 if param is None or id(param) in seen:
                     continue
                 seen.add(id(param))
-                found.append((f"{prefix}.{key}", submodule._parameters, key, param))
+                found.append(LayerParameter(f"{prefix}.{key}", submodule._parameters, key, param))
     return found
 
 
@@ -81,14 +88,14 @@ def parametrization_hosts(root: nn.Module) -> dict[str, str]:
     parametrized module's ``parametrizations``, under every name ``root`` gives it.
 
     Such a module (``"0.parametrizations.weight"`` of a ``weight_norm``-ed
-    ``"0"``) was a layer of its own before parametrized modules became one
-    layer; its name still means the layer of the module it serves. For a
-    parametrization that is itself parametrized, the outermost module is the host.
+    ``"0"``) holds part of its host's layer, so its name, which users see in
+    ``named_parameters()``, means that layer. For a parametrization that is
+    itself parametrized, the outermost parametrized module is the host.
 
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(
         ...     torch.nn.Linear(4, 8)))
-        >>> parametrization_hosts(model)  # doctest: +NORMALIZE_WHITESPACE
+        >>> parametrization_hosts(model)
         {'0.parametrizations': '0', '0.parametrizations.weight': '0',
          '0.parametrizations.weight.0': '0'}
     """
