@@ -511,3 +511,10 @@ def test_wav2vec2s_weight_normed_positional_convolution_is_one_layer() -> None:
     report = normalizer.apply()
     assert float(report.layer_norms[name]) == pytest.approx(layer_norm(before), rel=1e-5)
     assert layer_norm([p.grad for p in conv.parameters()]) == pytest.approx(1.0, rel=1e-5)
+    # the Hugging Face callback resolves the part's name for the Trainer's model too
+    from gradclip.integrations.transformers import GradientNormalizationCallback
+
+    callback = GradientNormalizationCallback("ClipL2PerLayer", 1e-3, {key: "None"})
+    callback._ensure(model)
+    assert callback.normalizer is not None
+    assert callback.normalizer.rules[name] == gradclip.NoNormalization()
