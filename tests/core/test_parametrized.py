@@ -104,11 +104,11 @@ def _check_owners(layers: list[Layer]) -> None:
             assert owner[key] is param
 
 
-def _as_named(model: nn.Module, layers: list[Layer]) -> dict[str, torch.Tensor]:
+def _as_named(model: nn.Module, layers: list[Layer]) -> None:
+    # the layers' qualified names are exactly the model's named_parameters()
     named = {layer.qualified(k): p for layer in layers for k, p in enumerate(layer.params)}
     assert named.keys() == dict(model.named_parameters()).keys()
     assert all(named[n] is p for n, p in model.named_parameters())
-    return named
 
 
 # -- the grouping --------------------------------------------------------------------------------
@@ -342,6 +342,27 @@ def test_dl4j_modes_treat_every_tensor_of_the_parametrized_layer_as_one_layer(
     for name in groups:
         norm = float(report.layer_norms[name])
         assert norm == pytest.approx(layer_norm(grads[name]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-12), (torch.bfloat16, 2**-7), (torch.float16, 2**-10)]
+)
+def test_a_parametrized_layer_is_clipped_as_one_in_every_dtype(
+    dtype: torch.dtype, rtol: float
+) -> None:
+    model = _model("weight_norm", seed=7).to(dtype)
+    _backward(model, seed=8)
+    groups = {name: list(model.get_submodule(name).parameters()) for name in ("0", "2")}
+    grads = {name: [p.grad.clone() for p in params] for name, params in groups.items()}
+    gradclip.normalize_(model, "ClipL2PerLayer", 0.05)
+    for name, params in groups.items():
+        want = reference_layer(grads[name], "ClipL2PerLayer", 0.05)
+        for param, expected in zip(params, want):
+            assert param.grad is not None and param.grad.dtype == dtype
+            # one rounding of the scaled gradient to the dtype, on top of the float64 result
+            tiny = torch.finfo(dtype).smallest_normal  # below it, fp16 rounds absolutely
+            torch.testing.assert_close(param.grad.double(), expected, rtol=rtol, atol=tiny)
+        assert layer_norm(grads[name]) > 0.05  # every layer was clipped, as one
 
 
 def test_a_training_step_end_to_end_matches_a_float64_reference() -> None:
