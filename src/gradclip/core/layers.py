@@ -184,9 +184,8 @@ def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dic
             first = renamed.get(target, target)
             alias = key if key != target else first
             raise ValueError(
-                f"override keys {first!r} and {key!r} both name layer {target!r} ({alias!r} "
-                "is no layer of its own: its parameters are that layer's, normalized once) "
-                "with different rules; keep one"
+                f"override keys {first!r} and {key!r} both name layer {target!r} ({alias} "
+                "shares its parameters, which are normalized once) with different rules; keep one"
             )
         resolved[target] = value
         if target != key:
