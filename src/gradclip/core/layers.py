@@ -109,10 +109,9 @@ def _layers_of_module(module: nn.Module) -> list[Layer]:
         mine = [entry for entry in layer_parameters(submodule) if id(entry.param) not in seen]
         seen.update(id(entry.param) for entry in mine)
         if mine:
-            names = tuple(entry.name for entry in mine)
-            owners = tuple((entry.owner, entry.key) for entry in mine)
-            params = tuple(entry.param for entry in mine)
-            layers.append(Layer(_clean_name(module_name), names, params, False, owners))
+            names, owners, keys, params = zip(*mine, strict=True)
+            owned = tuple(zip(owners, keys, strict=True))
+            layers.append(Layer(_clean_name(module_name), names, params, False, owned))
     return layers
 
 

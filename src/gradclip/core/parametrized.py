@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
+from torch.nn.utils.parametrize import ParametrizationList
 
 __all__ = ["LayerParameter", "layer_parameters", "parametrization_hosts"]
 
@@ -43,14 +43,19 @@ class LayerParameter(NamedTuple):
 _PARAMETRIZATIONS = "parametrizations"  # the ModuleDict torch's parametrize registers
 
 
-def _parametrized(module: nn.Module) -> bool:
-    # torch's own test, narrowed to torch's ParametrizationList entries: a user's
-    # child that happens to be a ModuleDict named `parametrizations` is no part of this
-    # module's layer
-    return is_parametrized(module) and all(
-        isinstance(entry, ParametrizationList)
-        for entry in getattr(module, _PARAMETRIZATIONS).values()
-    )
+def _parametrizations(module: nn.Module) -> nn.ModuleDict | None:
+    """``module.parametrizations`` if torch's ``parametrize`` parametrized ``module``."""
+    # torch's `is_parametrized`, read from `_modules` (a getattr that misses costs an
+    # exception on every plain module) and narrowed to torch's ParametrizationList
+    # entries: a user's own ModuleDict named `parametrizations` is a module like any other
+    entries = module._modules.get(_PARAMETRIZATIONS)
+    if (
+        isinstance(entries, nn.ModuleDict)
+        and len(entries) > 0
+        and all(isinstance(entry, ParametrizationList) for entry in entries.values())
+    ):
+        return entries
+    return None
 
 
 def layer_parameters(module: nn.Module) -> list[LayerParameter]:
@@ -71,9 +76,9 @@ def layer_parameters(module: nn.Module) -> list[LayerParameter]:
         for key, param in module._parameters.items()
         if param is not None
     ]
-    if _parametrized(module):
+    parametrizations = _parametrizations(module)
+    if parametrizations is not None:
         seen = {id(entry.param) for entry in found}
-        parametrizations: nn.Module = getattr(module, _PARAMETRIZATIONS)
         for prefix, submodule in parametrizations.named_modules(prefix=_PARAMETRIZATIONS):
             for key, param in submodule._parameters.items():
                 if param is None or id(param) in seen:
@@ -101,10 +106,10 @@ def parametrization_hosts(root: nn.Module) -> dict[str, str]:
     """
     hosts: dict[str, str] = {}
     for name, module in root.named_modules(remove_duplicate=False):
-        if name in hosts or not _parametrized(module):
+        served = None if name in hosts else _parametrizations(module)
+        if served is None:
             continue
         start = f"{name}.{_PARAMETRIZATIONS}" if name else _PARAMETRIZATIONS
-        served = getattr(module, _PARAMETRIZATIONS)
         for inner, _ in served.named_modules(prefix=start, remove_duplicate=False):
             hosts.setdefault(inner, name)
     return hosts
