@@ -202,11 +202,14 @@ class GradientNormalizer(Recording, Copyable):
         stale = force or self._structure.changed() or self._engine.swapped()
         if not stale:
             return False
-        self._structure = ModelStructure(self._stages if self._stages is not None else model)
+        structure = ModelStructure(self._stages if self._stages is not None else model)
         layers = stage_layers(self._stages) if self._stages is not None else build_layers(model)
         same = same_layers(layers, self._engine.layers)
         if not same:
             self._engine = self._build(self._engine.store)
+        # only once built: a build that raised (an override key that names a removed
+        # module) raises again on the next step instead of stepping the old layers
+        self._structure = structure
         return not same
 
     @classmethod

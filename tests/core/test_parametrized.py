@@ -480,6 +480,24 @@ def test_remove_parametrizations_after_building_relays_the_layer(kind: str) -> N
         torch.testing.assert_close(param.grad.double(), want, rtol=2e-6, atol=1e-9)
 
 
+def test_an_override_by_a_removed_parametrizations_name_raises_as_for_a_removed_module() -> None:
+    model = _model("weight_norm")
+    key = "0.parametrizations.weight"
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 0.05, {key: "None"})
+    parametrize.remove_parametrizations(model[0], "weight")
+    _backward(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    for _ in range(2):  # every step, and nothing is normalized with the old layers
+        with pytest.raises(
+            KeyError, match=r"override key '0\.parametrizations\.weight' matches no"
+        ):
+            normalizer.apply()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    normalizer.reconfigure(overrides={"0": "None"})
+    assert normalizer.rules["0"] == gradclip.NoNormalization()
+    assert normalizer.layers[0].param_names == ("bias", "weight")
+
+
 def test_a_parametrization_registered_after_building_joins_the_layer() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
