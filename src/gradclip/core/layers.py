@@ -62,9 +62,10 @@ class Layer:
             whenever they have a ``.grad``, even with ``requires_grad=False`` (as
             ``clip_grad_norm_`` does); parameters found by walking a module are
             skipped while frozen.
-        owners: for parameters found in a module, the module's ``_parameters``
-            mapping and the key of each, so that a parameter replaced behind the
-            registration hooks is noticed.
+        owners: for parameters found in a module, the ``_parameters`` mapping
+            that holds each (the module's, or its parametrizations') and its key
+            there, so that a parameter replaced behind the registration hooks is
+            noticed.
     """
 
     name: str
