@@ -186,6 +186,22 @@ def test_a_deleted_submodule_leaves_the_layers_and_its_stale_gradient_alone(
     assert float(total) == pytest.approx(1.0, rel=1e-6)
 
 
+def test_an_override_of_a_deleted_module_raises_at_every_step_until_fixed() -> None:
+    model = _Blocks()
+    normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 0.1, {"head": "None"})
+    del model.head
+    model.out = nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    for _ in range(2):  # the old layout (with "head", without "out") is never stepped
+        with pytest.raises(KeyError, match="override key 'head' matches no layer"):
+            normalizer.apply()
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    normalizer.reconfigure(overrides={"out": "None"})
+    report = normalizer.apply()
+    assert report.layer_names[-1] == "out" and "head" not in report.layer_names
+
+
 def test_a_module_deleted_from_a_custom_grouping_is_seen() -> None:
     stack = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
     normalizer = gradclip.GradientNormalizer({"stack": stack}, gradclip.ClipGlobalNorm(1.0))

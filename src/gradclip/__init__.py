@@ -42,7 +42,7 @@ from gradclip.rules.dl4j import (
 )
 from gradclip.rules.global_norm import ClipGlobalNorm
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "AdaptiveGradClip",

@@ -20,17 +20,10 @@ from gradclip.config import parse_config
 from gradclip.copying import Copyable
 from gradclip.core.agreement import check_process_group, ddp_group
 from gradclip.core.checkpoint import covers_of, fresh_rows, save_state
-from gradclip.core.children import ModelStructure
+from gradclip.core.children import ModelStructure, watch_module_structure
 from gradclip.core.engine import Engine
 from gradclip.core.identity import LoadResult
-from gradclip.core.layers import (
-    Layer,
-    Target,
-    build_layers,
-    reusable,
-    same_layers,
-    watch_module_structure,
-)
+from gradclip.core.layers import Layer, Target, build_layers, reusable, same_layers
 from gradclip.core.nonfinite import check_nonfinite
 from gradclip.core.report import NormReport
 from gradclip.core.rule import Rule
@@ -209,11 +202,14 @@ class GradientNormalizer(Recording, Copyable):
         stale = force or self._structure.changed() or self._engine.swapped()
         if not stale:
             return False
-        self._structure = ModelStructure(self._stages if self._stages is not None else model)
+        structure = ModelStructure(self._stages if self._stages is not None else model)
         layers = stage_layers(self._stages) if self._stages is not None else build_layers(model)
         same = same_layers(layers, self._engine.layers)
         if not same:
             self._engine = self._build(self._engine.store)
+        # only once built: a build that raised (an override key that names a removed
+        # module) raises again on the next step instead of stepping the old layers
+        self._structure = structure
         return not same
 
     @classmethod

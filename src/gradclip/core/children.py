@@ -1,6 +1,6 @@
 """Whether a model's structure changed: its registration count and its modules' children.
 
-PyTorch calls its registration hooks (`gradclip.core.layers.structure_version`)
+PyTorch calls its registration hooks (counted by `structure_version`)
 when a submodule or a parameter is set, never when one is deleted:
 ``del model.layers[1]``, ``model.blocks.pop("2")``, ``del model.head``. A
 deletion always shortens the parent's ``_modules``, and a module set goes
@@ -17,9 +17,32 @@ from typing import Any
 
 from torch import nn
 
-from gradclip.core.layers import structure_version
+__all__ = ["ModelStructure", "structure_version", "watch_module_structure"]
 
-__all__ = ["ModelStructure"]
+# Bumped whenever any module registers a parameter or a submodule, so that a
+# normalizer notices `model.head = nn.Linear(...)` without walking the model on
+# every step.
+_structure_version = 0
+_hooks_installed = False
+
+
+def _bump(*_: Any) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+def watch_module_structure() -> None:
+    """Install (once) the global hooks that count parameter and submodule registrations."""
+    global _hooks_installed
+    if not _hooks_installed:
+        nn.modules.module.register_module_parameter_registration_hook(_bump)
+        nn.modules.module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+def structure_version() -> int:
+    """How many parameters and submodules have been registered anywhere so far."""
+    return _structure_version
 
 
 def _roots(target: Any) -> list[nn.Module]:

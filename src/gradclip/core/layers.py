@@ -3,9 +3,11 @@
 By default every module that directly owns parameters is one layer, named by
 its qualified module name (``""`` for the root); its *param types* are those
 direct parameters, named as PyTorch names them (``weight``, ``bias``,
-``weight_hh_l0``, ...). A parameter shared by several modules (tied
-embeddings) belongs to the first module that owns it, in ``named_modules()``
-order, and is normalized once.
+``weight_hh_l0``, ...). A parametrized module (``weight_norm``, ``spectral_norm``,
+``orthogonal``) is one layer with the tensors under its ``parametrizations``
+(``parametrizations.weight.original0``, see `gradclip.core.parametrized`). A
+parameter shared by several modules (tied embeddings) belongs to the first
+module that owns it, in ``named_modules()`` order, and is normalized once.
 
 Users can pass their own grouping instead: a mapping of layer name to
 parameters, or a list of parameter lists.
@@ -25,6 +27,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
+from gradclip.core.parametrized import layer_parameters, parametrization_hosts
+
 __all__ = [
     "Layer",
     "Target",
@@ -33,10 +37,8 @@ __all__ = [
     "resolve_override_keys",
     "reusable",
     "same_layers",
-    "structure_version",
     "tied_layers",
     "unwrap_module",
-    "watch_module_structure",
 ]
 
 Target: TypeAlias = (
@@ -60,9 +62,10 @@ class Layer:
             whenever they have a ``.grad``, even with ``requires_grad=False`` (as
             ``clip_grad_norm_`` does); parameters found by walking a module are
             skipped while frozen.
-        owners: for parameters found in a module, the module's ``_parameters``
-            mapping and the key of each, so that a parameter replaced behind the
-            registration hooks is noticed.
+        owners: for parameters found in a module, the ``_parameters`` mapping
+            that holds each (the module's, or its parametrizations') and its key
+            there, so that a parameter replaced behind the registration hooks is
+            noticed.
     """
 
     name: str
@@ -104,19 +107,12 @@ def _layers_of_module(module: nn.Module) -> list[Layer]:
     seen: set[int] = set()
     layers: list[Layer] = []
     for module_name, submodule in unwrap_module(module).named_modules():
-        names: list[str] = []
-        params: list[torch.Tensor] = []
-        for param_name, param in submodule._parameters.items():
-            if param is None or id(param) in seen:
-                continue
-            seen.add(id(param))
-            names.append(param_name)
-            params.append(param)
-        if params:
-            owners = tuple((submodule._parameters, n) for n in names)
-            layers.append(
-                Layer(_clean_name(module_name), tuple(names), tuple(params), False, owners)
-            )
+        mine = [entry for entry in layer_parameters(submodule) if id(entry.param) not in seen]
+        seen.update(id(entry.param) for entry in mine)
+        if mine:
+            names, owners, keys, params = zip(*mine, strict=True)
+            owned = tuple(zip(owners, keys, strict=True))
+            layers.append(Layer(_clean_name(module_name), names, params, False, owned))
     return layers
 
 
@@ -126,8 +122,9 @@ def tied_layers(module: nn.Module) -> dict[str, str]:
     A parameter shared by several modules belongs to the first that owns it
     (see the module docstring), so a module whose parameters are all shared —
     GPT-2's ``lm_head``, tied to ``transformer.wte`` — or a module registered
-    under a second name is not a layer. Its name still means that layer to a
-    user.
+    under a second name is not a layer, nor is a module under a parametrized
+    module's ``parametrizations`` (``"0.parametrizations.weight"``, part of
+    layer ``"0"``). Its name still means that layer to a user.
 
     Returns:
         ``{module name: the name of the layer that owns its parameters}``.
@@ -142,30 +139,35 @@ def tied_layers(module: nn.Module) -> dict[str, str]:
     owner = {id(p): layer.name for layer in _layers_of_module(module) for p in layer.params}
     layer_names = set(owner.values())
     tied: dict[str, str] = {}
-    for raw, submodule in unwrap_module(module).named_modules(remove_duplicate=False):
+    root = unwrap_module(module)
+    hosts = parametrization_hosts(root)
+    for raw, submodule in root.named_modules(remove_duplicate=False):
         name = _clean_name(raw)
-        owners = {owner.get(id(p)) for p in submodule._parameters.values() if p is not None}
-        if name in layer_names or name in tied or len(owners) != 1 or None in owners:
+        if name in layer_names or name in tied:
             continue
-        (tied[name],) = owners  # type: ignore[assignment]
+        owners = {owner.get(id(entry.param)) for entry in layer_parameters(submodule)}
+        if raw in hosts and len(owners) != 1:  # part of a parametrized module: its layer
+            host = _clean_name(hosts[raw])
+            owners = {host if host in layer_names else tied.get(host)}
+        if len(owners) == 1 and None not in owners:
+            (tied[name],) = owners  # type: ignore[assignment]
     return tied
 
 
 def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Check override keys against ``model``'s layers; a tied module's name becomes its layer's.
 
-    A module whose parameters all belong to an earlier layer (GPT-2's
-    ``lm_head``, tied to ``transformer.wte``) is no layer of its own: its name
-    is taken as the name of that layer, since any rule for it is a rule for the
-    shared tensors.
+    The name of a module that is no layer of its own (`tied_layers`: GPT-2's
+    ``lm_head``, a parametrization's ``"0.parametrizations.weight"``) is taken
+    as the name of the layer holding its parameters: a rule for it is a rule
+    for those tensors.
 
     Returns:
         The overrides, with the names of tied modules replaced by their layers'.
 
     Raises:
         KeyError: a key matches no layer (the message names the closest one).
-        ValueError: a tied module and the layer it is tied to are both overridden,
-            differently.
+        ValueError: a tied module and its layer are both overridden, differently.
     """
     names = [layer.name for layer in build_layers(model)]
     tied = tied_layers(model)
@@ -180,10 +182,10 @@ def resolve_override_keys(model: nn.Module, overrides: Mapping[str, Any]) -> dic
                 target = tied[key]
         if target in resolved and resolved[target] != value:
             first = renamed.get(target, target)
+            alias = key if key != target else first
             raise ValueError(
-                f"override keys {first!r} and {key!r} both name layer {target!r} "
-                f"({', '.join(sorted(k for k, t in tied.items() if t == target))} shares its "
-                "parameters, which are normalized once) with different rules; keep one"
+                f"override keys {first!r} and {key!r} both name layer {target!r} ({alias} "
+                "shares its parameters, which are normalized once) with different rules; keep one"
             )
         resolved[target] = value
         if target != key:
@@ -268,7 +270,8 @@ def build_layers(target: Target) -> list[Layer]:
     Args:
         target: one of
 
-            * an ``nn.Module``: one layer per module that directly owns parameters;
+            * an ``nn.Module``: one layer per module that directly owns parameters
+              (a parametrized module: with those under its ``parametrizations``);
             * a mapping ``{layer_name: params}`` where ``params`` is a module, a
               tensor, a mapping ``{param_name: tensor}`` or a list of tensors;
             * a list of parameter lists: layer ``i`` is named ``"i"``;
@@ -408,35 +411,10 @@ def match_overrides(layer_names: list[str], overrides: Mapping[str, Any]) -> dic
                 f"override key {key!r} matches no layer.{_closest(clean, layer_names)} Keys are "
                 "module names (or glob patterns such as 'blocks.*.attn'); a module whose "
                 "parameters are all shared with an earlier one (tied weights) is part of that "
-                f"earlier layer. The layers are: {shown}{more}"
+                "earlier layer, and a parametrized module is one layer with its "
+                f"parametrizations. The layers are: {shown}{more}"
             )
     return {name: score[2] for name, score in best.items()}
-
-
-# Bumped whenever any module registers a parameter or a submodule, so that a
-# normalizer notices `model.head = nn.Linear(...)` without walking the model on
-# every step.
-_structure_version = 0
-_hooks_installed = False
-
-
-def _bump(*_: Any) -> None:
-    global _structure_version
-    _structure_version += 1
-
-
-def watch_module_structure() -> None:
-    """Install (once) the global hooks that count parameter and submodule registrations."""
-    global _hooks_installed
-    if not _hooks_installed:
-        nn.modules.module.register_module_parameter_registration_hook(_bump)
-        nn.modules.module.register_module_module_registration_hook(_bump)
-        _hooks_installed = True
-
-
-def structure_version() -> int:
-    """How many parameters and submodules have been registered anywhere so far."""
-    return _structure_version
 
 
 def same_layers(new: Sequence[Layer], old: Sequence[Layer]) -> bool:
