@@ -123,6 +123,21 @@ def test_norms_in_log_history(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert entry[key] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_norms_logged_at_each_epoch_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # logging_strategy="epoch": the Trainer decides to log after the step has ended
+    trainer, model, _, snapshot, _callback = _train(
+        tmp_path, steps=-1, num_train_epochs=2, logging_strategy="epoch"
+    )
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in train_logs] == [4, 8]  # 16 samples, 4 per step
+    for entry in train_logs:
+        params = dict(
+            zip([n for n, _ in model.named_parameters()], snapshot.before[entry["step"] - 1])
+        )
+        expected = params["transformer.wpe.weight"].norm()
+        assert entry["grad_norm/transformer.wpe"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_warns_when_trainer_clips_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.warns(UserWarning, match="max_grad_norm"):
         _train(tmp_path, steps=1, max_grad_norm=1.0)

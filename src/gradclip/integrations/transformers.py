@@ -28,11 +28,12 @@ resume_from_checkpoint=...)`` reads it back from ``<output_dir>/checkpoint-<step
 (or ``TrainingArguments.resume_from_checkpoint``). A checkpoint elsewhere:
 ``callback.load_checkpoint(directory)`` before ``train``.
 
-Logging. Per-layer norms (before normalization) are read once per logging step
-(``logging_steps``) and added to the logs as ``grad_norm/<layer>``: they land in
-``trainer.state.log_history`` and in every reporter of ``report_to``
-(TensorBoard's ``train/grad_norm/<layer>``): the callback places itself before
-the reporters when the Trainer is made.
+Logging. Per-layer norms (before normalization) are read once per log of the
+training loss (``logging_steps``, or each epoch's end with
+``logging_strategy="epoch"``), from the step just taken, and added to the logs
+as ``grad_norm/<layer>``: they land in ``trainer.state.log_history`` and in
+every reporter of ``report_to`` (TensorBoard's ``train/grad_norm/<layer>``): the
+callback places itself before the reporters when the Trainer is made.
 
 Examples:
     >>> from gradclip.integrations.transformers import GradientNormalizationCallback
@@ -64,6 +65,7 @@ except ImportError as error:  # pragma: no cover
 
 from gradclip.core.agreement import ddp_group, replica_group
 from gradclip.core.layers import resolve_override_keys, unwrap_module
+from gradclip.core.report import NormReport
 from gradclip.integrations._common import (
     CallbackSettings,
     StepApplier,
@@ -136,7 +138,7 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         self._applier: StepApplier | None = None
         self._model: torch.nn.Module | None = None
         self._pending: list[dict[str, Any]] | None = None
-        self._to_log: dict[str, float] | None = None
+        self._latest: NormReport | None = None
         self._placed = False
         self._warned: set[str] = set()
 
@@ -284,6 +286,7 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
     ) -> None:
         self._place_before_reporters(args)
         self._ensure(model)
+        self._latest = None
         self._resume(args, state)
         normalizer = self.normalizer
         assert normalizer is not None
@@ -320,10 +323,10 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
     ) -> None:
         if self._applier is None:
             return
-        report = self._applier.take_report()
-        # DefaultFlowCallback (always first) has set should_log for this step already.
-        if report is not None and self.log_norms and control.should_log:
-            self._to_log = norms_for_logging(report, self.log_prefix)
+        # Kept on the device, read only if the Trainer logs this step: whether it does is
+        # not known yet (logging_strategy="epoch" decides in on_epoch_end, after this).
+        # None after a step the scaler skipped, so no older step's norms are logged.
+        self._latest = self._applier.take_report()
 
     def on_log(
         self,
@@ -333,12 +336,14 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self._to_log is None or logs is None or "loss" not in logs:
+        report = self._latest
+        if report is None or not self.log_norms or logs is None or "loss" not in logs:
             return
-        logs.update(self._to_log)
+        self._latest = None  # each step's norms are logged once
+        norms = norms_for_logging(report, self.log_prefix)
+        logs.update(norms)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self._to_log)
-        self._to_log = None
+            state.log_history[-1].update(norms)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
