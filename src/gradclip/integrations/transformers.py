@@ -72,6 +72,7 @@ from gradclip.integrations._common import (
     norms_for_logging,
     restore,
 )
+from gradclip.integrations._replicas import trainer_ddp_group
 from gradclip.integrations._state import pack, unpack
 from gradclip.normalizer import GradientNormalizer, Mode
 from gradclip.rules.dl4j import NoNormalization
@@ -146,10 +147,13 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
     def _ensure(self, model: torch.nn.Module | None) -> StepApplier:
         if model is None:
             raise RuntimeError("the Trainer passed no model to GradientNormalizationCallback")
-        replicas = ddp_group(model)  # a DDP-wrapped model: the ranks compare configurations
+        # a DDP-wrapped model: the ranks compare configurations at the first step
+        replicas = replica_group(ddp_group(model))
         model = unwrap_module(model)
         if self._applier is None or self._model is not model:
             overrides = resolve_override_keys(model, self.overrides)
+            if replicas is None:
+                replicas = trainer_ddp_group(model)
             if self.normalizer is not None:
                 self.normalizer.close()
             self.normalizer = GradientNormalizer(
@@ -157,7 +161,7 @@ class GradientNormalizationCallback(CallbackSettings, TrainerCallback):  # type:
                 self.mode,
                 self.threshold,
                 overrides,
-                process_group=replica_group(replicas),
+                process_group=replicas,
                 **self.recording,
             )
             self._applier = StepApplier(self.normalizer, self._record)
