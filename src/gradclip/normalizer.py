@@ -265,7 +265,8 @@ class GradientNormalizer(Recording, Copyable):
 
         Raises:
             TypeError: a sparse or complex gradient (nothing is modified).
-            RuntimeError: a layer's gradients on different devices (nothing is modified).
+            RuntimeError: a layer's gradients on different devices, or a gradient whose
+                elements share memory (``expand``; nothing is modified).
         """
         return self.apply_at(None)
 

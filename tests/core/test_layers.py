@@ -131,6 +131,20 @@ def test_compiled_module_keeps_the_names_of_the_original() -> None:
     assert report.layer_names == ["embed", "rnn", "head"]
 
 
+def test_a_torchscript_module_is_grouped_and_clipped_as_its_eager_module() -> None:
+    eager = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    scripted.load_state_dict(eager.state_dict())
+    assert [layer.name for layer in gradclip.build_layers(scripted)] == ["0", "2"]
+    normalizers = [gradclip.GradientNormalizer(m, "ClipL2PerLayer", 0.5) for m in (eager, scripted)]
+    for step in range(3):  # the later steps check the structure of a script module too
+        for model, normalizer in zip((eager, scripted), normalizers, strict=True):
+            fill_grads(model, scale=2.0 + step, seed=step)
+            normalizer.apply()
+        for p, q in zip(eager.parameters(), scripted.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+
+
 def test_layer_with_mixed_dtypes_is_clipped_as_one_layer() -> None:
     layer = nn.Linear(16, 16)
     layer.bias.data = layer.bias.data.to(torch.bfloat16)

@@ -52,7 +52,7 @@ from gradclip.core.rule import Rule, group_of, stages_of
 from gradclip.core.sharding import RankGroup, is_dtensor
 from gradclip.core.stage_step import UNKNOWN, prepare_step, stage_round
 from gradclip.core.state import StateStore, state_rows, state_slot
-from gradclip.core.validation import check_gradient
+from gradclip.core.validation import check_gradient, check_writable
 
 __all__ = ["Engine"]
 
@@ -136,6 +136,9 @@ class Engine:
         self._plan: Plan | None = None
         self._signature: Signature | None = None
         self._checked: Signature | None = None  # the last signature whose gradients passed
+        # no gradient seen yet: the first eager step checks them all, even under the
+        # signature `_predict_plan` guessed from the parameters (their memory may overlap)
+        self._unseen = True
         #: the non-finite layers of the last step ("error" and "skip" policies)
         self.last_nonfinite: list[str] = []
         #: the last step was skipped ("skip": a layer here, or on another stage, not finite)
@@ -250,9 +253,11 @@ class Engine:
                 p.grad if (p.requires_grad or not c) else None for p, c in zip(self.params, check)
             ]
         signature: Signature = [None if g is None else (g.device, g.dtype, g.layout) for g in grads]
-        if signature == self._checked:
+        checked = self._checked
+        same = signature == checked
+        if same and (torch.compiler.is_compiling() or not self._unseen):
             # the very list the plan was keyed by: `plan` then compares identities
-            return grads, self._checked
+            return grads, checked  # type: ignore[return-value]
         inert = self._inert or [False] * len(grads)
         for name, g, skip, idle in zip(self._names, grads, inert, self._idle):
             if g is not None and not skip:
@@ -270,8 +275,12 @@ class Engine:
                         f"{error} Its layer's rule (None) does not read it, but {asks} asks "
                         "for its norm: without it the gradient is left unread"
                     ) from None
-        self._checked = signature
-        return grads, signature
+                if (not idle or self.nonfinite == "zero") and not torch.compiler.is_compiling():
+                    check_writable(name, g)  # it may be written
+        self._unseen = False
+        if not same or checked is None:
+            self._checked = checked = signature
+        return grads, checked
 
     def plan(self, signature: Signature, grads: Sequence[torch.Tensor | None]) -> Plan:
         """The cached plan for this signature, rebuilt when the gradients' layout changed."""

@@ -48,7 +48,8 @@ def _parametrizations(module: nn.Module) -> nn.ModuleDict | None:
     # torch's `is_parametrized`, read from `_modules` (a getattr that misses costs an
     # exception on every plain module) and narrowed to torch's ParametrizationList
     # entries: a user's own ModuleDict named `parametrizations` is a module like any other
-    entries = module._modules.get(_PARAMETRIZATIONS)
+    modules = module._modules  # a script module's has no `get`
+    entries = modules[_PARAMETRIZATIONS] if _PARAMETRIZATIONS in modules else None  # noqa: SIM401
     if (
         isinstance(entries, nn.ModuleDict)
         and len(entries) > 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_gradient", "check_threshold"]
+__all__ = ["check_gradient", "check_threshold", "check_writable"]
 
 
 def check_threshold(threshold: Any, *, what: str = "threshold") -> float:
@@ -66,4 +66,37 @@ def check_gradient(name: str, grad: torch.Tensor) -> None:
             f"gradient of {name!r} is complex ({grad.dtype}); gradclip normalizes real "
             "gradients only. Exclude this parameter with a custom grouping, or view it as "
             "real with torch.view_as_real before normalizing."
+        )
+
+
+#: ``torch._debug_has_internal_overlap``'s answer for a tensor some of whose
+#: elements share one memory location
+_OVERLAPS = 1
+
+
+def check_writable(name: str, grad: torch.Tensor) -> None:
+    """Raise if ``grad`` cannot be normalized in place: some of its elements share memory.
+
+    An expanded view (``torch.ones(1).expand(8)``) or another overlapping view,
+    assigned to ``.grad`` by hand (autograd never makes one), would be written
+    more than once; PyTorch refuses such writes, and an engine that met one in
+    the middle of its multiply would leave the gradients before it scaled and
+    the rest not. Checked with the other gradients, before any is modified.
+
+    Raises:
+        RuntimeError: ``grad`` has internal overlap.
+
+    Examples:
+        >>> check_writable("ok", torch.zeros(3))
+        >>> check_writable("b", torch.zeros(1).expand(3))
+        Traceback (most recent call last):
+        ...
+        RuntimeError: gradient of 'b' has elements that share memory (an expanded or overlapping view): normalizing it in place would write them more than once. Assign a gradient of its own memory instead, e.g. p.grad = grad.clone().
+    """  # noqa: E501
+    # plain tensors only: a tensor subclass (DTensor) is checked by its own in-place ops
+    if type(grad) is torch.Tensor and torch._debug_has_internal_overlap(grad) == _OVERLAPS:
+        raise RuntimeError(
+            f"gradient of {name!r} has elements that share memory (an expanded or "
+            "overlapping view): normalizing it in place would write them more than once. "
+            "Assign a gradient of its own memory instead, e.g. p.grad = grad.clone()."
         )
