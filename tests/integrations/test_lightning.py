@@ -79,7 +79,12 @@ def _precision(precision: str) -> dict[str, object]:
 
 
 def _fit(
-    precision: str, module: Tiny, steps: int = 4, extra: tuple[object, ...] = (), **kw: object
+    precision: str,
+    module: Tiny,
+    steps: int = 4,
+    extra: tuple[object, ...] = (),
+    accumulate: int = 1,
+    **kw: object,
 ):
     snapshot = SnapshotGrads()
     callback = GradientNormalizationCallback(MODE, threshold=THRESHOLD, **kw)  # type: ignore[arg-type]
@@ -94,6 +99,7 @@ def _fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
+        accumulate_grad_batches=accumulate,
     )
     trainer.fit(module, _loader())
     return trainer, snapshot, callback
@@ -108,16 +114,19 @@ def _expected(module: Tiny, grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # "16-mixed" runs on the CPU with torch.amp.GradScaler("cpu") and fp16 autocast.
+@pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed"])
-def test_gradients_at_step_equal_normalize(precision: str) -> None:
+def test_gradients_at_step_equal_normalize(precision: str, accumulate: int) -> None:
+    # accumulate_grad_batches=2: 4 steps of 2 batches, normalized once per step, summed
     torch.manual_seed(0)
     module = Tiny()
-    trainer, snapshot, callback = _fit(precision, module)
+    trainer, snapshot, callback = _fit(precision, module, accumulate=accumulate)
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     assert (scaler is not None) == (precision == "16-mixed")
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, RecordingSGD)
     assert len(optimizer.seen) == 4 and len(snapshot.before) == 4
+    assert trainer.fit_loop.total_batch_idx + 1 == 4 * accumulate
     clipped_any = False
     for before, at_step in zip(snapshot.before, optimizer.seen):
         expected = _expected(module, before)

@@ -90,8 +90,12 @@ def _train(tmp_path, steps: int = 3, max_grad_norm: float = 0.0, **kw: object): 
     return trainer, model, optimizer, snapshot, callback
 
 
-def test_gradients_at_step_equal_normalize(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    _trainer, model, optimizer, snapshot, callback = _train(tmp_path)
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_gradients_at_step_equal_normalize(tmp_path, accumulation: int) -> None:  # type: ignore[no-untyped-def]
+    # gradient_accumulation_steps=2: normalized once per optimizer step, on the sum
+    _trainer, model, optimizer, snapshot, callback = _train(
+        tmp_path, gradient_accumulation_steps=accumulation
+    )
     assert len(optimizer.seen) == 3 and len(snapshot.before) == 3
     clipped_any = False
     for before, at_step in zip(snapshot.before, optimizer.seen):
