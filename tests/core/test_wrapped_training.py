@@ -1,0 +1,175 @@
+"""Training under DDP and FSDP2 options users set, against the unsplit model clipped by hand.
+
+On two gloo processes (one launch with the other distributed modules, see
+`two_ranks`). Each case trains a few steps with an optimizer the normalizer is
+attached to, and checks that every rank ends with the same parameters (DDP)
+or the same full parameters (FSDP2) as one process training on both ranks'
+batches with gradclip applied to its plain model. The rules mix a per-layer
+rule with stateful per-layer overrides (ZClip, AutoClip), so a step that
+normalized twice, or not at all, or with another rank's norms, shows.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from two_ranks import WORLD, module_tests
+
+import gradclip
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+TIMEOUT_S = 60
+RTOL = 1e-6  # relative to max(|v|, 1e-3); in float64 a wrong step is off by far more
+STEPS = 4
+
+
+# -- in the worker processes ----------------------------------------------------------------------
+class Net(nn.Module):
+    """A small model with uneven dims (5, 3 on two ranks), a 1-element bias and a side branch."""
+
+    def __init__(self, with_side: bool) -> None:
+        super().__init__()
+        torch.manual_seed(40)
+        self.body = nn.Linear(6, 5)
+        self.mid = nn.Linear(5, 3)
+        self.head = nn.Linear(3, 1)
+        # used on some steps or ranks only, by some cases
+        self.side = nn.Linear(5, 3) if with_side else None
+        self.double()  # the order DDP sums micro-batches and ranks in stays below RTOL
+
+    def forward(self, x: torch.Tensor, side: bool = False) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        z = self.mid(h) + (self.side(h) if side and self.side is not None else 0.0)
+        return self.head(torch.tanh(z))  # type: ignore[no-any-return]
+
+
+def _rules() -> dict[str, Any]:
+    return {
+        "mode": "ClipL2PerLayer",
+        "threshold": 0.05,
+        "overrides": {
+            "mid": gradclip.ZClip(warmup_steps=2, z_thresh=0.5, scope="layer"),
+            "head": gradclip.AutoClip(percentile=50, scope="layer"),
+        },
+    }
+
+
+def _batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    x, y = torch.randn(4, 6, generator=gen) * (1 + step), torch.randn(4, 1, generator=gen) * 5
+    return x.double(), y.double()
+
+
+Side = Callable[[int, int], bool] | None  # (step, rank) -> whether the side branch runs; no branch
+
+
+def _never(step: int, rank: int) -> bool:
+    return False
+
+
+def _runs(side: Side, step: int, rank: int) -> bool:
+    return side is not None and side(step, rank)
+
+
+def _reference(micro: int, side: Side) -> list[torch.Tensor]:
+    """One process, both ranks' batches, the gradients DDP / FSDP2 average: the parameters."""
+    model = Net(side is not None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gradclip.GradientNormalizer(model, **_rules()).attach(optimizer)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        for r in range(WORLD):  # each rank's micro-batches first, as DDP sums them
+            for m in range(micro):
+                x, y = _batch(step, m, r)
+                out = model(x, _runs(side, step, r))
+                (nn.functional.mse_loss(out, y) / (WORLD * micro)).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _compare(params: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    full = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in params]
+    flat = torch.cat([p.flatten() for p in full])
+    every = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(every, flat)
+    assert all(torch.equal(e, every[0]) for e in every), "the ranks' parameters differ"
+    want = torch.cat([p.flatten() for p in expected])
+    err = ((flat - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+    assert err <= RTOL, f"relative error {err:.3g} against the single-process run"
+
+
+def _train_ddp(rank: int, *, micro: int = 1, side: Side = None, before: bool = False,
+               **ddp: Any) -> list[torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = Net(side is not None)
+    normalizer = gradclip.GradientNormalizer(net, **_rules()) if before else None
+    model = DistributedDataParallel(net, **ddp)
+    if normalizer is None:
+        normalizer = gradclip.GradientNormalizer(model, **_rules())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    normalizer.attach(optimizer)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        for m in range(micro):
+            x, y = _batch(step, m, rank)
+            if m < micro - 1:
+                with model.no_sync():
+                    (nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro).backward()
+            else:
+                (nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro).backward()
+        optimizer.step()
+    return list(net.parameters())
+
+
+def _side_on_rank0(step: int, rank: int) -> bool:
+    return rank == 0
+
+
+def _side_on_odd_steps(step: int, rank: int) -> bool:
+    return step % 2 == 1
+
+
+DDP_CASES: dict[str, tuple[dict[str, Any], int, Side, bool]] = {
+    # name: (DDP keywords, micro-batches, side branch, normalizer built before wrapping)
+    "ddp:plain": ({}, 1, None, False),
+    "ddp:built-before-wrap": ({}, 1, None, True),
+    "ddp:bucket-view": ({"gradient_as_bucket_view": True}, 1, None, False),
+    "ddp:static-graph": ({"static_graph": True}, 1, None, False),
+    "ddp:no-sync-accumulation": ({}, 3, None, False),
+    "ddp:bucket-view-no-sync": ({"gradient_as_bucket_view": True}, 2, None, False),
+    "ddp:unused-on-one-rank": ({"find_unused_parameters": True}, 1, _side_on_rank0, False),
+    "ddp:unused-on-all-ranks": ({"find_unused_parameters": True}, 1, _never, False),
+    "ddp:some-steps-only": ({"find_unused_parameters": True}, 1, _side_on_odd_steps, False),
+}
+
+
+def _case_ddp(rank: int, out: dict[str, Any]) -> None:
+    for name, (ddp, micro, side, before) in DDP_CASES.items():
+        try:
+            expected = _reference(micro, side)
+            params = _train_ddp(rank, micro=micro, side=side, before=before, **ddp)
+            _compare(params, expected)
+            out[name] = {"ok": True}
+        except Exception:
+            out[name] = {"ok": False, "msg": traceback.format_exc()}
+
+
+CASES: list[Callable[[int, dict[str, Any]], None]] = [_case_ddp]
+CASE_NAMES = [*DDP_CASES]
+
+
+# -- in pytest ------------------------------------------------------------------------------------
+results, test_every_case_ran, test_case = module_tests(__name__, CASE_NAMES)
