@@ -80,10 +80,26 @@ def _runs(side: Side, step: int, rank: int) -> bool:
     return side is not None and side(step, rank)
 
 
-def _reference(micro: int, side: Side) -> list[torch.Tensor]:
+Optim = Callable[[Any], torch.optim.Optimizer]
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def _fused_adam(params: Any) -> torch.optim.Optimizer:
+    # gradclip folds its coefficients into the fused kernel's grad_scale
+    return torch.optim.Adam(params, lr=0.01, fused=True)
+
+
+def _foreach_adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=0.01, foreach=True)
+
+
+def _reference(micro: int, side: Side, make: Optim = _sgd) -> list[torch.Tensor]:
     """One process, both ranks' batches, the gradients DDP / FSDP2 average: the parameters."""
     model = Net(side is not None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = make(model.parameters())
     gradclip.GradientNormalizer(model, **_rules()).attach(optimizer)
     for step in range(STEPS):
         optimizer.zero_grad()
@@ -111,7 +127,7 @@ def _compare(params: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
 
 
 def _train_ddp(rank: int, *, micro: int = 1, side: Side = None, before: bool = False,
-               **ddp: Any) -> list[torch.Tensor]:
+               make: Optim = _sgd, **ddp: Any) -> list[torch.Tensor]:
     from torch.nn.parallel import DistributedDataParallel
 
     net = Net(side is not None)
@@ -119,7 +135,7 @@ def _train_ddp(rank: int, *, micro: int = 1, side: Side = None, before: bool = F
     model = DistributedDataParallel(net, **ddp)
     if normalizer is None:
         normalizer = gradclip.GradientNormalizer(model, **_rules())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = make(model.parameters())
     normalizer.attach(optimizer)
     for step in range(STEPS):
         optimizer.zero_grad()
@@ -153,13 +169,18 @@ DDP_CASES: dict[str, tuple[dict[str, Any], int, Side, bool]] = {
     "ddp:unused-on-one-rank": ({"find_unused_parameters": True}, 1, _side_on_rank0, False),
     "ddp:unused-on-all-ranks": ({"find_unused_parameters": True}, 1, _never, False),
     "ddp:some-steps-only": ({"find_unused_parameters": True}, 1, _side_on_odd_steps, False),
+    "ddp:fused-adam": ({"make": _fused_adam}, 1, None, False),
+    "ddp:bucket-view-fused-adam": (
+        {"make": _fused_adam, "gradient_as_bucket_view": True}, 2, None, False
+    ),
+    "ddp:foreach-adamw": ({"make": _foreach_adamw}, 1, None, True),
 }
 
 
 def _case_ddp(rank: int, out: dict[str, Any]) -> None:
     for name, (ddp, micro, side, before) in DDP_CASES.items():
         try:
-            expected = _reference(micro, side)
+            expected = _reference(micro, side, ddp.get("make", _sgd))
             params = _train_ddp(rank, micro=micro, side=side, before=before, **ddp)
             _compare(params, expected)
             out[name] = {"ok": True}
@@ -167,8 +188,154 @@ def _case_ddp(rank: int, out: dict[str, Any]) -> None:
             out[name] = {"ok": False, "msg": traceback.format_exc()}
 
 
-CASES: list[Callable[[int, dict[str, Any]], None]] = [_case_ddp]
-CASE_NAMES = [*DDP_CASES]
+def _train_fsdp(rank: int, *, micro: int = 1, side: Side = None, before: bool = False,
+                blocks: bool = True, make: Optim = _sgd, **shard: Any) -> list[torch.Tensor]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = Net(side is not None)
+    normalizer = gradclip.GradientNormalizer(model, **_rules()) if before else None
+    if blocks:
+        for child in model.children():
+            fully_shard(child, **shard)
+    fully_shard(model, **shard)
+    if normalizer is None:
+        normalizer = gradclip.GradientNormalizer(model, **_rules())
+    optimizer = make(model.parameters())
+    normalizer.attach(optimizer)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        for m in range(micro):
+            model.set_requires_gradient_sync(m == micro - 1)
+            x, y = _batch(step, m, rank)
+            (nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro).backward()
+        optimizer.step()
+    return list(model.parameters())
+
+
+def _offload() -> dict[str, Any]:
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return {"offload_policy": CPUOffloadPolicy(pin_memory=False)}
+
+
+FSDP_CASES: dict[str, tuple[Callable[[], dict[str, Any]], int, Side, bool, bool]] = {
+    # name: (fully_shard keywords, micro-batches, side branch, built before, blocks sharded)
+    "fsdp:blocks-and-root": (dict, 1, None, False, True),
+    "fsdp:root-only": (dict, 1, None, False, False),
+    "fsdp:built-before": (dict, 1, None, True, True),
+    "fsdp:no-reshard": (lambda: {"reshard_after_forward": False}, 1, None, False, True),
+    "fsdp:cpu-offload": (_offload, 1, None, False, True),
+    "fsdp:no-sync-accumulation": (dict, 3, None, False, True),
+    "fsdp:no-sync-no-reshard": (lambda: {"reshard_after_forward": False}, 2, None, False, True),
+    "fsdp:some-steps-only": (dict, 1, _side_on_odd_steps, False, True),
+    "fsdp:fused-adam": (lambda: {"make": _fused_adam}, 2, None, False, True),
+    "fsdp:foreach-adamw": (lambda: {"make": _foreach_adamw}, 1, None, True, False),
+}
+
+
+def _case_fsdp(rank: int, out: dict[str, Any]) -> None:
+    for name, (shard, micro, side, before, blocks) in FSDP_CASES.items():
+        try:
+            keywords = shard()
+            expected = _reference(micro, side, keywords.get("make", _sgd))
+            params = _train_fsdp(
+                rank, micro=micro, side=side, before=before, blocks=blocks, **keywords
+            )
+            _compare(params, expected)
+            out[name] = {"ok": True}
+        except Exception:
+            out[name] = {"ok": False, "msg": traceback.format_exc()}
+
+
+class NormNet(Net):
+    """`Net` with a BatchNorm: its running statistics are buffers DDP broadcasts."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+        self.norm = nn.BatchNorm1d(6).double()
+
+    def forward(self, x: torch.Tensor, side: bool = False) -> torch.Tensor:
+        return super().forward(self.norm(x))
+
+
+def _by_hand(rank: int, make: Callable[[], Net], wrap: Callable[[Net], nn.Module]) -> None:
+    """Each step, gradclip on the wrapped model equals gradclip on the step's full gradients.
+
+    For wrappers whose gradients a single process cannot reproduce (compressed
+    communication, low-precision compute, per-rank batch statistics), the plain
+    model clipped by hand is given the step's full gradients.
+    """
+    from torch.distributed.tensor import DTensor
+
+    net, plain = make(), make()
+    model = wrap(net)
+    by_hand = gradclip.GradientNormalizer(plain, **_rules())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gradclip.GradientNormalizer(model, **_rules()).attach(optimizer)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        x, y = _batch(step, 0, rank)
+        nn.functional.mse_loss(model(x), y).backward()
+        for p, q in zip(net.parameters(), plain.parameters()):
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            q.grad = g.detach().clone()
+        by_hand.apply()
+        optimizer.step()
+        _compare([p.grad for p in net.parameters()], [q.grad for q in plain.parameters()])
+
+
+def _ddp_hook(hook: Any) -> Callable[[Net], nn.Module]:
+    def wrap(net: Net) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net)
+        model.register_comm_hook(None, hook)
+        return model
+
+    return wrap
+
+
+def _ddp_buffers(net: Net) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, broadcast_buffers=True)
+
+
+def _fsdp_mixed(net: Net) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for child in net.children():
+        fully_shard(child, mp_policy=policy)
+    return fully_shard(net, mp_policy=policy)
+
+
+def _case_by_hand(rank: int, out: dict[str, Any]) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    def plain() -> Net:
+        return Net(False)
+
+    cases: dict[str, tuple[Callable[[], Net], Callable[[Net], nn.Module]]] = {
+        "ddp:fp16-compress-hook": (plain, _ddp_hook(default_hooks.fp16_compress_hook)),
+        "ddp:broadcast-buffers": (NormNet, _ddp_buffers),
+        "fsdp:mixed-precision": (plain, _fsdp_mixed),
+    }
+    for name, (make, wrap) in cases.items():
+        try:
+            _by_hand(rank, make, wrap)
+            out[name] = {"ok": True}
+        except Exception:
+            out[name] = {"ok": False, "msg": traceback.format_exc()}
+
+
+BY_HAND_CASES = [
+    "ddp:fp16-compress-hook",
+    "ddp:broadcast-buffers",
+    "fsdp:mixed-precision",
+]
+CASES: list[Callable[[int, dict[str, Any]], None]] = [_case_ddp, _case_fsdp, _case_by_hand]
+CASE_NAMES = [*DDP_CASES, *FSDP_CASES, *BY_HAND_CASES]
 
 
 # -- in pytest ------------------------------------------------------------------------------------
