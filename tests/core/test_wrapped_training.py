@@ -12,6 +12,7 @@ normalized twice, or not at all, or with another rank's norms, shows.
 from __future__ import annotations
 
 import traceback
+from itertools import product
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,22 @@ class Net(nn.Module):
         return self.head(torch.tanh(z))  # type: ignore[no-any-return]
 
 
+RULES = ["per-layer", "global"]  # the rule sets every training case runs with
+_current = {"rules": RULES[0]}
+
+
 def _rules() -> dict[str, Any]:
+    if _current["rules"] == "global":
+        # totals over layers (a p-norm, a percentile of global norms), AGC's units
+        # split over ranks (FSDP2's sharded biases), element-wise clamps
+        return {
+            "mode": gradclip.ClipGlobalNorm(0.05, norm_type=3.0),
+            "overrides": {
+                "body": gradclip.AdaptiveGradClip(0.02),
+                "mid": gradclip.AutoClip(percentile=50),
+                "head": ("ClipElementWiseAbsoluteValue", 0.02),
+            },
+        }
     return {
         "mode": "ClipL2PerLayer",
         "threshold": 0.05,
@@ -178,7 +194,9 @@ DDP_CASES: dict[str, tuple[dict[str, Any], int, Side, bool]] = {
 
 
 def _case_ddp(rank: int, out: dict[str, Any]) -> None:
-    for name, (ddp, micro, side, before) in DDP_CASES.items():
+    for rules, (name, (ddp, micro, side, before)) in product(RULES, DDP_CASES.items()):
+        name = f"{name}:{rules}"
+        _current["rules"] = rules
         try:
             expected = _reference(micro, side, ddp.get("make", _sgd))
             params = _train_ddp(rank, micro=micro, side=side, before=before, **ddp)
@@ -234,7 +252,9 @@ FSDP_CASES: dict[str, tuple[Callable[[], dict[str, Any]], int, Side, bool, bool]
 
 
 def _case_fsdp(rank: int, out: dict[str, Any]) -> None:
-    for name, (shard, micro, side, before, blocks) in FSDP_CASES.items():
+    for rules, (name, (shard, micro, side, before, blocks)) in product(RULES, FSDP_CASES.items()):
+        name = f"{name}:{rules}"
+        _current["rules"] = rules
         try:
             keywords = shard()
             expected = _reference(micro, side, keywords.get("make", _sgd))
@@ -276,9 +296,11 @@ def _by_hand(rank: int, make: Callable[[], Net], wrap: Callable[[Net], nn.Module
         optimizer.zero_grad()
         x, y = _batch(step, 0, rank)
         nn.functional.mse_loss(model(x), y).backward()
-        for p, q in zip(net.parameters(), plain.parameters()):
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            q.grad = g.detach().clone()
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), plain.parameters()):
+                q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)  # AGC reads weights
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                q.grad = g.detach().clone()
         by_hand.apply()
         optimizer.step()
         _compare([p.grad for p in net.parameters()], [q.grad for q in plain.parameters()])
@@ -321,7 +343,9 @@ def _case_by_hand(rank: int, out: dict[str, Any]) -> None:
         "ddp:broadcast-buffers": (NormNet, _ddp_buffers),
         "fsdp:mixed-precision": (plain, _fsdp_mixed),
     }
-    for name, (make, wrap) in cases.items():
+    for rules, (name, (make, wrap)) in product(RULES, cases.items()):
+        name = f"{name}:{rules}"
+        _current["rules"] = rules
         try:
             _by_hand(rank, make, wrap)
             out[name] = {"ok": True}
@@ -335,7 +359,7 @@ BY_HAND_CASES = [
     "fsdp:mixed-precision",
 ]
 CASES: list[Callable[[int, dict[str, Any]], None]] = [_case_ddp, _case_fsdp, _case_by_hand]
-CASE_NAMES = [*DDP_CASES, *FSDP_CASES, *BY_HAND_CASES]
+CASE_NAMES = [f"{n}:{r}" for r in RULES for n in (*DDP_CASES, *FSDP_CASES, *BY_HAND_CASES)]
 
 
 # -- in pytest ------------------------------------------------------------------------------------
