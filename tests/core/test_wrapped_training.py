@@ -12,16 +12,17 @@ normalized twice, or not at all, or with another rank's norms, shows.
 from __future__ import annotations
 
 import traceback
-from itertools import product
 from collections.abc import Callable
+from itertools import product
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from two_ranks import WORLD, module_tests
+from two_ranks import AGREEMENT, WORLD, module_tests
 
 import gradclip
+from gradclip.commands.bench_distributed import CollectiveCounter
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -142,8 +143,23 @@ def _compare(params: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     assert err <= RTOL, f"relative error {err:.3g} against the single-process run"
 
 
-def _train_ddp(rank: int, *, micro: int = 1, side: Side = None, before: bool = False,
-               make: Optim = _sgd, **ddp: Any) -> list[torch.Tensor]:
+def _counted_step(optimizer: torch.optim.Optimizer) -> int:
+    """Runs the step (gradclip's included); the number of collectives it ran."""
+    counter = CollectiveCounter()
+    with counter:
+        optimizer.step()
+    return len(counter.ops)
+
+
+def _train_ddp(
+    rank: int,
+    *,
+    micro: int = 1,
+    side: Side = None,
+    before: bool = False,
+    make: Optim = _sgd,
+    **ddp: Any,
+) -> tuple[list[torch.Tensor], list[int]]:
     from torch.nn.parallel import DistributedDataParallel
 
     net = Net(side is not None)
@@ -153,17 +169,20 @@ def _train_ddp(rank: int, *, micro: int = 1, side: Side = None, before: bool = F
         normalizer = gradclip.GradientNormalizer(model, **_rules())
     optimizer = make(model.parameters())
     normalizer.attach(optimizer)
+    counts: list[int] = []
     for step in range(STEPS):
         optimizer.zero_grad()
         for m in range(micro):
             x, y = _batch(step, m, rank)
             if m < micro - 1:
                 with model.no_sync():
-                    (nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro).backward()
+                    (
+                        nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro
+                    ).backward()
             else:
                 (nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro).backward()
-        optimizer.step()
-    return list(net.parameters())
+        counts.append(_counted_step(optimizer))
+    return list(net.parameters()), counts
 
 
 def _side_on_rank0(step: int, rank: int) -> bool:
@@ -187,7 +206,10 @@ DDP_CASES: dict[str, tuple[dict[str, Any], int, Side, bool]] = {
     "ddp:some-steps-only": ({"find_unused_parameters": True}, 1, _side_on_odd_steps, False),
     "ddp:fused-adam": ({"make": _fused_adam}, 1, None, False),
     "ddp:bucket-view-fused-adam": (
-        {"make": _fused_adam, "gradient_as_bucket_view": True}, 2, None, False
+        {"make": _fused_adam, "gradient_as_bucket_view": True},
+        2,
+        None,
+        False,
     ),
     "ddp:foreach-adamw": ({"make": _foreach_adamw}, 1, None, True),
 }
@@ -199,20 +221,58 @@ def _case_ddp(rank: int, out: dict[str, Any]) -> None:
         _current["rules"] = rules
         try:
             expected = _reference(micro, side, ddp.get("make", _sgd))
-            params = _train_ddp(rank, micro=micro, side=side, before=before, **ddp)
+            params, counts = _train_ddp(rank, micro=micro, side=side, before=before, **ddp)
             _compare(params, expected)
+            # DDP reduced the gradients: only a normalizer built on the wrapper compares
+            # the ranks' configurations, once
+            assert counts == [0 if before else AGREEMENT] + [0] * (STEPS - 1), counts
             out[name] = {"ok": True}
         except Exception:
             out[name] = {"ok": False, "msg": traceback.format_exc()}
 
 
-def _train_fsdp(rank: int, *, micro: int = 1, side: Side = None, before: bool = False,
-                blocks: bool = True, make: Optim = _sgd, **shard: Any) -> list[torch.Tensor]:
+def _hsdp(replicas: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # the replicated pieces count once (weights 1/replicas), also where a layer's
+    # rule measures no L2 norm (AGC, element-wise)
+    shape = (replicas, WORLD // replicas)
+    return {"mesh": init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))}
+
+
+def _by_columns(param: nn.Parameter) -> Any:
+    from torch.distributed.tensor import Shard
+
+    # FSDP2 on dim 1 where it divides evenly (FSDP2 needs that there), else dim 0
+    return Shard(1) if param.dim() > 1 and param.shape[1] % WORLD == 0 else Shard(0)
+
+
+LAYOUTS: dict[str, Callable[[], dict[str, Any]]] = {
+    # name: the keywords of every fully_shard call
+    "blocks": dict,
+    "root-only": dict,
+    "hsdp-2x1": lambda: _hsdp(2),
+    "hsdp-1x2": lambda: _hsdp(1),
+    "dim-1": lambda: {"shard_placement_fn": _by_columns},
+}
+
+
+def _train_fsdp(
+    rank: int,
+    *,
+    micro: int = 1,
+    side: Side = None,
+    before: bool = False,
+    layout: str = "blocks",
+    make: Optim = _sgd,
+    **shard: Any,
+) -> tuple[list[torch.Tensor], list[int]]:
     from torch.distributed.fsdp import fully_shard
 
     model = Net(side is not None)
     normalizer = gradclip.GradientNormalizer(model, **_rules()) if before else None
-    if blocks:
+    shard.update(LAYOUTS[layout]())
+    if layout != "root-only":
         for child in model.children():
             fully_shard(child, **shard)
     fully_shard(model, **shard)
@@ -220,14 +280,15 @@ def _train_fsdp(rank: int, *, micro: int = 1, side: Side = None, before: bool = 
         normalizer = gradclip.GradientNormalizer(model, **_rules())
     optimizer = make(model.parameters())
     normalizer.attach(optimizer)
+    counts: list[int] = []
     for step in range(STEPS):
         optimizer.zero_grad()
         for m in range(micro):
             model.set_requires_gradient_sync(m == micro - 1)
             x, y = _batch(step, m, rank)
             (nn.functional.mse_loss(model(x, _runs(side, step, rank)), y) / micro).backward()
-        optimizer.step()
-    return list(model.parameters())
+        counts.append(_counted_step(optimizer))
+    return list(model.parameters()), counts
 
 
 def _offload() -> dict[str, Any]:
@@ -236,33 +297,38 @@ def _offload() -> dict[str, Any]:
     return {"offload_policy": CPUOffloadPolicy(pin_memory=False)}
 
 
-FSDP_CASES: dict[str, tuple[Callable[[], dict[str, Any]], int, Side, bool, bool]] = {
-    # name: (fully_shard keywords, micro-batches, side branch, built before, blocks sharded)
-    "fsdp:blocks-and-root": (dict, 1, None, False, True),
-    "fsdp:root-only": (dict, 1, None, False, False),
-    "fsdp:built-before": (dict, 1, None, True, True),
-    "fsdp:no-reshard": (lambda: {"reshard_after_forward": False}, 1, None, False, True),
-    "fsdp:cpu-offload": (_offload, 1, None, False, True),
-    "fsdp:no-sync-accumulation": (dict, 3, None, False, True),
-    "fsdp:no-sync-no-reshard": (lambda: {"reshard_after_forward": False}, 2, None, False, True),
-    "fsdp:some-steps-only": (dict, 1, _side_on_odd_steps, False, True),
-    "fsdp:fused-adam": (lambda: {"make": _fused_adam}, 2, None, False, True),
-    "fsdp:foreach-adamw": (lambda: {"make": _foreach_adamw}, 1, None, True, False),
+FSDP_CASES: dict[str, tuple[Callable[[], dict[str, Any]], int, Side, bool, str]] = {
+    # name: (fully_shard keywords, micro-batches, side branch, built before, layout)
+    "fsdp:blocks-and-root": (dict, 1, None, False, "blocks"),
+    "fsdp:root-only": (dict, 1, None, False, "root-only"),
+    "fsdp:built-before": (dict, 1, None, True, "blocks"),
+    "fsdp:no-reshard": (lambda: {"reshard_after_forward": False}, 1, None, False, "blocks"),
+    "fsdp:cpu-offload": (_offload, 1, None, False, "blocks"),
+    "fsdp:no-sync-accumulation": (dict, 3, None, False, "blocks"),
+    "fsdp:no-sync-no-reshard": (lambda: {"reshard_after_forward": False}, 2, None, False, "blocks"),
+    "fsdp:some-steps-only": (dict, 1, _side_on_odd_steps, False, "blocks"),
+    "fsdp:fused-adam": (lambda: {"make": _fused_adam}, 2, None, False, "blocks"),
+    "fsdp:foreach-adamw": (lambda: {"make": _foreach_adamw}, 1, None, True, "root-only"),
+    "fsdp:hsdp-2x1": (dict, 1, None, False, "hsdp-2x1"),
+    "fsdp:hsdp-1x2": (dict, 1, None, False, "hsdp-1x2"),
+    "fsdp:hsdp-2x1-accumulation": (dict, 2, None, True, "hsdp-2x1"),
+    "fsdp:dim-1": (dict, 1, None, False, "dim-1"),
 }
 
 
 def _case_fsdp(rank: int, out: dict[str, Any]) -> None:
-    for rules, (name, (shard, micro, side, before, blocks)) in product(RULES, FSDP_CASES.items()):
+    for rules, (name, (shard, micro, side, before, layout)) in product(RULES, FSDP_CASES.items()):
         name = f"{name}:{rules}"
         _current["rules"] = rules
         try:
             keywords = shard()
             expected = _reference(micro, side, keywords.get("make", _sgd))
-            params = _train_fsdp(
-                rank, micro=micro, side=side, before=before, blocks=blocks, **keywords
+            params, counts = _train_fsdp(
+                rank, micro=micro, side=side, before=before, layout=layout, **keywords
             )
             _compare(params, expected)
-            out[name] = {"ok": True}
+            assert counts == [AGREEMENT + 1] + [1] * (STEPS - 1), counts
+            out[name] = {"ok": True, "collectives": 1}
         except Exception:
             out[name] = {"ok": False, "msg": traceback.format_exc()}
 
@@ -278,7 +344,12 @@ class NormNet(Net):
         return super().forward(self.norm(x))
 
 
-def _by_hand(rank: int, make: Callable[[], Net], wrap: Callable[[Net], nn.Module]) -> None:
+def _by_hand(
+    rank: int,
+    make: Callable[[], Net],
+    wrap: Callable[[Net], nn.Module],
+    data_rank: int | None = None,
+) -> None:
     """Each step, gradclip on the wrapped model equals gradclip on the step's full gradients.
 
     For wrappers whose gradients a single process cannot reproduce (compressed
@@ -294,7 +365,7 @@ def _by_hand(rank: int, make: Callable[[], Net], wrap: Callable[[Net], nn.Module
     gradclip.GradientNormalizer(model, **_rules()).attach(optimizer)
     for step in range(STEPS):
         optimizer.zero_grad()
-        x, y = _batch(step, 0, rank)
+        x, y = _batch(step, 0, rank if data_rank is None else data_rank)
         nn.functional.mse_loss(model(x), y).backward()
         with torch.no_grad():
             for p, q in zip(net.parameters(), plain.parameters()):
@@ -332,6 +403,14 @@ def _fsdp_mixed(net: Net) -> nn.Module:
     return fully_shard(net, mp_policy=policy)
 
 
+def _fsdp_blocks_only(net: Net) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(net.body)  # the head stays a plain tensor on every rank (the same batch
+    fully_shard(net.mid)  # on every rank keeps its gradients replicas): weighted 1/2
+    return net
+
+
 def _case_by_hand(rank: int, out: dict[str, Any]) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -342,12 +421,14 @@ def _case_by_hand(rank: int, out: dict[str, Any]) -> None:
         "ddp:fp16-compress-hook": (plain, _ddp_hook(default_hooks.fp16_compress_hook)),
         "ddp:broadcast-buffers": (NormNet, _ddp_buffers),
         "fsdp:mixed-precision": (plain, _fsdp_mixed),
+        "fsdp:blocks-only": (plain, _fsdp_blocks_only),
     }
     for rules, (name, (make, wrap)) in product(RULES, cases.items()):
+        same_data = name == "fsdp:blocks-only"
         name = f"{name}:{rules}"
         _current["rules"] = rules
         try:
-            _by_hand(rank, make, wrap)
+            _by_hand(rank, make, wrap, 0 if same_data else None)
             out[name] = {"ok": True}
         except Exception:
             out[name] = {"ok": False, "msg": traceback.format_exc()}
@@ -357,6 +438,7 @@ BY_HAND_CASES = [
     "ddp:fp16-compress-hook",
     "ddp:broadcast-buffers",
     "fsdp:mixed-precision",
+    "fsdp:blocks-only",
 ]
 CASES: list[Callable[[int, dict[str, Any]], None]] = [_case_ddp, _case_fsdp, _case_by_hand]
 CASE_NAMES = [f"{n}:{r}" for r in RULES for n in (*DDP_CASES, *FSDP_CASES, *BY_HAND_CASES)]

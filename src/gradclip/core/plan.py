@@ -185,6 +185,8 @@ class Plan:
         self.sharding: Sharding | None = sharding_of(
             self.names, grads_in_order, dev, self.acc_dtype
         )
+        if self.sharding is not None:
+            self.sharding.measuring(self.measured_positions_t, self.num_tensors)
         #: on a sharded model with in-place rules, the group over which
         #: `NormReport.across_ranks` combines their per-rank ``changed`` flags
         self.changes_group: RankGroup | None = None

@@ -153,6 +153,8 @@ class Sharding:
         group_size: its number of ranks.
         weights: ``(T,)`` ``1 / replicas`` of each tensor, on the plan's device in
             its accumulation dtype; ``None`` when every piece is held by one rank.
+        norm_weights: ``weights`` of the tensors whose L2 norms a step packs, in
+            their order (all of them unless the plan says otherwise, `measuring`).
         num_sharded: how many of the tensors are ``DTensor`` s.
         split_dims: per tensor, the dims split across ranks (see `gradclip.core.rule.Shards`).
         split_rows: per tensor split on dim 0 and another dim, the rows this rank
@@ -171,6 +173,16 @@ class Sharding:
     device: torch.device
     dtype: torch.dtype
     split_rows: list[SplitRows | None] = field(default_factory=list)
+    norm_weights: torch.Tensor | None = None
+
+    def measuring(self, positions: torch.Tensor, count: int) -> None:
+        """Steps pack the L2 norms of the tensors at ``positions`` only (of ``count``).
+
+        Layers whose rules read no L2 norm (AGC, element-wise, ``None``) are not
+        measured, so the norms' vector is shorter than ``weights`` (once per plan).
+        """
+        if self.weights is not None and len(positions) != count:
+            self.norm_weights = self.weights.index_select(0, positions)
 
     def group_shards(self, positions: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """``(weights, split_dims)`` of the tensors at ``positions`` (once per plan)."""
@@ -213,8 +225,8 @@ class Sharding:
             return t.reshape(-1).to(self.device, self.dtype)
 
         squares = flat(None) if norms is None else norms.square()
-        if norms is not None and self.weights is not None:
-            squares.mul_(self.weights)
+        if norms is not None and self.norm_weights is not None:
+            squares.mul_(self.norm_weights)
         sums = [flat(e.sums) for e in extras]
         maxima = [flat(e.maxima) for e in extras]
         used = Capacity(
@@ -418,7 +430,9 @@ def sharding_of(
     split_dims = [_split_dims(g) if isinstance(g, cls) else () for g in grads]
     rows = [split_rows_of(g, d, device) if d else None for g, d in zip(grads, split_dims)]
     rank = dist.get_rank(group)
-    return Sharding(group, group_size, weights, num_sharded, split_dims, rank, device, dtype, rows)
+    return Sharding(
+        group, group_size, weights, num_sharded, split_dims, rank, device, dtype, rows, weights
+    )
 
 
 def _split_dims(grad: Any) -> tuple[int, ...]:
