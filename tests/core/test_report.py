@@ -52,3 +52,22 @@ def test_no_gradient_at_all_gives_an_empty_report() -> None:
     report = gradclip.normalize_(model, "ClipL2PerLayer", 1.0)
     assert report.layer_names == ["1"]
     assert float(model[1].weight.grad.norm()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("element_wise_first", [True, False])
+def test_a_chain_member_that_cannot_tell_does_not_hide_a_change(element_wise_first: bool) -> None:
+    # ClipL2PerLayer(0.3) clips every layer of fill_grads' gradients; the element-wise
+    # member (threshold far above any element) cannot tell whether it changed anything
+    model = mlp(2)
+    fill_grads(model)
+    members = [("ClipL2PerLayer", 0.3), ("ClipElementWiseAbsoluteValue", 1e6)]
+    rule = gradclip.chain(*(members[::-1] if element_wise_first else members))
+    report = gradclip.normalize_(model, rule)
+    assert report.to_dict()["changed"] == {"0": True, "1": True}
+    assert report.changed_layers() == ["0", "1"]
+    assert "?" not in report.table()
+    # alone, the element-wise rule still cannot tell, whatever it did
+    fill_grads(model)
+    report = gradclip.normalize_(model, "ClipElementWiseAbsoluteValue", 0.01)
+    assert report.to_dict()["changed"] == {"0": None, "1": None}
+    assert report.changed_layers() == []

@@ -153,3 +153,41 @@ def test_measured_helpers() -> None:
     assert seen["layers"] == pytest.approx([math.sqrt(6), math.sqrt(2)])
     assert seen["spread"] == pytest.approx([math.sqrt(6)] * 2 + [math.sqrt(2)])
     assert seen["numel"] == [4.0, 2.0, 2.0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Returns(gradclip.ScalingRule):
+    """A custom rule that returns what it is told to (built per test)."""
+
+    what: str = "per_layer"
+
+    def scale(self, m: gradclip.Measured, state: gradclip.State):  # type: ignore[no-untyped-def]
+        layers = len(m.layout.layer_names)
+        made = {
+            "per_layer": (torch.full((layers,), 0.5), state),
+            "0-d": (torch.tensor(0.5), state),
+            "column": (torch.full((len(m.grads), 1), 0.5), state),
+            "float": (0.5, state),
+            "bare": torch.full((len(m.grads),), 0.5),
+        }
+        return made[self.what]
+
+
+@pytest.mark.parametrize(
+    ("what", "error", "says"),
+    [
+        ("per_layer", ValueError, r"shape \(2,\), expected \(4,\).*m\.per_tensor"),
+        ("0-d", ValueError, r"shape \(\), expected \(4,\).*expand\(len\(m\.grads\)\)"),
+        ("column", ValueError, r"shape \(4, 1\), expected \(4,\)"),
+        ("float", TypeError, "coefficients of type float"),
+        ("bare", TypeError, r"must return a \(coefficients, state\) pair, got Tensor"),
+    ],
+)
+def test_a_custom_rule_with_wrong_coefficients_is_told_what_to_return(
+    what: str, error: type[Exception], says: str
+) -> None:
+    model = mlp(2)
+    grads = fill_grads(model)
+    with pytest.raises(error, match=says):
+        gradclip.normalize_(model, _Returns(what))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))

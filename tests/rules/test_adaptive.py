@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -209,3 +211,43 @@ def test_invalid_arguments() -> None:
         gradclip.ZClip(warmup_steps=0)
     with pytest.raises(ValueError, match="z_thresh"):
         gradclip.ZClip(z_thresh=-1.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda scope: gradclip.ZClip(warmup_steps=5, scope=scope),
+        lambda scope: gradclip.AutoClip(10, history_size=8, scope=scope),
+        lambda scope: gradclip.AutoClip(10, history_size=None, scope=scope),
+    ],
+    ids=["zclip", "autoclip-ring", "autoclip-unbounded"],
+)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_zero_gradients_count_as_no_gradient(make: Any, scope: str) -> None:
+    """A layer idle (all-zero gradients) through the warm-up is not clipped to nothing after
+    it: the statistics skip zero norms, as a normalizer that never saw them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    normalizer = gradclip.GradientNormalizer(model, make(scope))
+    tracked = model if scope == "global" else model[1]
+    alone = copy.deepcopy(tracked)
+    reference = gradclip.GradientNormalizer(alone, make("global"))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(70):  # past the unbounded history's growth at 64
+        idle = step < 12 or step in (30, 31)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * (1 + 9 * (step % 11 == 0))
+        if idle:
+            for p in tracked.parameters():
+                p.grad.zero_()
+        for p, q in zip(tracked.parameters(), alone.parameters()):
+            q.grad = p.grad.clone()
+        report = normalizer.apply()
+        if idle:
+            assert report.to_dict()["changed"]["1"] is False
+            assert not any(bool(p.grad.any()) for p in tracked.parameters())
+            continue
+        reference.apply()
+        for p, q in zip(tracked.parameters(), alone.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert float(model[1].weight.grad.norm()) > 0

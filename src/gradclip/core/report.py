@@ -123,7 +123,12 @@ class NormReport:
 
     @property
     def changed(self) -> dict[str, torch.Tensor]:
-        """``{layer: 0-d bool tensor}``: whether normalization changed the layer's gradients."""
+        """``{layer: 0-d bool tensor}``: whether normalization changed the layer's gradients.
+
+        A rule that cannot tell without an extra read (element-wise clipping)
+        raises no flag: there ``True`` means changed and ``False`` only that
+        no other rule of the layer changed it; `to_dict` reads ``None`` for it.
+        """
         plan = self._plan
         return {
             name: self.changed_vector[i]
@@ -240,7 +245,10 @@ class NormReport:
         for i, name in enumerate(plan.layer_names):
             if plan.layer_has_grad[i]:
                 layer_norms[name] = clean(layer_values[i]) if plan.layer_measured[i] else None
-                changed[name] = bool(changed_values[i]) if i not in unknown else None
+                # a flag raised by any rule is certain, even in a chain with a member
+                # (element-wise clipping) that cannot tell; only a lowered flag is unsure
+                flagged = bool(changed_values[i])
+                changed[name] = flagged if flagged or i not in unknown else None
         param_norms = {name: clean(v) for name, v in zip(self.param_names, tensor_values)}
         return {
             "layer_norms": layer_norms,

@@ -16,6 +16,7 @@ from gradclip.core.plan import Group, Plan, Stage
 from gradclip.core.rule import Measured, ScalingRule, Shards
 from gradclip.core.sharding import local_tensors
 from gradclip.core.state import StateStore
+from gradclip.core.validation import check_coefficients
 
 __all__ = ["run_round", "select"]
 
@@ -54,8 +55,9 @@ def run_round(
         state = _load(store, stage)
         rule = stage.rule
         if isinstance(rule, ScalingRule):
-            coef, new_state = rule.scale(m, state)
-            coef = coef.to(plan.acc_dtype)
+            returned = rule.scale(m, state)
+            coef = check_coefficients(rule, returned, len(m.grads)).to(plan.acc_dtype)
+            new_state = returned[1]
             if round_.single:
                 coefficients = coef
             else:

@@ -100,3 +100,49 @@ def check_writable(name: str, grad: torch.Tensor) -> None:
             "overlapping view): normalizing it in place would write them more than once. "
             "Assign a gradient of its own memory instead, e.g. p.grad = grad.clone()."
         )
+
+
+def check_coefficients(rule: Any, returned: object, tensors: int) -> torch.Tensor:
+    """The coefficients of a `ScalingRule.scale` result, or an error that says what to return.
+
+    ``returned`` must be a ``(coefficients, state)`` pair with one coefficient
+    per gradient tensor of the rule's layers: shape ``(tensors,)``. Only the
+    shape is read (no value), before any gradient or state is written.
+
+    Args:
+        rule: the rule (its ``describe()`` names it in an error).
+        returned: what its ``scale`` returned.
+        tensors: the number of gradient tensors of its layers.
+
+    Raises:
+        TypeError: not a pair, or the coefficients are not a tensor.
+        ValueError: the coefficients have another shape.
+
+    Examples:
+        >>> rule = gradclip.ClipL2PerLayer(1.0)
+        >>> check_coefficients(rule, (torch.ones(3), {}), 3).shape
+        torch.Size([3])
+        >>> check_coefficients(rule, (torch.tensor(0.5), {}), 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: ClipL2PerLayer(threshold=1.0).scale returned coefficients of shape (), expected (3,): one per gradient tensor of its layers. For one coefficient for all write coef.expand(len(m.grads)); for one per layer, m.per_tensor(coef).
+    """  # noqa: E501
+    if not isinstance(returned, tuple) or len(returned) != 2:
+        raise TypeError(
+            f"{rule.describe()}.scale must return a (coefficients, state) pair, got "
+            f"{type(returned).__name__}; return the state it was given if it keeps none"
+        )
+    coef = returned[0]
+    if not isinstance(coef, torch.Tensor):
+        raise TypeError(
+            f"{rule.describe()}.scale returned coefficients of type {type(coef).__name__}; "
+            "return a "
+            "tensor on the gradients' device, e.g. torch.full((len(m.grads),), c)"
+        )
+    if tuple(coef.shape) != (tensors,):
+        raise ValueError(
+            f"{rule.describe()}.scale returned coefficients of shape {tuple(coef.shape)}, expected "
+            f"({tensors},): one per gradient tensor of its layers. For one coefficient for "
+            "all write coef.expand(len(m.grads)); for one per layer, m.per_tensor(coef)."
+        )
+    return coef

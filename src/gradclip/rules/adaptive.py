@@ -12,7 +12,11 @@ norm of all the layers given to the rule together. ``scope="layer"`` tracks
 each layer's norm separately and clips each layer by its own statistics —
 DL4J's per-layer idea applied to the adaptive rules. A layer's statistics
 advance only on steps where it has gradients, and a layer seen for the first
-time starts its own warm-up.
+time starts its own warm-up. A norm of exactly zero counts as no gradient, in
+either scope: the statistics skip it and the gradients are left alone. (The
+authors' loops would count it; a layer whose warm-up saw only zeros — an
+expert never routed, DDP's unused parameters — would then have every later
+gradient clipped to nothing.)
 
 The statistics, step counters included, are tensors on the gradients' device:
 a step reads nothing to the host, and a compiled step does not recompile as
@@ -54,6 +58,25 @@ def _tracked(m: Measured, per_layer: bool) -> torch.Tensor:
 
 def _to_tensors(coef: torch.Tensor, m: Measured, per_layer: bool) -> torch.Tensor:
     return m.per_tensor(coef) if per_layer else coef.expand(len(m.grads))
+
+
+def _skip_zeros(
+    norms: torch.Tensor, coef: torch.Tensor, state: State, new: State
+) -> tuple[torch.Tensor, State]:
+    """Rows whose norm is exactly zero keep their statistics, and coefficient 1.
+
+    A zero gradient (a layer that took no part in the step: DDP's unused
+    parameters, ``zero_grad(set_to_none=False)``) says nothing about the norm's
+    scale. Counted, zeros pull the threshold to 0, and the layer's first real
+    gradients are then clipped to nothing (ZClip for good: its EMA is fed the
+    clipped norm). NaN rows are left to the ``nonfinite`` policy.
+    """
+    idle = norms == 0
+    kept = {
+        key: torch.where(idle.view(-1, *([1] * (value.dim() - 1))), state[key], value)
+        for key, value in new.items()
+    }
+    return torch.where(idle, 1.0, coef), kept
 
 
 def _percentile(history: torch.Tensor, filled: torch.Tensor, q: float) -> torch.Tensor:
@@ -175,11 +198,13 @@ class AutoClip(ScalingRule):
             history = torch.cat([history, history.new_zeros(history.shape[0], grown - capacity)], 1)
             capacity = grown
         slot = count % capacity if self.history_size is not None else count
+        before = history  # widened if it grew this step
         history = history.scatter(1, slot[:, None], norms[:, None])
         count = count + 1
         threshold = _percentile(history, count.clamp(max=capacity), self.percentile)
         coef = clip_coefficient(norms, threshold)
         new = {"count": count, "history": history, "threshold": threshold}
+        coef, new = _skip_zeros(norms, coef, {**state, "history": before}, new)
         return _to_tensors(coef, m, self.per_layer_state), new
 
     def stats(self, m: Measured, state: State) -> Mapping[str, torch.Tensor]:
@@ -313,7 +338,8 @@ class ZClip(ScalingRule):
             "mean": torch.where(warming, torch.where(ends, warm_mean, mean), ema_mean),
             "var": torch.where(warming, torch.where(ends, warm_var, var), ema_var),
         }
-        return _to_tensors(torch.where(warming, warm_coef, coef), m, self.per_layer_state), new
+        coef, new = _skip_zeros(norms, torch.where(warming, warm_coef, coef), state, new)
+        return _to_tensors(coef, m, self.per_layer_state), new
 
     def stats(self, m: Measured, state: State) -> Mapping[str, torch.Tensor]:
         mean, std = state["mean"], state["var"].sqrt()

@@ -21,7 +21,12 @@ tensor, within one rounding of DL4J's division for ``ClipL2PerParamType``.
 Norms are accumulated in float32 or wider; torch squares float32 elements in
 float32, so a float32 tensor's norm reads ``inf`` from about 1.8e19; the
 coefficient is then ``t / inf = 0`` and the gradient becomes zeros, never NaN
-— the same outcome as ``torch.nn.utils.clip_grad_norm_``.
+— the same outcome as ``torch.nn.utils.clip_grad_norm_``. At the other end
+the squares underflow: a float32 tensor whose elements are all under about
+1e-19 in magnitude has a norm that loses digits, and under about 4e-23 one
+that reads ``0``, so the renormalizations leave it as they leave an all-zero
+tensor (torch's norms read the same). Float64 gradients hold from about
+1.5e-154 to 1.3e154 per element.
 
 References:
     Deeplearning4j, ``org.deeplearning4j.nn.conf.GradientNormalization``,
@@ -258,7 +263,8 @@ class ClipElementWiseAbsoluteValue(_Thresholded, InPlaceRule):
     threshold above a dtype's largest finite value leaves that dtype's tensors as
     they are. Norms are not measured (that would be an extra read of every
     gradient), and whether a layer changed is not known without one: the report
-    reads ``None`` for it unless the normalizer has ``measure_all=True``.
+    reads ``None`` for it (``measure_all=True`` measures its norms, not the
+    change), or ``True`` where another member of a `chain` changed the layer.
     """
 
     norm_type: ClassVar[float | None] = None
