@@ -97,6 +97,25 @@ def fill_grads(model: nn.Module, scale: float = 10.0, seed: int = 0) -> list[tor
     return [p.grad.clone() for p in model.parameters()]
 
 
+def fused_net(dtype: torch.dtype = torch.float32, layers: int = 2) -> nn.Sequential:
+    """The small network of the fused-optimizer tests: ``Linear(6, 9)``, then
+    ``layers - 1`` times ``Tanh, Linear(9, 9)``, seeded, in ``dtype``."""
+    torch.manual_seed(0)
+    mods: list[nn.Module] = [nn.Linear(6, 9)]
+    for _ in range(layers - 1):
+        mods += [nn.Tanh(), nn.Linear(9, 9)]
+    return nn.Sequential(*mods).to(dtype)
+
+
+def backward_at(model: nn.Module, step: int, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward of the mean square output on step ``step``'s batch of 16 inputs of 6
+    (the model's dtype), the loss scaled by ``scaler`` if given."""
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step)).to(dtype)
+    loss = model(x).float().square().mean() * 10
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
 def grads_of(model: nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import backward_at, fused_net
 from test_fused import _within_ulps
-from torch import nn
 
 import gradclip
 
@@ -28,20 +28,9 @@ RULES: list[Callable[[], Any]] = [
 ]
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9))
-
-
-def _backward(model: nn.Module, k: int, scaler: torch.amp.GradScaler | None) -> None:
-    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(k))
-    loss = model(x).square().mean() * 10
-    (loss if scaler is None else scaler.scale(loss)).backward()
-
-
 class _Loop:
     def __init__(self, fused: bool, amp: bool, nonfinite: str = "propagate") -> None:
-        self.model = _model()
+        self.model = fused_net()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, fused=fused, foreach=False)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if amp else None
         self.normalizers = [
@@ -50,7 +39,7 @@ class _Loop:
 
     def step(self, k: int, by_hand: list[int] | None = None) -> None:
         self.opt.zero_grad()
-        _backward(self.model, k, self.scaler)
+        backward_at(self.model, k, self.scaler)
         if by_hand is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.opt)
@@ -128,7 +117,7 @@ def test_attached_optimizers_and_scalers_are_freed_with_their_normalizers() -> N
     # the record of wrappers per owner (for the order) must not keep owners alive
     refs = []
     for fused, nonfinite in ((True, "propagate"), (False, "skip")):
-        model = _model()
+        model = fused_net()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
         scaler = torch.amp.GradScaler("cpu")
         normalizers = [gradclip.GradientNormalizer(model, r(), nonfinite=nonfinite) for r in RULES]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import HostReadCounter, OpCounter
+from helpers import HostReadCounter, OpCounter, backward_at, fused_net
 from torch import nn
 
 import gradclip
@@ -42,24 +42,6 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
 }
 
 
-def _model(dtype: torch.dtype = torch.float32, layers: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    mods: list[nn.Module] = [nn.Linear(6, 9)]
-    for _ in range(layers - 1):
-        mods += [nn.Tanh(), nn.Linear(9, 9)]
-    return nn.Sequential(*mods).to(dtype)
-
-
-def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler | None) -> None:
-    gen = torch.Generator().manual_seed(step)
-    dtype = next(model.parameters()).dtype
-    x = torch.randn(16, 6, generator=gen).to(dtype)
-    loss = model(x).float().square().mean() * 10
-    if scaler is not None:
-        loss = scaler.scale(loss)
-    loss.backward()
-
-
 def _step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
     if scaler is None:
         opt.step()
@@ -78,7 +60,7 @@ class _Twin:
         amp: bool,
         layers: int,
     ) -> None:
-        self.model = _model(dtype, layers)
+        self.model = fused_net(dtype, layers)
         self.opt = make_opt(list(self.model.parameters()))
         self.normalizer = gradclip.GradientNormalizer(self.model, rule())
         self.handle = self.normalizer.attach(self.opt, fold=fold)
@@ -86,7 +68,7 @@ class _Twin:
 
     def step(self, k: int) -> None:
         self.opt.zero_grad()
-        _backward(self.model, k, self.scaler)
+        backward_at(self.model, k, self.scaler)
         _step(self.opt, self.scaler)
 
     def copy_from(self, other: _Twin) -> None:
@@ -172,10 +154,10 @@ def _sees_scale(model: nn.Module) -> _SeesScale:
 
 
 def test_a_global_rule_folds_into_grad_scale_without_a_multiply() -> None:
-    model = _model()
+    model = fused_net()
     opt = _sees_scale(model)
     gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt)
-    _backward(model, 0, None)
+    backward_at(model, 0, None)
     grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     total = torch.cat([g.flatten() for g in grads]).norm()
     with OpCounter() as ops:
@@ -197,10 +179,10 @@ def test_per_layer_rules_and_fold_false_keep_a_pass() -> None:
         (True, "ClipL2PerLayer", "_foreach_mul_"),
         (False, gradclip.ClipGlobalNorm(0.05), "_foreach_div_"),
     ):
-        model = _model()
+        model = fused_net()
         opt = _sees_scale(model)
         gradclip.GradientNormalizer(model, mode, 0.05).attach(opt, fold=fold)
-        _backward(model, 0, None)
+        backward_at(model, 0, None)
         with OpCounter() as ops:
             opt.step()
         assert ops.ops[op] == 1
@@ -208,12 +190,12 @@ def test_per_layer_rules_and_fold_false_keep_a_pass() -> None:
 
 
 def test_no_fold_when_the_optimizer_updates_other_parameters_too() -> None:
-    model = _model()
+    model = fused_net()
     extra = nn.Parameter(torch.ones(3))
     opt = _SeesScale([*model.parameters(), extra], lr=0.01, fused=True)
     opt.seen = []
     gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt)
-    _backward(model, 0, None)
+    backward_at(model, 0, None)
     extra.grad = torch.ones(3)
     opt.step()
     assert opt.seen == [(None, None)]
@@ -222,15 +204,15 @@ def test_no_fold_when_the_optimizer_updates_other_parameters_too() -> None:
 
 def test_amp_without_unscale_matches_unscaled_gradients_per_layer() -> None:
     # a per-layer rule: multiplied in, the scale left to the kernel
-    ref, amp = _model(), _model()
+    ref, amp = fused_net(), fused_net()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01, fused=True)
     opt_amp = _sees_scale(amp)
     gradclip.GradientNormalizer(ref, "ClipL2PerLayer", 0.05).attach(opt_ref)
     normalizer = gradclip.GradientNormalizer(amp, "ClipL2PerLayer", 0.05)
     normalizer.attach(opt_amp)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    _backward(ref, 0, None)
-    _backward(amp, 0, scaler)
+    backward_at(ref, 0, None)
+    backward_at(amp, 0, scaler)
     scale_before = scaler._scale
     opt_ref.step()
     scaler.step(opt_amp)
@@ -245,19 +227,19 @@ def test_amp_without_unscale_matches_unscaled_gradients_per_layer() -> None:
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_a_step_the_scaler_skips_changes_no_rule_state(scope: str) -> None:
-    model = _model()
+    model = fused_net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip(warmup_steps=1, scope=scope))
     normalizer.attach(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for k in range(3):
         opt.zero_grad()
-        _backward(model, k, scaler)
+        backward_at(model, k, scaler)
         _step(opt, scaler)
     state = normalizer.state_dict()["rules"]
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
-    _backward(model, 5, scaler)
+    backward_at(model, 5, scaler)
     first = next(model.parameters())
     assert first.grad is not None
     first.grad[0, 0] = math.inf  # in one layer only
@@ -279,7 +261,7 @@ def _flat_state(rules: dict[str, Any]) -> list[tuple[str, list[float]]]:
 
 
 def test_nonfinite_skip_on_a_fused_optimizer_reads_nothing_on_the_host() -> None:
-    model = _model()
+    model = fused_net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     normalizer = gradclip.GradientNormalizer(
         model, gradclip.ZClip(warmup_steps=1), nonfinite="skip"
@@ -287,12 +269,12 @@ def test_nonfinite_skip_on_a_fused_optimizer_reads_nothing_on_the_host() -> None
     handle = normalizer.attach(opt)
     for k in range(2):
         opt.zero_grad()
-        _backward(model, k, None)
+        backward_at(model, k, None)
         opt.step()
     before = [p.detach().clone() for p in model.parameters()]
     state = _flat_state(normalizer.state_dict()["rules"])
     opt.zero_grad()
-    _backward(model, 3, None)
+    backward_at(model, 3, None)
     first = next(model.parameters())
     assert first.grad is not None
     first.grad[1, 1] = math.nan
@@ -304,7 +286,7 @@ def test_nonfinite_skip_on_a_fused_optimizer_reads_nothing_on_the_host() -> None
     assert _flat_state(normalizer.state_dict()["rules"]) == state
     assert handle.skipped_steps == 1
     opt.zero_grad()
-    _backward(model, 4, None)
+    backward_at(model, 4, None)
     opt.step()  # a finite step goes through
     assert handle.skipped_steps == 1
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
@@ -313,7 +295,7 @@ def test_nonfinite_skip_on_a_fused_optimizer_reads_nothing_on_the_host() -> None
 def test_fused_sgd_with_momentum_survives_a_skipped_first_step() -> None:
     # torch's fused SGD leaves the momentum buffers uninitialized when its first
     # step is skipped through found_inf; here they start as zeros
-    model, ref = _model(), _model()
+    model, ref = fused_net(), fused_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, fused=True)
     gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05), nonfinite="skip").attach(opt)
@@ -324,7 +306,7 @@ def test_fused_sgd_with_momentum_survives_a_skipped_first_step() -> None:
     for k in range(2):
         for m, o in ((model, opt), (ref, opt_ref)):
             o.zero_grad()
-            _backward(m, k, None)
+            backward_at(m, k, None)
             o.step()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.isfinite(p).all()
@@ -332,7 +314,7 @@ def test_fused_sgd_with_momentum_survives_a_skipped_first_step() -> None:
 
 
 def test_fused_sgd_with_dampening_keeps_the_old_path() -> None:
-    model = _model()
+    model = fused_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, fused=True)
     assert gradclip.fused.fusable(opt) is not None
     handle = gradclip.GradientNormalizer(model, "ClipL2PerLayer").attach(opt)
@@ -340,13 +322,13 @@ def test_fused_sgd_with_dampening_keeps_the_old_path() -> None:
 
 
 def test_attributes_are_removed_when_the_step_raises_and_the_error_does_not_stick() -> None:
-    model = _model()
+    model = fused_net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     # an in-place rule needs unscaled gradients: the step refuses them
     normalizer = gradclip.GradientNormalizer(model, "ClipElementWiseAbsoluteValue", 0.01)
     normalizer.attach(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    _backward(model, 0, scaler)
+    backward_at(model, 0, scaler)
     grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="unscale_"):
         scaler.step(opt)
@@ -356,7 +338,7 @@ def test_attributes_are_removed_when_the_step_raises_and_the_error_does_not_stic
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for k in range(2):
         opt.zero_grad()
-        _backward(model, k, scaler)
+        backward_at(model, k, scaler)
         scaler.unscale_(opt)
         scaler.step(opt)
         scaler.update()
@@ -364,7 +346,7 @@ def test_attributes_are_removed_when_the_step_raises_and_the_error_does_not_stic
 
 
 def test_an_optimizer_error_removes_what_was_set() -> None:
-    model = _model()
+    model = fused_net()
 
     class Failing(torch.optim.AdamW):
         def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -372,18 +354,18 @@ def test_an_optimizer_error_removes_what_was_set() -> None:
 
     opt = Failing(model.parameters(), lr=0.01, fused=True)
     gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt)
-    _backward(model, 0, None)
+    backward_at(model, 0, None)
     with pytest.raises(ValueError, match="boom"):
         opt.step()
     assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
 
 
 def test_remove_restores_the_plain_step() -> None:
-    model = _model()
+    model = fused_net()
     opt = _sees_scale(model)
     handle = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt)
     handle.remove()
-    _backward(model, 0, None)
+    backward_at(model, 0, None)
     opt.step()
     assert opt.seen == [(None, None)]
     assert "step" not in opt.__dict__
@@ -396,7 +378,7 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("amp", [False, True], ids=["plain", "GradScaler"])
 def test_on_cuda_folded_steps_agree_and_skip_without_a_sync(amp: bool) -> None:
     def twin(fold: bool) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
-        model = _model().cuda()
+        model = fused_net().cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
         normalizer = gradclip.GradientNormalizer(
             model, gradclip.ClipGlobalNorm(0.05), nonfinite="skip"

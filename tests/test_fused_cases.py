@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import backward_at, fused_net
 from test_fused import _within_ulps
 from torch import nn
 
@@ -31,17 +32,6 @@ OPTIMIZERS: dict[str, MakeOpt] = {
 ULPS = {torch.optim.SGD: 1, torch.optim.AdamW: 2}  # see the module docstring
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9))
-
-
-def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler | None) -> None:
-    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
-    loss = model(x).square().mean() * 10
-    (loss if scaler is None else scaler.scale(loss)).backward()
-
-
 class _Loop:
     """A model, its fused optimizer (over ``extra`` too) and a normalizer of the model.
 
@@ -50,7 +40,7 @@ class _Loop:
     """
 
     def __init__(self, how: str, make_opt: MakeOpt, amp: bool, extra: bool = False) -> None:
-        self.model = _model()
+        self.model = fused_net()
         self.extra = [nn.Parameter(torch.linspace(-1.0, 1.0, 5))] if extra else []
         self.opt = make_opt([*self.model.parameters(), *self.extra])
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if amp else None
@@ -62,7 +52,7 @@ class _Loop:
 
     def backward(self, k: int) -> None:
         self.opt.zero_grad()
-        _backward(self.model, k, self.scaler)
+        backward_at(self.model, k, self.scaler)
         for p in self.extra:
             grad = torch.full_like(p, 2.0)
             p.grad = grad if self.scaler is None else self.scaler.scale(grad)
@@ -154,7 +144,7 @@ def test_a_frozen_parameter_that_kept_its_gradient_is_not_divided_by_the_coeffic
 
 def test_parameter_groups_that_are_not_all_fused() -> None:
     # torch's unfused update asserts that grad_scale and found_inf are None
-    model = _model()
+    model = fused_net()
     first, *rest = model.parameters()
     opt = torch.optim.AdamW(
         [{"params": [first]}, {"params": rest, "fused": False}], lr=0.01, fused=True
@@ -163,19 +153,19 @@ def test_parameter_groups_that_are_not_all_fused() -> None:
     normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05), nonfinite="skip")
     handle = normalizer.attach(opt)
     assert not isinstance(handle, gradclip.fused.FusedHandle)  # normalized as by apply()
-    _backward(model, 0, None)
+    backward_at(model, 0, None)
     opt.step()
     assert float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()) == (  # type: ignore[union-attr]
         pytest.approx(0.05, rel=1e-6)
     )
     # such a group added after attach: refused before anything changes
-    model = _model()
+    model = fused_net()
     first, *rest = model.parameters()
     opt = torch.optim.AdamW([first], lr=0.01, fused=True)
     normalizer = gradclip.GradientNormalizer(model, gradclip.ZClip(warmup_steps=1))
     handle = normalizer.attach(opt)
     opt.add_param_group({"params": rest, "fused": False})
-    _backward(model, 0, None)
+    backward_at(model, 0, None)
     grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     params = [p.detach().clone() for p in model.parameters()]
     state = repr(normalizer.state_dict())
@@ -198,7 +188,7 @@ def test_a_closure_is_evaluated_first_and_its_gradients_normalized(
 ) -> None:
     # torch's fused steps evaluate the closure, then update with its gradients
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
-    ours, ref = _model(), _model()
+    ours, ref = fused_net(), fused_net()
     opt, opt_ref = (OPTIMIZERS[opt_name](list(m.parameters())) for m in (ours, ref))
     normalizer = gradclip.GradientNormalizer(ours, "ClipL2PerLayer", 0.05, nonfinite=nonfinite)
     handle = normalizer.attach(opt)
@@ -285,7 +275,7 @@ def test_a_compiled_training_step_with_an_attached_fused_optimizer() -> None:
 
     loops = []
     for _ in range(2):
-        model = _model()
+        model = fused_net()
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
         rule = gradclip.ZClip(warmup_steps=2)
         handle = gradclip.GradientNormalizer(model, rule, nonfinite="skip").attach(opt)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import HostReadCounter, OpCounter
+from helpers import HostReadCounter, OpCounter, backward_at, fused_net
 from torch import nn
 
 import gradclip
@@ -31,16 +31,6 @@ RULES: dict[str, Callable[[], Any]] = {
 }
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 9))
-
-
-def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler) -> None:
-    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
-    scaler.scale(model(x).square().mean() * 10).backward()
-
-
 class _Loop:
     def __init__(
         self,
@@ -49,7 +39,7 @@ class _Loop:
         nonfinite: str = "propagate",
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        self.model = _model()
+        self.model = fused_net()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
         self.normalizer = gradclip.GradientNormalizer(
@@ -67,7 +57,7 @@ class _Loop:
 
     def step(self, k: int, poison: float | None = None) -> None:
         self.opt.zero_grad()
-        _backward(self.model, k, self.scaler)
+        backward_at(self.model, k, self.scaler)
         if poison is not None:
             first = next(self.model.parameters())
             assert first.grad is not None
@@ -105,7 +95,7 @@ def test_no_pass_over_the_gradients_but_the_norms_and_the_step() -> None:
     loop = _Loop(gradclip.ClipGlobalNorm(0.05), True)
     loop.step(0)
     loop.opt.zero_grad()
-    _backward(loop.model, 1, loop.scaler)
+    backward_at(loop.model, 1, loop.scaler)
     with OpCounter() as ops, HostReadCounter() as reads:
         loop.scaler.step(loop.opt)
         loop.scaler.update()
@@ -138,7 +128,7 @@ def test_unscale_first_stays_correct() -> None:
     ours, ref = _Loop(RULES["ClipGlobalNorm"](), True), _Loop(RULES["ClipGlobalNorm"](), True)
     for k in range(3):
         ours.opt.zero_grad()
-        _backward(ours.model, k, ours.scaler)
+        backward_at(ours.model, k, ours.scaler)
         ours.scaler.unscale_(ours.opt)  # the scaler's own pass; gradclip sees true gradients
         ours.scaler.step(ours.opt)
         ours.scaler.update()
@@ -148,12 +138,12 @@ def test_unscale_first_stays_correct() -> None:
 
 
 def test_the_scaler_checks_itself_what_gradclip_does_not_read() -> None:
-    model = _model()
+    model = fused_net()
     extra = nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([*model.parameters(), extra], lr=0.01, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt, scaler=scaler)
-    _backward(model, 0, scaler)
+    backward_at(model, 0, scaler)
     extra.grad = torch.full((3,), math.inf)  # only the scaler's check sees it
     before = [p.detach().clone() for p in model.parameters()]
     with OpCounter() as ops:
@@ -162,11 +152,11 @@ def test_the_scaler_checks_itself_what_gradclip_does_not_read() -> None:
     assert CHECK in ops.ops and float(scaler._scale) == 2.0**9
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     # a frozen parameter that kept a gradient: the same
-    model = _model()
+    model = fused_net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05)).attach(opt, scaler=scaler)
-    _backward(model, 0, scaler)
+    backward_at(model, 0, scaler)
     model[2].bias.requires_grad_(False)
     with OpCounter() as ops:
         scaler.step(opt)
@@ -174,12 +164,12 @@ def test_the_scaler_checks_itself_what_gradclip_does_not_read() -> None:
 
 
 def test_an_in_place_rule_refuses_before_anything_changes_and_unscale_fixes_it() -> None:
-    model = _model()
+    model = fused_net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     normalizer = gradclip.GradientNormalizer(model, "ClipElementWiseAbsoluteValue", 0.01)
     normalizer.attach(opt, scaler=scaler)
-    _backward(model, 0, scaler)
+    backward_at(model, 0, scaler)
     grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="unscale_"):
         scaler.step(opt)
@@ -201,7 +191,7 @@ def test_remove_gives_the_scaler_its_step_back() -> None:
 
 
 def test_scaler_must_be_a_grad_scaler_and_is_ignored_for_unfused_optimizers() -> None:
-    model = _model()
+    model = fused_net()
     normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05))
     fused = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     with pytest.raises(TypeError, match="GradScaler"):
@@ -210,7 +200,7 @@ def test_scaler_must_be_a_grad_scaler_and_is_ignored_for_unfused_optimizers() ->
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     normalizer.attach(opt, scaler=scaler)  # scaler.step unscales before a plain step
     assert "step" not in vars(scaler)
-    _backward(model, 0, scaler)
+    backward_at(model, 0, scaler)
     scaler.step(opt)
     scaler.update()
     report = normalizer.last_report
@@ -226,7 +216,7 @@ def test_a_callback_step_on_gradients_the_scaler_left_scaled(rule_name: str) -> 
     loops = []
     checks: list[int] = []
     for unscale in (False, True):
-        model = _model()
+        model = fused_net()
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         applier = StepApplier(gradclip.GradientNormalizer(model, RULES[rule_name]()))
@@ -237,7 +227,7 @@ def test_a_callback_step_on_gradients_the_scaler_left_scaled(rule_name: str) -> 
     for k in range(5):
         for model, opt, scaler, applier, unscale in loops:
             opt.zero_grad()
-            _backward(model, k, scaler)
+            backward_at(model, k, scaler)
             if k == 2:
                 next(model.parameters()).grad[0, 0] = math.inf  # type: ignore[index]
             if unscale:
@@ -260,7 +250,7 @@ def test_a_callback_step_on_gradients_the_scaler_left_scaled(rule_name: str) -> 
 def test_an_attached_fused_optimizer_counts_and_records_its_steps(tmp_path: Any) -> None:
     loop = _Loop(gradclip.ClipGlobalNorm(0.05), True)
     recorded = gradclip.GradientNormalizer(
-        _model(), gradclip.ClipGlobalNorm(0.05), record=tmp_path / "run.gcr", record_every=1
+        fused_net(), gradclip.ClipGlobalNorm(0.05), record=tmp_path / "run.gcr", record_every=1
     )
     model = recorded._module()
     assert model is not None
@@ -269,7 +259,7 @@ def test_an_attached_fused_optimizer_counts_and_records_its_steps(tmp_path: Any)
     for k in range(3):
         loop.step(k)
         opt.zero_grad()
-        _backward(model, k, loop.scaler)
+        backward_at(model, k, loop.scaler)
         loop.scaler.step(opt)
         loop.scaler.update()
     assert loop.normalizer.steps == 3 and recorded.steps == 3
@@ -281,19 +271,19 @@ def test_an_attached_fused_optimizer_counts_and_records_its_steps(tmp_path: Any)
 def test_the_unscale_error_of_a_hooked_fused_optimizer_does_not_stick(nonfinite: str) -> None:
     # fused SGD with dampening is hooked as a non-fused optimizer: scaled gradients
     # are refused, and once the loop calls unscale_ every step works
-    model = _model()
+    model = fused_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     normalizer = gradclip.GradientNormalizer(model, "ClipL2PerLayer", 0.05, nonfinite=nonfinite)
     normalizer.attach(opt, scaler=scaler)
-    _backward(model, 0, scaler)
+    backward_at(model, 0, scaler)
     with pytest.raises(RuntimeError, match="unscale_"):
         scaler.step(opt)
     assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for k in range(3):
         opt.zero_grad()
-        _backward(model, k, scaler)
+        backward_at(model, k, scaler)
         scaler.unscale_(opt)
         scaler.step(opt)
         scaler.update()
@@ -304,7 +294,7 @@ def test_the_unscale_error_of_a_hooked_fused_optimizer_does_not_stick(nonfinite:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_scaler_step_is_the_same_without_its_check_and_without_a_sync() -> None:
     def loop(takeover: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
-        model = _model().cuda()
+        model = fused_net().cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, fused=True)
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
         normalizer = gradclip.GradientNormalizer(model, gradclip.ClipGlobalNorm(0.05))
@@ -334,7 +324,7 @@ def test_one_scaler_for_two_attached_optimizers() -> None:
     # a GAN's loop: one scaler steps two optimizers, each with its normalizer
     loops = [_Loop(gradclip.ClipGlobalNorm(0.05), takeover) for takeover in (True, False)]
     ours, theirs = loops
-    extra = [_model() for _ in loops]
+    extra = [fused_net() for _ in loops]
     extra_opts = [torch.optim.AdamW(m.parameters(), lr=0.01, fused=True) for m in extra]
     for m, opt, loop in zip(extra, extra_opts, loops, strict=True):
         normalizer = gradclip.GradientNormalizer(m, "ClipL2PerLayer", 0.05)
@@ -343,8 +333,8 @@ def test_one_scaler_for_two_attached_optimizers() -> None:
         for m, opt, loop in zip(extra, extra_opts, loops, strict=True):
             loop.opt.zero_grad()
             opt.zero_grad()
-            _backward(loop.model, k, loop.scaler)
-            _backward(m, k + 10, loop.scaler)
+            backward_at(loop.model, k, loop.scaler)
+            backward_at(m, k + 10, loop.scaler)
             if k == 1:
                 next(m.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
             loop.scaler.step(loop.opt)
